@@ -1,0 +1,361 @@
+"""Build and load the supported models; canonicalise ReLUs; name the resolution stages.
+
+Canonical form matters for DeepLift: Captum (and our one-pass DeepLift) attach state to each ReLU
+module, so a ReLU module that runs twice, or a functional ``F.relu``, gives wrong attributions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "ARCHITECTURES",
+    "canonicalise",
+    "load_model",
+    "resolve_layer",
+    "resolve_layers",
+    "stage_blocks",
+]
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def _torchvision_resnet(name: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, **kw) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kw)
+
+    return build
+
+
+def _monai_fc_resnet18(num_classes: int = 1, **kw) -> nn.Module:
+    """The network of MONAI's pathology_tumor_detection bundle (Camelyon16, one tumour logit)."""
+    from monai.networks.nets import TorchVisionFCModel
+
+    kw = {"use_conv": True, "pretrained": False, **kw}
+    return TorchVisionFCModel("resnet18", num_classes=num_classes, **kw)
+
+
+def _unet_resnet34(num_classes: int, in_channels: int = 3, **kw) -> nn.Module:
+    from monai.networks.nets import FlexibleUNet
+
+    kw = {"pretrained": False, "spatial_dims": 2, **kw}
+    return FlexibleUNet(in_channels=in_channels, out_channels=num_classes, backbone="resnet34", **kw)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": _torchvision_resnet("resnet18"),
+    "resnet34": _torchvision_resnet("resnet34"),
+    "resnet50": _torchvision_resnet("resnet50"),
+    "monai_fc_resnet18": _monai_fc_resnet18,
+    "unet_resnet34": _unet_resnet34,
+}
+
+_CHECKPOINT_CONTAINERS = ("state_dict", "model", "model_state_dict", "network", "net")
+_KEY_PREFIXES = ("module.", "model.", "net.", "network.", "_orig_mod.")
+
+
+def load_model(
+    arch: str, *, num_classes: int, checkpoint: str | Path | None = None, **kw
+) -> nn.Module:
+    """A registered architecture in eval mode and canonical form, optionally with trained weights.
+
+    ``checkpoint`` may be a plain state dict, a MONAI bundle ``model.pt``, or a Lightning/trainer
+    checkpoint holding the state dict under ``state_dict``/``model`` with a ``model.``-style prefix.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(sorted(ARCHITECTURES))}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    model = ARCHITECTURES[arch](num_classes=num_classes, **kw)
+    if checkpoint is not None:
+        _load_state(model, Path(checkpoint), arch)
+    model.eval()
+    in_channels = _first_conv(model).in_channels
+    return canonicalise(model, torch.zeros(1, in_channels, 224, 224))
+
+
+def _load_state(model: nn.Module, path: Path, arch: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ValueError(f"checkpoint {path} could not be read as a torch file: {err}") from err
+    state = _unwrap_state(obj)
+    if state is None:
+        raise ValueError(f"checkpoint {path} holds no state dict (keys: {list(obj)[:10]})")
+    state = _strip_prefixes(state, set(model.state_dict()))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {path} does not fit arch {arch!r}: "
+            f"missing keys {_preview(result.missing_keys)}, "
+            f"unexpected keys {_preview(result.unexpected_keys)}; "
+            "check --arch / num_classes, or the checkpoint file"
+        )
+
+
+def _unwrap_state(obj: object) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in _CHECKPOINT_CONTAINERS:
+            if key in obj:
+                return _unwrap_state(obj[key])
+    return None
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (DDP ``module.``, Lightning ``model.``) until the keys fit."""
+    while not set(state) & expected:
+        prefix = next((p for p in _KEY_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _preview(keys: list[str], n: int = 6) -> str:
+    if not keys:
+        return "none"
+    more = f" … ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _first_conv(model: nn.Module) -> nn.Conv2d:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ValueError(f"{type(model).__name__} has no Conv2d; smoothsal needs a CNN")
+    return conv
+
+
+# --- canonical ReLUs --------------------------------------------------------------------------
+
+_FUNCTIONAL_RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _ReluUses(TorchFunctionMode):
+    """Records which module runs each ReLU: a ReLU module itself, or (functional) its caller."""
+
+    def __init__(self, stack: list[nn.Module]):
+        super().__init__()
+        self.stack = stack
+        self.module_calls: Counter[nn.Module] = Counter()
+        self.functional_in: set[nn.Module] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _FUNCTIONAL_RELUS and self.stack:
+            owner = self.stack[-1]
+            if isinstance(owner, nn.ReLU):
+                self.module_calls[owner] += 1
+            else:
+                self.functional_in.add(owner)
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def _module_stack(model: nn.Module) -> Iterator[list[nn.Module]]:
+    stack: list[nn.Module] = []
+    handles = []
+
+    def enter(module: nn.Module, _inputs: object) -> None:
+        stack.append(module)
+
+    def leave(_module: nn.Module, _inputs: object, _output: object) -> None:
+        stack.pop()
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Traces one module's own forward, treating every submodule as an opaque call."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+    def call_module(self, m, forward, args, kwargs):
+        # Modules built on the fly inside forward (MONAI's shortcut pooling) are traced through.
+        if all(m is not sub for sub in self.root.modules()):
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+class ReLUPerUse(nn.ModuleList):
+    """Stands in for a ReLU module that one forward calls n times: call k runs its own ReLU k."""
+
+    def __init__(self, uses: int):
+        super().__init__(nn.ReLU() for _ in range(uses))
+        self._calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = self[self._calls % len(self)]
+        self._calls += 1
+        return relu(x)
+
+
+def _split_functional_relus(module: nn.Module) -> nn.Module:
+    """Rewrite ``module`` (torch.fx) so that each functional ReLU call is its own nn.ReLU."""
+    try:
+        graph = _LeafTracer().trace(module)
+    except Exception as err:  # noqa: BLE001 - fx raises many types
+        raise ValueError(
+            f"{type(module).__name__} calls F.relu/torch.relu and cannot be traced to give each "
+            f"use its own nn.ReLU ({err}); use nn.ReLU modules in the model instead"
+        ) from err
+    new_modules: dict[str, nn.Module] = {}
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method") and _is_functional_relu(node):
+            name = _fresh_name(module, new_modules, "relu_fn")
+            new_modules[name] = nn.ReLU()
+            node.op, node.target, node.args, node.kwargs = "call_module", name, node.args[:1], {}
+    root = copy.copy(module)
+    root._modules = dict(module._modules) | new_modules
+    rewritten = torch.fx.GraphModule(root, graph, class_name=type(module).__name__)
+    rewritten.train(module.training)
+    return rewritten
+
+
+def _is_functional_relu(node: torch.fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_)
+    return node.target in ("relu", "relu_")
+
+
+def _fresh_name(module: nn.Module, taken: dict[str, nn.Module], base: str) -> str:
+    name, k = base, 1
+    while name in taken or hasattr(module, name):
+        k += 1
+        name = f"{base}{k}"
+    return name
+
+
+def canonicalise(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` where every ReLU use is its own non-inplace ``nn.ReLU`` module.
+
+    Found by running ``example`` through the model, so any CNN works; only the modules that
+    reuse a ReLU or call it functionally are rewritten (with torch.fx), the rest stay as they are.
+    """
+    model = copy.deepcopy(model)
+    with _module_stack(model) as stack, _ReluUses(stack) as uses, torch.no_grad():
+        model(example)
+    for relu, n in uses.module_calls.items():
+        if n > 1:
+            _replace(model, relu, ReLUPerUse(n))
+    for module in uses.functional_in:
+        if module is model:
+            model = _split_functional_relus(model)
+        else:
+            _replace(model, module, _split_functional_relus(module))
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is installed below the root of ``model``."""
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, attr, new)
+
+
+# --- layer names ------------------------------------------------------------------------------
+
+# Where each supported family keeps its resolution stages (stage k → container of its blocks).
+_STAGE_CONTAINERS = (
+    lambda k: f"layer{k}",  # torchvision ResNet
+    lambda k: f"encoder.layer{k}",  # MONAI FlexibleUNet (ResNet encoder)
+    lambda k: f"features.{k + 3}",  # MONAI TorchVisionFCModel(resnet*)
+)
+STAGE_ALIASES = ("layer1", "layer2", "layer3", "layer4")
+BLOCKS_ALIAS = "blocks"
+
+
+def stage_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """Qualified block names per stage alias (``layer1`` … ``layer4``), in forward order."""
+    modules = dict(model.named_modules())
+    for container in _STAGE_CONTAINERS:
+        names = [container(k) for k in range(1, 5)]
+        if all(isinstance(modules.get(n), nn.Sequential) for n in names):
+            return {
+                alias: [f"{n}.{child}" for child, _ in modules[n].named_children()]
+                for alias, n in zip(STAGE_ALIASES, names, strict=True)
+            }
+    return {}
+
+
+def resolve_layer(model: nn.Module, name: str) -> str:
+    """The qualified module name behind a module name or a stage alias (``layer1`` … ``layer4``).
+
+    A stage alias means the last block of that stage: the layers the paper calls Layer1/2/3.
+    """
+    stages = stage_blocks(model)
+    if name in stages:
+        return stages[name][-1]
+    modules = dict(model.named_modules())
+    if name and name in modules:
+        return name
+    aliases = ", ".join(stages) if stages else "none for this model"
+    raise ValueError(
+        f"unknown layer {name!r} for {type(model).__name__}; allowed: a module name "
+        f"(e.g. {_example_names(modules)}), the aliases {aliases}, or {BLOCKS_ALIAS!r}"
+    )
+
+
+def resolve_layers(model: nn.Module, names: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Resolve several layer names; ``"blocks"`` expands to every block of every stage."""
+    names = [names] if isinstance(names, str) else list(names)
+    out: list[str] = []
+    for name in names:
+        if name == BLOCKS_ALIAS:
+            stages = stage_blocks(model)
+            if not stages:
+                raise ValueError(f"{type(model).__name__} has no known stages for {BLOCKS_ALIAS!r}")
+            resolved = [b for blocks in stages.values() for b in blocks]
+        else:
+            resolved = [resolve_layer(model, name)]
+        out += [r for r in resolved if r not in out]
+    if not out:
+        raise ValueError("no layers given; name at least one (e.g. layer1)")
+    return out
+
+
+def _example_names(modules: dict[str, nn.Module], n: int = 4) -> str:
+    names = [name for name, m in modules.items() if name and len(list(m.children())) > 0]
+    return ", ".join(names[:n])
+
+
+def module_calls(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """How often each named module runs for ``example`` (used to check canonical form)."""
+    counts: defaultdict[str, int] = defaultdict(int)
+    handles = [
+        m.register_forward_hook(lambda _m, _i, _o, n=n: counts.__setitem__(n, counts[n] + 1))
+        for n, m in model.named_modules()
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(counts)
