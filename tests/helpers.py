@@ -1,0 +1,58 @@
+"""Small builders shared by the core-library tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+import smoothsal as ss
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+TISSUE_TILES = (
+    "high-nuclei-score-level2.png",
+    "low-nuclei-score-level1.png",
+    "medium-nuclei-score-level0.png",
+    "tissue-level0-4302-10273-4814-10785.png",
+)
+
+
+def num_classes(arch: str) -> int:
+    return 1 if arch == "monai_fc_resnet18" else 3
+
+
+def with_real_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine terms, as trained nets have."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    return model
+
+
+def model(arch: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return with_real_statistics(ss.load_model(arch, num_classes=num_classes(arch)), seed)
+
+
+def real_tiles(tiles_dir: Path, size: int, per_tile: int = 1) -> torch.Tensor:
+    """Normalised RGB crops ``[N, 3, size, size]`` from the real H&E tiles (a grid per tile)."""
+    crops = []
+    for name in TISSUE_TILES:
+        rgb = np.asarray(Image.open(tiles_dir / name).convert("RGB"), dtype=np.float32) / 255.0
+        t = torch.from_numpy(rgb).permute(2, 0, 1)
+        side = int(per_tile**0.5)
+        step = (t.shape[1] - size) // max(1, side - 1) if side > 1 else 0
+        for i in range(side):
+            for j in range(side):
+                crops.append(t[:, i * step : i * step + size, j * step : j * step + size])
+    x = torch.stack(crops)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
