@@ -317,6 +317,15 @@ class TileGeometry:
     level: int
     tile_size: int  # tile side, px at the target resolution
     mpp: float  # µm/px of a tile as returned (slide mpp · size0 / tile_size)
+    align: int = 1  # tile positions are multiples of this (level-0 px)
+
+
+def pixel_aligned_step(level_downsample: float) -> int:
+    """Level-0 step that keeps reads at this level on whole level pixels: the downsample if it is a
+    whole number, else 1. OpenSlide resamples (bilinear: slower, slightly blurred) any read whose
+    level-0 position is not a whole level pixel."""
+    nearest = round(level_downsample)
+    return nearest if abs(level_downsample - nearest) < 1e-9 else 1
 
 
 def tile_geometry(slide: Slide, grid: TileGridSettings) -> TileGeometry:
@@ -334,9 +343,10 @@ def tile_geometry(slide: Slide, grid: TileGridSettings) -> TileGeometry:
             raise ValueError(f"--target-mpp must be a positive number of µm per pixel, got {grid.target_mpp}")
         downsample = grid.target_mpp / slide.mpp
         level = best_level(slide.downsamples, downsample)
+    align = pixel_aligned_step(slide.downsamples[level])
     size0 = max(1, round(grid.tile_size * downsample))
-    stride0 = max(1, round((grid.stride or grid.tile_size) * downsample))
-    return TileGeometry(size0, stride0, level, grid.tile_size, slide.mpp * size0 / grid.tile_size)
+    stride0 = max(align, round((grid.stride or grid.tile_size) * downsample / align) * align)
+    return TileGeometry(size0, stride0, level, grid.tile_size, slide.mpp * size0 / grid.tile_size, align)
 
 
 def slide_region(slide: Slide, roi: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:
@@ -353,9 +363,14 @@ def slide_region(slide: Slide, roi: tuple[int, int, int, int] | None) -> tuple[i
     return x0, y0, x1 - x0, y1 - y0
 
 
-def grid_positions(region: tuple[int, int, int, int], size0: int, stride0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Level-0 (x, y) and (col, row) of every tile that fits wholly inside `region`, row-major."""
+def grid_positions(
+    region: tuple[int, int, int, int], size0: int, stride0: int, align: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Level-0 (x, y) and (col, row) of every tile that fits wholly inside `region`, row-major;
+    the first tile starts at the region's first multiple of `align`."""
     x, y, w, h = region
+    x, y = -(-x // align) * align, -(-y // align) * align
+    w, h = region[0] + w - x, region[1] + h - y
     ncol = (w - size0) // stride0 + 1 if w >= size0 else 0
     nrow = (h - size0) // stride0 + 1 if h >= size0 else 0
     rows, cols = np.meshgrid(np.arange(nrow), np.arange(ncol), indexing="ij")
@@ -387,7 +402,7 @@ def plan_tiles(slide: Slide, tissue: Tissue, grid: TileGridSettings = TileGridSe
     A slide smaller than one tile gives an empty table.
     """
     geo = tile_geometry(slide, grid)
-    xs, ys, cols, rows = grid_positions(slide_region(slide, grid.roi), geo.size0, geo.stride0)
+    xs, ys, cols, rows = grid_positions(slide_region(slide, grid.roi), geo.size0, geo.stride0, geo.align)
     fractions = box_fractions(tissue.mask, tissue.overview.downsample, xs, ys, geo.size0, geo.size0)
     keep = np.flatnonzero(fractions >= grid.min_tissue)
     if grid.max_tiles is not None and len(keep) > grid.max_tiles:

@@ -265,11 +265,12 @@ def _feature_collection(items):
 
 @pytest.fixture(scope="module")
 def synthetic_slide(tmp_path_factory) -> Path:
-    """A 4-level tiled TIFF with resolution metadata (OpenSlide reads 0.5 µm/px): pink 'tissue' on the
-    left three quarters, white glass on the right."""
+    """A 4-level tiled TIFF (downsamples exactly 1, 2, 4, 8) with resolution metadata (OpenSlide reads
+    0.5 µm/px): noisy pink 'tissue' on the left three quarters, white glass on the right."""
     path = tmp_path_factory.mktemp("synthetic") / "synthetic.tiff"
     image = np.full((SIZE, SIZE, 3), 245, np.uint8)
-    image[:, : SIZE * 3 // 4] = (200, 120, 170)
+    noise = np.random.default_rng(0).integers(-20, 21, (SIZE, SIZE * 3 // 4, 3))
+    image[:, : SIZE * 3 // 4] = np.array([200, 120, 170]) + noise  # textured, so resampling shows
     with tifffile.TiffWriter(path) as tif:
         for i in range(4):
             level = image if i == 0 else downscale_local_mean(image, (2**i, 2**i, 1)).astype(np.uint8)
@@ -335,6 +336,23 @@ def test_geojson_classes_give_fractions_and_majority(synthetic_slide, tmp_path):
     assert majority[(0, 1)] == 2 and majority[(2, 2)] == 1 and majority[(5, 3)] == 1
     assert majority[(3, 3)] == 0 and majority[(8, 8)] == 0  # the hole, and plain background
     assert np.allclose(table[["fraction_0", "fraction_1", "fraction_2"]].sum(axis=1), 1.0)
+
+
+def test_tiles_on_whole_downsample_levels_are_pixel_aligned(synthetic_slide):
+    """At a level with a whole-number downsample, tile positions are multiples of it, so OpenSlide copies
+    level pixels instead of resampling them (which is slower and blurs)."""
+    grid = TileGridSettings(target_mpp=1.1, min_tissue=0.0, roi=(101, 51, 1500, 1500))
+    with slides.open_slide(synthetic_slide) as slide:
+        geo = slides.tile_geometry(slide, grid)
+        assert (geo.level, geo.align, geo.size0, geo.stride0) == (1, 2, 493, 492)
+        table = slides.plan_tiles(slide, slides.find_tissue(slide), grid)
+        assert (table.x % 2 == 0).all() and (table.y % 2 == 0).all() and (table.x.min(), table.y.min()) == (102, 52)
+        level1 = tifffile.imread(synthetic_slide, key=1)
+        x, y, n = int(table.x.iloc[0]), int(table.y.iloc[0]), slides.read_size(493, 2.0)
+        stored = level1[y // 2 : y // 2 + n, x // 2 : x // 2 + n]
+        np.testing.assert_array_equal(slides.read_rgb(slide.reader, x, y, 1, (n, n)), stored)
+        off_grid = slides.read_rgb(slide.reader, x + 1, y + 1, 1, (n, n)).astype(int)
+        assert np.abs(off_grid - stored).mean() > 1 and np.abs(off_grid - level1[y // 2 + 1 :, x // 2 + 1 :][:n, :n]).mean() > 1
 
 
 def test_no_annotations_leave_label_columns_empty(cmu, cmu_tissue):
