@@ -62,6 +62,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "unet_resnet34": _unet_resnet34,
 }
 
+# Smallest input each architecture runs on (the bundle's head pools a fixed 7×7 window).
+_EXAMPLE_SIZE = {"monai_fc_resnet18": 224}
 _CHECKPOINT_CONTAINERS = ("state_dict", "model", "model_state_dict", "network", "net")
 _KEY_PREFIXES = ("module.", "model.", "net.", "network.", "_orig_mod.")
 
@@ -83,7 +85,8 @@ def load_model(
         _load_state(model, Path(checkpoint), arch)
     model.eval()
     in_channels = _first_conv(model).in_channels
-    return canonicalise(model, torch.zeros(1, in_channels, 224, 224))
+    size = _EXAMPLE_SIZE.get(arch, 64)
+    return canonicalise(model, torch.zeros(1, in_channels, size, size))
 
 
 def _load_state(model: nn.Module, path: Path, arch: str) -> None:

@@ -1,0 +1,94 @@
+"""The model registry: canonical ReLUs, checkpoints, layer names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from helpers import num_classes, with_real_statistics
+from torch import nn
+
+import smoothsal as ss
+from smoothsal.models import ARCHITECTURES, module_calls
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_canonical_model_equals_the_original(arch, tmp_path):
+    torch.manual_seed(0)
+    raw = with_real_statistics(ARCHITECTURES[arch](num_classes=num_classes(arch))).eval()
+    torch.save(raw.state_dict(), tmp_path / "model.pt")
+    model = ss.load_model(arch, num_classes=num_classes(arch), checkpoint=tmp_path / "model.pt")
+    assert not model.training
+    x = torch.randn(2, 3, 224, 224)
+    calls = module_calls(model, x)
+    relus = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    assert relus and all(calls[n] == 1 for n in relus)
+    assert not any(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+    with torch.no_grad():
+        assert torch.equal(model(x), raw(x))
+
+
+def test_functional_relu_gets_its_own_module():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Conv2d(4, 2, 3, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.head(nn.functional.relu(self.conv(x)))).mean((2, 3))
+
+    net = Functional()
+    x = torch.randn(1, 3, 16, 16)
+    canonical = ss.canonicalise(net, x)
+    assert sum(isinstance(m, nn.ReLU) for m in canonical.modules()) == 2
+    assert torch.equal(canonical(x), net(x))
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: s,
+        lambda s: {"state_dict": {f"model.{k}": v for k, v in s.items()}, "epoch": 3},
+        lambda s: {f"module.{k}": v for k, v in s.items()},
+        lambda s: {"model": s},
+    ],
+    ids=["plain", "lightning", "ddp", "model-key"],
+)
+def test_checkpoint_layouts(wrap, tmp_path):
+    raw = torchvision.models.resnet18(weights=None, num_classes=2)
+    torch.save(wrap(raw.state_dict()), tmp_path / "ckpt.pt")
+    model = ss.load_model("resnet18", num_classes=2, checkpoint=tmp_path / "ckpt.pt")
+    assert torch.equal(model.fc.weight, raw.fc.weight)
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pt")
+    with pytest.raises(ValueError, match=r"r34\.pt does not fit arch 'resnet18'.*unexpected keys layer1\.2"):
+        ss.load_model("resnet18", num_classes=1000, checkpoint=tmp_path / "r34.pt")
+
+
+def test_unknown_arch_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: monai_fc_resnet18, resnet18, resnet34"):
+        ss.load_model("vgg16", num_classes=2)
+
+
+@pytest.mark.parametrize(
+    "arch,expected",
+    [
+        ("resnet18", ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]),
+        ("resnet50", ["layer1.2", "layer2.3", "layer3.5", "layer4.2"]),
+        ("monai_fc_resnet18", ["features.4.1", "features.5.1", "features.6.1", "features.7.1"]),
+        ("unet_resnet34", ["encoder.layer1.2", "encoder.layer2.3", "encoder.layer3.5", "encoder.layer4.2"]),
+    ],
+)
+def test_stage_aliases(arch, expected):
+    model = ss.load_model(arch, num_classes=num_classes(arch))
+    assert [ss.resolve_layer(model, f"layer{k}") for k in range(1, 5)] == expected
+    assert ss.resolve_layer(model, expected[0]) == expected[0]
+
+
+def test_unknown_layer_names_the_allowed_values():
+    model = ss.load_model("resnet18", num_classes=2)
+    with pytest.raises(ValueError, match="unknown layer 'layer7'.*aliases layer1, layer2, layer3, layer4"):
+        ss.resolve_layer(model, "layer7")

@@ -1,0 +1,165 @@
+"""Smoothing methods: the paper's Figure 1, what each method does to predictions and noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import model as build_model
+from helpers import real_tiles
+from torch import nn
+
+import smoothsal as ss
+from smoothsal.smoothing import SHIFTS, ConvSpec, SurrogatePath
+
+
+class Figure1Net(nn.Module):
+    """A 1×1 stem conv (never changed), then the paper's stride-2 conv with [[1, 1], [1, −1]]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 1, 1, stride=2, bias=False)
+        self.down = nn.Conv2d(1, 1, 2, stride=2, bias=False)
+        with torch.no_grad():
+            self.stem.weight.fill_(1.0)
+            self.down.weight.copy_(torch.tensor([[[[1.0, 1.0], [1.0, -1.0]]]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.stem(x))
+
+
+def gradient_towards_conv_input(net: nn.Module) -> torch.Tensor:
+    """∇ₓ Σ (x ∗ k) for the 16×16 input of ones that the stride-2 conv sees."""
+    x = torch.ones(1, 1, 32, 32)  # the stride-2 stem turns it into the paper's 16×16 ones
+    seen = {}
+
+    def as_leaf(_module: nn.Module, inputs: tuple) -> tuple:
+        seen["x"] = inputs[0].detach().requires_grad_()
+        return (seen["x"],)
+
+    net.down.register_forward_pre_hook(as_leaf)
+    net(x).sum().backward()
+    return seen["x"].grad[0, 0]
+
+
+def test_figure1_checkerboard_and_its_removal():
+    net = Figure1Net()
+    assert ss.downsampling_convs(net, torch.ones(1, 1, 32, 32)) == ["down"]
+    grad = gradient_towards_conv_input(net)
+    assert grad.shape == (16, 16)
+    expected = torch.tensor([[1.0, 1.0], [1.0, -1.0]]).repeat(8, 8)
+    assert torch.equal(grad, expected)  # the ±1 checkerboard
+    smoothed = gradient_towards_conv_input(ss.smooth(net, "backward_hook"))
+    assert torch.allclose(smoothed, torch.full((16, 16), 0.5))  # constant: (1 + 1 + 1 − 1) / 4
+
+
+def test_downsampling_convs_found_by_tracing():
+    names = {arch: ss.downsampling_convs(build_model(arch)) for arch in ss.ARCHITECTURES}
+    assert names["resnet18"] == [
+        "layer2.0.conv1", "layer2.0.downsample.0", "layer3.0.conv1",
+        "layer3.0.downsample.0", "layer4.0.conv1", "layer4.0.downsample.0",
+    ]  # fmt: skip
+    assert names["resnet50"][:2] == ["layer2.0.conv2", "layer2.0.downsample.0"]
+    assert len(names["resnet34"]) == 6
+    assert names["monai_fc_resnet18"][0] == "features.5.0.conv1"
+    assert names["unet_resnet34"] == [
+        "encoder.layer2.0.conv1", "encoder.layer3.0.conv1", "encoder.layer4.0.conv1"
+    ]  # fmt: skip
+
+
+def test_smooth_never_mutates_the_given_model():
+    net = build_model("resnet18")
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    types = {n: type(m) for n, m in net.named_modules()}
+    surrogate = ss.SurrogatePaths.for_model(net)
+    for method in ss.METHODS:
+        smoothed = ss.smooth(net, method, surrogate=surrogate if method == "surrogate" else None)
+        assert smoothed is not net
+    assert {n: type(m) for n, m in net.named_modules()} == types
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_forward_hook_is_the_mean_of_four_rolled_convs():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    x = torch.randn(2, 4, 15, 17)
+    expected = torch.stack([conv(torch.roll(x, s, (2, 3))) for s in SHIFTS]).mean(0)
+    recast = ss.smoothing._recast(conv, ss.smoothing.ForwardHookConv2d)
+    assert torch.allclose(recast(x), expected, atol=1e-6)
+
+
+def test_backward_hook_gradient_is_the_roll_mean():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    weights = torch.randn(2, 6, 8, 8)
+    (conv(x) * weights).sum().backward()
+    plain = x.grad.clone()
+    x.grad = None
+    (ss.smoothing._recast(conv, ss.smoothing.BackwardHookConv2d)(x) * weights).sum().backward()
+    expected = torch.stack([torch.roll(plain, s, (2, 3)) for s in SHIFTS]).mean(0)
+    assert torch.allclose(x.grad, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(15, 17), (16, 16), (33, 8)])
+def test_surrogate_output_size_equals_the_conv(size):
+    for conv in (nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.Conv2d(3, 5, 1, stride=2)):
+        x = torch.randn(1, 3, *size)
+        assert SurrogatePath(ConvSpec.of(conv))(x).shape == conv(x).shape
+
+
+def test_unknown_method_and_missing_surrogate_are_clear_errors():
+    net = build_model("resnet18")
+    with pytest.raises(ValueError, match="allowed: original, backward_hook"):
+        ss.smooth(net, "blur")
+    with pytest.raises(ValueError, match="surrogate"):
+        ss.smooth(net, "surrogate")
+
+
+def test_surrogate_for_another_model_is_refused():
+    paths = ss.SurrogatePaths.for_model(build_model("resnet18"))
+    with pytest.raises(ValueError, match="does not fit"):
+        ss.smooth(build_model("resnet50"), "surrogate", surrogate=paths)
+
+
+def test_predictions_and_total_variation_per_method(tiles_dir):
+    """backward_hook keeps predictions exactly; forward_hook changes them; both lower TV."""
+    net = build_model("resnet18", seed=3)
+    x = real_tiles(tiles_dir, 112)
+    layers = ["layer1", "layer2", "layer3"]
+    target = torch.zeros(len(x), dtype=torch.long)
+    outputs, tv = {}, {}
+    for method in ("original", "backward_hook", "forward_hook"):
+        smoothed = ss.smooth(net, method)
+        with torch.no_grad():
+            outputs[method] = smoothed(x)
+        maps = ss.attribute(smoothed, x, layers=layers, target=target)
+        tv[method] = {(a, l): float(ss.total_variation(maps[a][l]).mean()) for a in maps for l in layers}
+    assert torch.equal(outputs["backward_hook"], outputs["original"])
+    assert not torch.allclose(outputs["forward_hook"], outputs["original"], atol=1e-4)
+    for key, original in tv["original"].items():
+        assert tv["backward_hook"][key] < original, key
+        assert tv["forward_hook"][key] < original, key
+
+
+def test_train_surrogate_on_real_tiles(tiles_dir):
+    """Each path's L1 error falls; the surrogate predicts closer to the original than forward_hook."""
+    torch.manual_seed(0)
+    net = build_model("resnet18", seed=1)
+    x = real_tiles(tiles_dir, 64, per_tile=9)  # 36 real tiles
+    batches = [x[i : i + 12] for i in range(0, len(x), 12)]
+    losses: dict[str, list[float]] = {}
+
+    def record(_epoch: int, _step: int, step_losses: dict[str, float]) -> None:
+        for name, value in step_losses.items():
+            losses.setdefault(name, []).append(value)
+
+    paths = ss.train_surrogate(net, batches, epochs=8, on_step=record)
+    assert set(losses) == set(ss.downsampling_convs(net))
+    for name, values in losses.items():
+        assert sum(values[-3:]) < 0.6 * sum(values[:3]), name
+    with torch.no_grad():
+        p = {m: ss.probabilities(ss.smooth(net, m, surrogate=paths if m == "surrogate" else None)(x))
+             for m in ("original", "surrogate", "forward_hook")}  # fmt: skip
+    target = p["original"].argmax(1)
+    diff_sur, _ = ss.prediction_difference(p["original"], p["surrogate"], target)
+    diff_fwd, _ = ss.prediction_difference(p["original"], p["forward_hook"], target)
+    assert diff_sur.mean() < diff_fwd.mean()
+    assert not paths.training
