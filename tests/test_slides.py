@@ -11,6 +11,7 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
+from skimage.color import rgb2hsv
 from skimage.transform import downscale_local_mean
 
 from smoothsal import slides
@@ -130,6 +131,7 @@ def test_background_has_no_tissue(cmu, cmu_tissue, tiles_dir):
         assert slides.tissue_mask(rgb, mpp=0.5).mean() < 0.01, name
     rgb = np.asarray(Image.open(tiles_dir / "tissue-level0-4302-10273-4814-10785.png").convert("RGB"))
     assert slides.tissue_mask(rgb, mpp=0.5).mean() > 0.5
+    np.testing.assert_allclose(slides.hsv_saturation(rgb), rgb2hsv(rgb)[..., 1], atol=1e-6)
     uniform = np.full((64, 64, 3), (240, 236, 238), np.uint8)
     assert not slides.tissue_mask(uniform, mpp=8.0).any()
 
