@@ -34,7 +34,7 @@ from skimage.transform import downscale_local_mean
 MPP_FIX = "set it with --mpp X on the command line (or the dataset's `mpp` key in config.yaml)"
 PLAUSIBLE_MPP = (0.01, 20.0)  # µm/px of a scanned level 0; 72 dpi TIFF defaults give ~353
 LEVEL_TOLERANCE = 1.01  # a level up to 1% coarser than asked still counts as "fine enough"
-MASK_BLOCK = 2048  # px per side of one mask read, at the mask level: bounds memory on huge levels
+MASK_BLOCK = 2048  # at most this many px per side in one low-res read: bounds memory on huge levels
 
 # Class names (case-insensitive) → class id. 0 = exclusion: cut out of the other regions.
 # A negative id means "ignore these annotations".
@@ -214,7 +214,7 @@ def read_low_res(slide: Slide, mpp: float) -> LowRes:
     factor = max(1, round(want / level_ds))
     width, height = slide.reader.level_dimensions[level]
     out = np.empty((math.ceil(height / factor), math.ceil(width / factor), 3), np.uint8)
-    step = MASK_BLOCK * factor
+    step = max(factor, MASK_BLOCK // factor * factor)  # whole blocks of `factor` px per read
     for by in range(0, height, step):
         for bx in range(0, width, step):
             size = (min(step, width - bx), min(step, height - by))
@@ -458,14 +458,13 @@ def parse_class_map(text: str) -> dict[str, int]:
     """`"Tumor=1,Stroma=2,Exclusion=0"` → {"tumor": 1, …} (names case-insensitive)."""
     mapping: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.rpartition("=")
-        try:
-            mapping[name.strip().lower()] = int(value) if sep and name.strip() else int("x")
-        except ValueError:
+        name, _, value = item.rpartition("=")
+        if not name.strip() or not value.strip().lstrip("-").isdigit():
             raise ValueError(
                 f"--class-map: cannot read {item!r}; write NAME=ID pairs separated by commas, e.g. "
                 "Tumor=1,Stroma=2,Exclusion=0 (0 = exclusion, negative = ignore)"
-            ) from None
+            )
+        mapping[name.strip().lower()] = int(value)
     return mapping
 
 
@@ -666,10 +665,6 @@ class LabelSettings:
 
     threshold: float = 0.5  # classification label = 1 when the tumour (class 1) fraction is ≥ this
     n_classes: int = 1  # foreground classes: one `fraction_k` column per class 0..n_classes
-
-
-def label_columns(n: int) -> list[str]:
-    return ["tumor_fraction", "label", "majority_class", *(f"fraction_{k}" for k in range(n + 1))]
 
 
 def label_tiles(table: pd.DataFrame, annotations: Annotations | None, settings: LabelSettings = LabelSettings()) -> pd.DataFrame:
