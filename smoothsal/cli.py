@@ -87,12 +87,154 @@ def _run_tiles(args: argparse.Namespace) -> None:
 # --- train-surrogate / evaluate (smoothsal.training) ---------------------------------------------
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """--arch / --num-classes / --checkpoint / --tiles / normalisation, shared by training and evaluation."""
+    from pathlib import Path
+
+    p.add_argument("--arch", required=True, help="model architecture (see smoothsal.ARCHITECTURES)")
+    p.add_argument("--num-classes", type=int, required=True, help="outputs of the model (1 = one logit)")
+    p.add_argument("--checkpoint", type=Path, help="model weights (.pt); without it a seeded random init")
+    p.add_argument("--tiles", type=Path, nargs="+", required=True, metavar="TABLE", help="tile tables (.parquet)")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation mean (default ImageNet)")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation std (default ImageNet)")
+    p.add_argument("--workers", type=int, help="DataLoader workers per process (default: min(4, cores per process - 1))")
+
+
 def _add_train_surrogate(sub: argparse._SubParsersAction) -> None:
-    pass
+    from pathlib import Path
+
+    p = sub.add_parser(
+        "train-surrogate",
+        help="train the bilinear surrogate paths of a model on tiles (multi-GPU: torchrun)",
+        description="Train one bilinear surrogate path per downsampling conv of the frozen model (L1 per "
+        "path, summed; Adam). Run plainly for one process, or under `torchrun --nproc_per_node N "
+        "--no-python smoothsal train-surrogate ...` for N processes (nccl on GPU, gloo on CPU); the "
+        "global --batch-size is split evenly across them. Checkpoints every epoch and every "
+        "--checkpoint-every steps; a killed run resumes with the same result.",
+    )
+    _model_args(p)
+    p.add_argument("--out", type=Path, required=True, help="surrogate file to write (.pt)")
+    p.add_argument("--state", type=Path, help="resumable training state (default: OUT stem + .state.pt)")
+    p.add_argument("--log", type=Path, help="per-epoch L1 loss CSV (default: OUT stem + .losses.csv)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs (default 2, the paper's Camelyon16 setting)")
+    p.add_argument("--batch-size", type=int, default=512, help="global batch size over all processes (default 512)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the path init and the tile order")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only; ignored on CPU)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: epoch ends only)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="continue from --state if present")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on rank 0")
+    p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # debug: SIGKILL itself (tests)
+    p.set_defaults(func=_run_train_surrogate)
+
+
+def _train_settings(args: argparse.Namespace, table: object) -> object:
+    from smoothsal import training
+
+    norm = training.Normalize(tuple(args.mean or training.IMAGENET_MEAN), tuple(args.std or training.IMAGENET_STD))
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f"model checkpoint {args.checkpoint} does not exist")
+    return training.TrainSettings(
+        arch=args.arch,
+        num_classes=args.num_classes,
+        model_sha256=training.file_sha256(args.checkpoint) if args.checkpoint else "random-init",
+        tiles_sha256=training.tiles_sha256(table),
+        n_tiles=len(table),
+        tile_size=int(table["tile_size"].iloc[0]),
+        mean=norm.mean,
+        std=norm.std,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        amp=args.amp,
+    )
+
+
+def _run_train_surrogate(args: argparse.Namespace) -> None:
+    from smoothsal import training
+
+    table = training.read_tile_tables(args.tiles)
+    options = training.RunOptions(
+        out=args.out, state=args.state, log=args.log, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, workers=args.workers, progress=args.progress,
+        stop_after_steps=args.stop_after_steps,
+    )  # fmt: skip
+    result = training.run_training(_train_settings(args, table), table, options, checkpoint=args.checkpoint)
+    if result.rank == 0:
+        last = result.losses[-1]["l1_total"] if result.losses else float("nan")
+        gpu = f", peak GPU MB {[round(m) for m in result.peak_gpu_mb]}" if result.peak_gpu_mb else ""
+        print(
+            f"{args.out}: {len(table)} tiles, {result.world} process(es), final L1 {last:.4g}, "
+            f"{result.seconds:.1f} s, peak RSS MB {[round(m) for m in result.peak_rss_mb]}{gpu}"
+            + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
+        )
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    pass
+    from pathlib import Path
+
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy and prediction difference of original / surrogate / forward_hook on tiles",
+        description="On (validation) tiles: accuracy over the labelled tiles and the prediction difference "
+        "against the original (all classes and target class, ×100, mean ± std) of each smoothing method: "
+        "the paper's Tables 2 and 3 for your model. Classification models (tile table `label` column).",
+    )
+    _model_args(p)
+    p.add_argument("--surrogate", type=Path, help="trained surrogate (.pt from train-surrogate)")
+    p.add_argument("--out", type=Path, required=True, help="summary table to write (.csv)")
+    p.add_argument("--markdown", type=Path, help="the same as markdown (default: OUT with .md)")
+    p.add_argument("--per-tile", type=Path, help="per-tile predictions and differences (.parquet)")
+    p.add_argument(
+        "--methods", nargs="+", default=["original", "surrogate", "forward_hook"],
+        help="methods to compare (default: original surrogate forward_hook; surrogate only with --surrogate)",
+    )  # fmt: skip
+    p.add_argument("--target", choices=("label", "predicted"), default="label", help="target class (default: label)")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default 64)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from smoothsal import evaluation, training
+    from smoothsal.models import load_model
+    from smoothsal.slides import TileDataset
+
+    table = training.read_tile_tables(args.tiles)
+    meta = training.read_surrogate(args.surrogate)[1] if args.surrogate else None
+    if meta:
+        training.check_arch(meta, args.arch, args.surrogate)
+    norm = training.Normalize(
+        tuple(args.mean or (meta.settings.mean if meta else training.IMAGENET_MEAN)),
+        tuple(args.std or (meta.settings.std if meta else training.IMAGENET_STD)),
+    )
+    if meta and (norm.mean, norm.std) != (meta.settings.mean, meta.settings.std):
+        raise ValueError(
+            f"surrogate {args.surrogate} was trained on inputs normalised with mean {meta.settings.mean}, "
+            f"std {meta.settings.std}; pass the same --mean/--std or leave them out"
+        )
+    if meta and args.checkpoint is None and meta.settings.model_sha256 != "random-init":
+        raise ValueError(f"surrogate {args.surrogate} was trained on a model checkpoint; pass it with --checkpoint")
+    torch.manual_seed(meta.settings.seed if meta else 0)  # a random-init model: the one the surrogate saw
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint).to(device)
+    surrogate = None
+    if args.surrogate:
+        surrogate = training.load_surrogate(args.surrogate, arch=args.arch, model=model, checkpoint=args.checkpoint)
+        surrogate = surrogate.to(device)
+    methods = [m for m in args.methods if m != "surrogate" or surrogate is not None]
+    result = evaluation.evaluate(
+        model, TileDataset(table, transform=norm), evaluation.tile_labels(table), methods=methods,
+        surrogate=surrogate, target=args.target, batch_size=args.batch_size, workers=args.workers or 0,
+    )  # fmt: skip
+    evaluation.write_summary(result.summary, args.out, args.markdown or args.out.with_suffix(".md"))
+    if args.per_tile:
+        from smoothsal.slides import write_table
+
+        write_table(evaluation.per_tile_table(table, result), args.per_tile)
+    print(evaluation.to_markdown(result.summary), end="")
 
 
 # --- entry point ----------------------------------------------------------------------------------

@@ -3,22 +3,64 @@
 The original network runs unchanged (frozen, eval mode); a forward hook captures every
 downsampling conv's (input, output); each path is trained on its conv's pair with an L1 loss, the
 losses summed, one Adam over all paths. The loop is the same for one process and for DDP.
+
+``run_training`` is the `smoothsal train-surrogate` stage: one process, or N under torchrun
+(DistributedDataParallel; nccl on GPU, gloo on CPU), a DistributedSampler over all tiles, the global
+batch split evenly over the processes (so every step sees the same tiles whatever N is), and a
+resumable state file written every epoch and every K steps. ``save_surrogate``/``load_surrogate``
+are the surrogate file format that later stages read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import hashlib
+import itertools
+import json
+import math
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
 
+import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
-from .smoothing import SurrogatePaths, capture_conv_io
+from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
 
-__all__ = ["StepCallback", "surrogate_losses", "train_surrogate"]
+__all__ = [
+    "EpochBatches",
+    "Normalize",
+    "RunOptions",
+    "RunResult",
+    "StepCallback",
+    "SurrogateMeta",
+    "TrainSettings",
+    "check_arch",
+    "file_sha256",
+    "load_surrogate",
+    "model_fingerprint",
+    "read_surrogate",
+    "read_tile_tables",
+    "run_training",
+    "save_surrogate",
+    "surrogate_losses",
+    "tiles_sha256",
+    "train_surrogate",
+]
 
 # Called after every optimiser step with (epoch, step in epoch, per-path L1 losses).
 StepCallback = Callable[[int, int, dict[str, float]], None]
+# (epoch, steps to skip) -> the batches of that epoch after the skipped ones.
+EpochBatches = Callable[[int, int], Iterable[object]]
 
 
 def _as_input(batch: object) -> torch.Tensor:
@@ -51,30 +93,622 @@ def train_surrogate(
     trainable: nn.Module | None = None,
     start_epoch: int = 0,
     on_step: StepCallback | None = None,
+    start_step: int = 0,
+    amp: bool = False,
 ) -> SurrogatePaths:
     """Train surrogate paths for ``model`` on ``batches`` (re-iterated every epoch).
 
     ``paths``/``optimizer`` continue an earlier run; ``trainable`` is the module to call
     (e.g. ``DistributedDataParallel(paths)``); ``on_step`` sees the losses after every step.
+    ``batches`` is an iterable, or an ``EpochBatches`` callable ``(epoch, skip) -> iterable``
+    (lets a sampler set its epoch and skip batches without reading them). ``start_step``: in
+    ``start_epoch`` the first ``start_step`` steps were done before (resume); they are skipped and
+    step numbers keep counting from there. ``amp``: bfloat16 autocast on CUDA (no effect on CPU).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
     model.eval()
     device = next(model.parameters()).device
     if paths is None:
-        first = _as_input(next(iter(batches))).to(device)
+        first = _as_input(next(iter(_epoch_batches(batches, start_epoch, 0)))).to(device)
         paths = SurrogatePaths.for_model(model, first[:1])
     paths.check_fits(model)
     paths.to(device).train()
     trainable = paths if trainable is None else trainable
     optimizer = optimizer or torch.optim.Adam(paths.parameters(), lr=lr)
     names = paths.conv_names
+    autocast = amp and device.type == "cuda"
     for epoch in range(start_epoch, epochs):
-        for step, batch in enumerate(batches):
-            losses = surrogate_losses(model, trainable, _as_input(batch).to(device), names)
+        skip = start_step if epoch == start_epoch else 0
+        for step, batch in enumerate(_epoch_batches(batches, epoch, skip), start=skip):
+            x = _as_input(batch).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                losses = surrogate_losses(model, trainable, x, names)
             optimizer.zero_grad(set_to_none=True)
-            torch.stack(list(losses.values())).sum().backward()
+            torch.stack([v.float() for v in losses.values()]).sum().backward()
             optimizer.step()
             if on_step is not None:
-                on_step(epoch, step, {n: float(v) for n, v in losses.items()})
+                on_step(epoch, step, {n: float(v.detach()) for n, v in losses.items()})
     return paths.eval()
+
+
+def _epoch_batches(batches: Iterable[object] | EpochBatches, epoch: int, skip: int) -> Iterable[object]:
+    """The batches of ``epoch`` after the first ``skip`` (a plain iterable draws and drops them)."""
+    if callable(batches) and not hasattr(batches, "__iter__"):
+        return batches(epoch, skip)
+    return itertools.islice(batches, skip, None)
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """Tile RGB in [0, 1] → the model's input units: (x − mean) / std per channel (picklable)."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError(f"normalisation needs one positive std per mean, got {self.mean} / {self.std}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return (x - mean) / std
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides the trained weights; its hash guards resume and later stages.
+
+    Not included (they do not change the result): process count, workers, checkpoint interval.
+    """
+
+    arch: str
+    num_classes: int
+    model_sha256: str  # of the model checkpoint, or "random-init" (weights from the seed)
+    tiles_sha256: str  # of the tile table's tile positions, in order (the sampler's index space)
+    n_tiles: int
+    tile_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    epochs: int = 2
+    batch_size: int = 512  # global: split evenly across the processes
+    lr: float = 1e-3
+    seed: int = 0
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "n_tiles", "tile_size", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def hash(self) -> str:
+        text = json.dumps(self.as_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def normalize(self) -> Normalize:
+        return Normalize(self.mean, self.std)
+
+    def as_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> TrainSettings:
+        d = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (model checkpoints: a surrogate belongs to one set of weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+TILE_KEY_COLUMNS = ("slide_id", "x", "y", "w", "h", "level", "tile_size")
+
+
+def tiles_sha256(table: pd.DataFrame) -> str:
+    """Hash of which tiles, in which order (slide paths left out: moving the data changes nothing)."""
+    missing = [c for c in TILE_KEY_COLUMNS if c not in table]
+    if missing:
+        raise ValueError(f"tile table lacks columns {missing}; make it with `smoothsal tiles`")
+    keys = pd.util.hash_pandas_object(table[list(TILE_KEY_COLUMNS)], index=False).to_numpy()
+    return hashlib.sha256(keys.tobytes()).hexdigest()
+
+
+def read_tile_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """The tiles of all given tables, in the given order; one tile size (they are batched)."""
+    from .slides import read_tables
+
+    if not paths:
+        raise ValueError("no tile tables given; pass --tiles TABLE.parquet [...]")
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"tile table {p} does not exist; make it with `smoothsal tiles`")
+    table = read_tables(paths)
+    if table.empty:
+        raise ValueError(f"the tile tables {', '.join(map(str, paths))} hold no tiles")
+    sizes = sorted(table["tile_size"].unique().tolist())
+    if len(sizes) != 1:
+        raise ValueError(f"the tile tables mix tile sizes {sizes}; tile all slides with one --tile-size")
+    return table
+
+
+# --- surrogate files ------------------------------------------------------------------------------
+
+SURROGATE_FORMAT = "smoothsal-surrogate/1"
+STATE_FORMAT = "smoothsal-surrogate-training/1"
+
+
+@dataclass(frozen=True)
+class SurrogateMeta:
+    """What a surrogate file records next to its weights."""
+
+    settings: TrainSettings
+    specs: dict[str, ConvSpec]
+    model_fingerprint: str = ""  # see model_fingerprint(); "" = not recorded
+    losses: tuple[dict[str, float], ...] = ()  # the per-epoch loss log
+    version: str = ""
+
+    @property
+    def arch(self) -> str:
+        return self.settings.arch
+
+    @property
+    def conv_names(self) -> list[str]:
+        return list(self.specs)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of a model's parameter/buffer names and shapes: tells resnet18 from resnet34 even where
+    their downsampling convs are identical (weights are not included: see ``model_sha256``)."""
+    items = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+
+
+def _spec_dict(spec: ConvSpec) -> dict[str, object]:
+    return {f.name: getattr(spec, f.name) for f in fields(spec)}
+
+
+def _spec_from(d: dict[str, object]) -> ConvSpec:
+    return ConvSpec(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in d.items()})
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed into place: a kill never leaves a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_surrogate(path: str | Path, paths: SurrogatePaths, meta: SurrogateMeta) -> None:
+    """Write trained paths with their metadata (arch, conv names, specs, settings and hash)."""
+    from . import __version__
+
+    atomic_torch_save(
+        {
+            "format": SURROGATE_FORMAT,
+            "version": meta.version or __version__,
+            "arch": meta.arch,
+            "num_classes": meta.settings.num_classes,
+            "conv_names": meta.conv_names,
+            "specs": {n: _spec_dict(s) for n, s in meta.specs.items()},
+            "settings": meta.settings.as_dict(),
+            "settings_hash": meta.settings.hash,
+            "model_fingerprint": meta.model_fingerprint,
+            "losses": list(meta.losses),
+            "state_dict": {k: v.detach().cpu() for k, v in paths.state_dict().items()},
+        },
+        Path(path),
+    )
+
+
+def _torch_load(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ValueError(f"{what} {path} could not be read as a torch file: {err}") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a {what}")
+    return obj
+
+
+def read_surrogate(path: str | Path) -> tuple[SurrogatePaths, SurrogateMeta]:
+    """Paths (eval mode, CPU) and metadata of a surrogate file, unchecked against any model."""
+    path = Path(path)
+    obj = _torch_load(path, "surrogate file")
+    if obj.get("format") != SURROGATE_FORMAT:
+        raise ValueError(
+            f"{path} is not a smoothsal surrogate (format {obj.get('format')!r}, expected "
+            f"{SURROGATE_FORMAT!r}); make it with `smoothsal train-surrogate`"
+        )
+    specs = {n: _spec_from(obj["specs"][n]) for n in obj["conv_names"]}
+    meta = SurrogateMeta(
+        TrainSettings.from_dict(obj["settings"]), specs, obj.get("model_fingerprint", ""),
+        tuple(obj.get("losses", ())), obj.get("version", ""),
+    )  # fmt: skip
+    paths = SurrogatePaths(specs)
+    paths.load_state_dict(obj["state_dict"])
+    return paths.eval(), meta
+
+
+def load_surrogate(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    model: nn.Module | None = None,
+    checkpoint: str | Path | None = None,
+) -> SurrogatePaths:
+    """Trained paths, checked against the model they will replace convs of.
+
+    ``arch``: must be the arch the surrogate was trained for. ``model``: its downsampling convs must
+    be exactly the surrogate's (names and shapes). ``checkpoint``: the model weights file; must be the
+    one the surrogate was trained on (sha256). Each mismatch is a ValueError naming both sides.
+    """
+    paths, meta = read_surrogate(path)
+    if arch is not None:
+        check_arch(meta, arch, path)
+    if model is not None:
+        if meta.model_fingerprint and meta.model_fingerprint != model_fingerprint(model):
+            raise ValueError(
+                f"surrogate {path} was trained for arch {meta.arch!r} with {meta.settings.num_classes} "
+                f"classes, but this {type(model).__name__} (arch {arch or 'unknown'!r}) has other layers; "
+                "train a surrogate for this model"
+            )
+        example = torch.zeros(1, _in_channels(model), meta.settings.tile_size, meta.settings.tile_size)
+        names = downsampling_convs(model, example.to(next(model.parameters()).device))
+        if names != meta.conv_names:
+            raise ValueError(
+                f"surrogate {path} (arch {meta.arch!r}) replaces convs {meta.conv_names}, but this "
+                f"{type(model).__name__} (arch {arch or 'unknown'!r}) downsamples with {names}; train "
+                "a surrogate for this model"
+            )
+        try:
+            paths.check_fits(model)
+        except ValueError as err:
+            raise ValueError(f"surrogate {path} (arch {meta.arch!r}): {err}") from None
+    if checkpoint is not None:
+        sha = file_sha256(checkpoint)
+        if meta.settings.model_sha256 != sha:
+            raise ValueError(
+                f"surrogate {path} was trained on model weights {meta.settings.model_sha256[:12]}, but "
+                f"{checkpoint} is {sha[:12]}; retrain the surrogate for these weights"
+            )
+    return paths
+
+
+def check_arch(meta: SurrogateMeta, arch: str, path: str | Path) -> None:
+    """Raise a ValueError naming both archs unless the surrogate was trained for ``arch``."""
+    if arch != meta.arch:
+        raise ValueError(
+            f"surrogate {path} was trained for arch {meta.arch!r}, not {arch!r}; train one for "
+            f"{arch!r} with `smoothsal train-surrogate --arch {arch} ...`"
+        )
+
+
+def _in_channels(model: nn.Module) -> int:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ValueError(f"{type(model).__name__} has no Conv2d; smoothsal needs a CNN")
+    return conv.in_channels
+
+
+# --- the training run (one process, or one of N under torchrun) ---------------------------------
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a training run is carried out; none of these change the trained weights."""
+
+    out: Path
+    state: Path | None = None  # resumable training state; default OUT's stem + ".state.pt"
+    log: Path | None = None  # per-epoch loss CSV; default OUT's stem + ".losses.csv"
+    checkpoint_every: int = 100  # steps between mid-epoch checkpoints; 0 = at epoch ends only
+    resume: bool = True  # continue from the state file when there is one
+    workers: int | None = None  # DataLoader workers per process; None = min(4, cores per process − 1)
+    progress: bool = True  # tqdm bar on rank 0
+    stop_after_steps: int | None = None  # debug: SIGKILL every process after this many steps
+
+    @property
+    def state_path(self) -> Path:
+        return self.state or self.out.with_name(self.out.stem + ".state.pt")
+
+    @property
+    def log_path(self) -> Path:
+        return self.log or self.out.with_name(self.out.stem + ".losses.csv")
+
+
+@dataclass(frozen=True)
+class _Dist:
+    """This process's place in the job: torchrun's env vars, or a plain single process."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    active: bool  # a process group exists (launched by torchrun)
+
+    @classmethod
+    def start(cls) -> _Dist:
+        active = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+        rank = int(os.environ.get("RANK", 0)) if active else 0
+        world = int(os.environ.get("WORLD_SIZE", 1)) if active else 1
+        local = int(os.environ.get("LOCAL_RANK", 0)) if active else 0
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if active and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        return cls(rank, world, local, device, active)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (a copy; float64 on CPU when returned)."""
+        t = t.detach().clone()
+        if self.active:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _ResumableSampler(torch.utils.data.Sampler[int]):
+    """This rank's DistributedSampler order for an epoch (seed + epoch), minus its first ``skip``."""
+
+    def __init__(self, base: DistributedSampler) -> None:
+        self.base, self.skip = base, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.base.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)
+
+
+def per_rank_batch_size(batch_size: int, world: int) -> int:
+    """The global batch split evenly: every step sees the same tiles whatever the process count."""
+    if batch_size % world:
+        raise ValueError(
+            f"--batch-size {batch_size} cannot be split evenly over {world} processes; "
+            f"use a multiple of {world}"
+        )
+    return batch_size // world
+
+
+def _default_workers(world: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores // world - 1))
+
+
+class _Checkpointer:
+    """The ``on_step`` of a run: loss bookkeeping, checkpoints, log, progress bar, debug kill."""
+
+    def __init__(
+        self,
+        d: _Dist,
+        settings: TrainSettings,
+        options: RunOptions,
+        paths: SurrogatePaths,
+        optimizer: torch.optim.Optimizer,
+        steps_per_epoch: int,
+    ) -> None:
+        self.d, self.settings, self.options = d, settings, options
+        self.paths, self.optimizer, self.steps_per_epoch = paths, optimizer, steps_per_epoch
+        self.names = paths.conv_names
+        self.sums = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # per-path sums, step count
+        self.global_step, self.run_steps = 0, 0
+        self.rows: list[dict[str, float]] = []
+        self.bar: tqdm | None = None
+
+    # state file ---------------------------------------------------------------------------------
+
+    def restore(self, state: dict) -> tuple[int, int]:
+        """Take over a saved state; returns (epoch, step) to continue from."""
+        self.paths.load_state_dict(state["paths"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.global_step, self.rows = state["global_step"], list(state["rows"])
+        if self.d.rank == 0:  # the saved sums are already summed over processes
+            self.sums = torch.tensor(state["loss_sums"], dtype=torch.float64)
+        return state["epoch"], state["step"]
+
+    def save(self, epoch: int, step: int) -> None:
+        """All processes: reduce the partial epoch losses; rank 0 writes the state; barrier."""
+        sums = self.d.sum(self.sums)
+        if self.d.rank == 0:
+            atomic_torch_save(
+                {
+                    "format": STATE_FORMAT,
+                    "settings": self.settings.as_dict(),
+                    "settings_hash": self.settings.hash,
+                    "epoch": epoch,
+                    "step": step,
+                    "global_step": self.global_step,
+                    "loss_sums": sums.tolist(),
+                    "rows": self.rows,
+                    "paths": self.paths.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "world_size": self.d.world,
+                },
+                self.options.state_path,
+            )
+        self.d.barrier()
+
+    # per step -----------------------------------------------------------------------------------
+
+    def __call__(self, epoch: int, step: int, losses: dict[str, float]) -> None:
+        self.sums += torch.tensor([*(losses[n] for n in self.names), 1.0], dtype=torch.float64)
+        self.global_step += 1
+        self.run_steps += 1
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(epoch=epoch + 1, l1=f"{sum(losses.values()):.4g}", refresh=False)
+        if step + 1 == self.steps_per_epoch:
+            self._end_epoch(epoch)
+        elif self.options.checkpoint_every and self.global_step % self.options.checkpoint_every == 0:
+            self.save(epoch, step + 1)
+        if self.options.stop_after_steps is not None and self.run_steps >= self.options.stop_after_steps:
+            os.kill(os.getpid(), signal.SIGKILL)  # a real, uncatchable interruption (tests)
+
+    def _end_epoch(self, epoch: int) -> None:
+        total = self.d.sum(self.sums)
+        means = (total[:-1] / total[-1]).tolist()
+        row = {"epoch": epoch + 1, "steps": self.global_step, "l1_total": sum(means)}
+        self.rows.append(row | {f"l1:{n}": m for n, m in zip(self.names, means, strict=True)})
+        self.sums.zero_()
+        self.save(epoch + 1, 0)
+        if self.d.rank == 0:
+            write_loss_log(self.rows, self.options.log_path)
+
+
+def write_loss_log(rows: Sequence[dict[str, float]], path: Path) -> None:
+    """The per-epoch loss CSV (epoch, steps, l1_total, l1:<conv> …), rewritten atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pd.DataFrame(list(rows)).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_state(path: Path, settings: TrainSettings) -> dict:
+    state = _torch_load(path, "training state")
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a smoothsal training state; delete it or pass --no-resume")
+    if state["settings_hash"] != settings.hash:
+        old = TrainSettings.from_dict(state["settings"]).as_dict()
+        changed = [k for k, v in settings.as_dict().items() if old.get(k) != v]
+        raise ValueError(
+            f"training state {path} was written with other settings (changed: {', '.join(changed) or '?'}); "
+            "pass --no-resume to start over, or delete it"
+        )
+    return state
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run reports (rank 0's view; peak memory of every process)."""
+
+    losses: tuple[dict[str, float], ...]
+    seconds: float
+    resumed_from: int  # global step the run resumed at (0 = fresh)
+    rank: int
+    world: int
+    peak_rss_mb: tuple[float, ...]  # per process
+    peak_gpu_mb: tuple[float, ...]  # per process (empty on CPU)
+
+
+def run_training(
+    settings: TrainSettings,
+    table: pd.DataFrame,
+    options: RunOptions,
+    *,
+    checkpoint: str | Path | None = None,
+) -> RunResult:
+    """Train and write a surrogate: DDP under torchrun (nccl on GPU, gloo on CPU), else one process.
+
+    Checkpoints go to ``options.state_path`` (every epoch and every ``checkpoint_every`` steps) and a
+    run with ``options.resume`` continues from there with the same result as an uninterrupted run.
+    """
+    from .models import load_model
+    from .slides import TileDataset
+
+    start = time.perf_counter()
+    d = _Dist.start()
+    try:
+        per_rank = per_rank_batch_size(settings.batch_size, d.world)
+        torch.manual_seed(settings.seed)  # a random-init model (no checkpoint) is the same everywhere
+        model = load_model(settings.arch, num_classes=settings.num_classes, checkpoint=checkpoint)
+        model = model.to(d.device).requires_grad_(False).eval()
+        torch.manual_seed(settings.seed)
+        example = torch.zeros(1, _in_channels(model), settings.tile_size, settings.tile_size, device=d.device)
+        paths = SurrogatePaths.for_model(model, example).to(d.device)
+        optimizer = torch.optim.Adam(paths.parameters(), lr=settings.lr)
+
+        dataset = TileDataset(table, transform=settings.normalize)
+        base = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=settings.seed)
+        sampler = _ResumableSampler(base)
+        workers = _default_workers(d.world) if options.workers is None else options.workers
+        loader = DataLoader(
+            dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
+            pin_memory=d.device.type == "cuda",
+        )  # fmt: skip
+        steps_per_epoch = math.ceil(len(base) / per_rank)
+
+        def batches(epoch: int, skip: int) -> DataLoader:
+            sampler.set_epoch(epoch, skip * per_rank)
+            return loader
+
+        ckpt = _Checkpointer(d, settings, options, paths, optimizer, steps_per_epoch)
+        epoch, step = 0, 0
+        state_path = options.state_path
+        if options.resume and state_path.is_file():
+            epoch, step = ckpt.restore(_read_state(state_path, settings))
+        resumed_from = ckpt.global_step
+        trainable: nn.Module = paths
+        if d.active:
+            trainable = DistributedDataParallel(paths, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        total = settings.epochs * steps_per_epoch
+        with tqdm(
+            total=total, initial=ckpt.global_step, desc=f"surrogate {settings.arch}", unit="step",
+            disable=d.rank != 0 or not options.progress, dynamic_ncols=True,
+        ) as bar:  # fmt: skip
+            ckpt.bar = bar
+            train_surrogate(
+                model, batches, epochs=settings.epochs, paths=paths, optimizer=optimizer,
+                trainable=trainable, start_epoch=epoch, start_step=step, on_step=ckpt, amp=settings.amp,
+            )  # fmt: skip
+        meta = SurrogateMeta(settings, paths.specs, model_fingerprint(model), tuple(ckpt.rows))
+        if d.rank == 0:
+            save_surrogate(options.out, paths, meta)
+            write_loss_log(ckpt.rows, options.log_path)
+            state_path.unlink(missing_ok=True)  # done: a rerun starts fresh
+        rss, gpu = _peak_memory(d)
+        d.barrier()
+        return RunResult(tuple(ckpt.rows), time.perf_counter() - start, resumed_from, d.rank, d.world, rss, gpu)
+    finally:
+        d.close()
+
+
+def _peak_memory(d: _Dist) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Peak resident memory (and peak CUDA allocation) of every process, MB."""
+    mine = torch.zeros(2, d.world, dtype=torch.float64)
+    mine[0, d.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if d.device.type == "cuda":
+        mine[1, d.rank] = torch.cuda.max_memory_allocated(d.device) / 2**20
+    both = d.sum(mine)
+    return tuple(both[0].tolist()), tuple(both[1].tolist()) if d.device.type == "cuda" else ()
