@@ -55,7 +55,9 @@ class SlideReader(Protocol):
     level_downsamples: Sequence[float]
     properties: Mapping[str, str]
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image: ...
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> Image.Image: ...
 
     def close(self) -> None: ...
 
@@ -116,19 +118,23 @@ def open_slide(path: str | Path, mpp: float | None = None, slide_id: str | None 
 
 
 def resolve_mpp(path: Path, properties: Mapping[str, str], override: float | None) -> float:
-    """µm/px at level 0: the override if given, else the metadata; a clear error when neither is usable."""
+    """µm/px at level 0: the override if given, else the metadata; a clear error if neither works."""
     if override is not None:
         if not override > 0:
-            raise ValueError(f"{path}: --mpp must be a positive number of µm per pixel, got {override}")
+            raise ValueError(
+                f"{path}: --mpp must be a positive number of µm per pixel, got {override}"
+            )
         return float(override)
     mpp = mpp_from_properties(properties)
     if mpp is None:
-        raise ValueError(f"{path}: the slide has no µm/px (microns per pixel) in its metadata; {MPP_FIX}")
+        raise ValueError(
+            f"{path}: the slide has no µm/px (microns per pixel) in its metadata; {MPP_FIX}"
+        )
     lo, hi = PLAUSIBLE_MPP
     if not lo <= mpp <= hi:
         raise ValueError(
-            f"{path}: the slide has no usable µm/px: its metadata says {mpp:.4g} µm/px, which is not a "
-            f"scan resolution (a default TIFF resolution?); {MPP_FIX}"
+            f"{path}: the slide has no usable µm/px: its metadata says {mpp:.4g} µm/px, which is "
+            f"not a scan resolution (a default TIFF resolution?); {MPP_FIX}"
         )
     return mpp
 
@@ -158,7 +164,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def best_level(downsamples: Sequence[float], downsample: float) -> int:
-    """The coarsest level whose downsample is ≤ `downsample` (reads the fewest pixels, loses no detail)."""
+    """The coarsest level with a downsample ≤ `downsample`: reads the fewest pixels, loses no detail."""
     fine_enough = [i for i, d in enumerate(downsamples) if d <= downsample * LEVEL_TOLERANCE]
     return max(fine_enough, key=lambda i: downsamples[i]) if fine_enough else 0
 
@@ -168,7 +174,9 @@ def best_level(downsamples: Sequence[float], downsample: float) -> int:
 
 def read_rgb(reader: SlideReader, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
     """One `read_region` as RGB uint8 (H, W, 3); transparent (unscanned) pixels become white."""
-    rgba = np.asarray(reader.read_region((int(x), int(y)), int(level), (int(size[0]), int(size[1]))))
+    rgba = np.asarray(
+        reader.read_region((int(x), int(y)), int(level), (int(size[0]), int(size[1])))
+    )
     return _on_white(rgba)
 
 
@@ -185,18 +193,22 @@ def read_size(size0: int, level_downsample: float) -> int:
     return max(1, round(size0 / level_downsample))
 
 
-def read_tile(reader: SlideReader, x: int, y: int, size0: int, level: int, tile_size: int) -> np.ndarray:
+def read_tile(
+    reader: SlideReader, x: int, y: int, size0: int, level: int, tile_size: int
+) -> np.ndarray:
     """A tile as RGB uint8 (tile_size, tile_size, 3): one read at `level`, resized only if needed."""
     n = read_size(size0, reader.level_downsamples[level])
     rgb = read_rgb(reader, x, y, level, (n, n))
     if n != tile_size:  # Pillow's bilinear filter widens its support when shrinking: antialiased
-        rgb = np.array(Image.fromarray(rgb).resize((tile_size, tile_size), Image.Resampling.BILINEAR))
+        rgb = np.array(
+            Image.fromarray(rgb).resize((tile_size, tile_size), Image.Resampling.BILINEAR)
+        )
     return rgb
 
 
 @dataclass(frozen=True, eq=False)
 class LowRes:
-    """A whole slide at low resolution: `image[i, j]` covers level-0 px [j·d, (j+1)·d) × [i·d, (i+1)·d)."""
+    """A whole slide at low resolution: `image[i, j]` covers level-0 [j·d, (j+1)·d) × [i·d, (i+1)·d)."""
 
     image: np.ndarray  # RGB uint8 (H, W, 3)
     level: int  # pyramid level it was read from
@@ -204,7 +216,7 @@ class LowRes:
 
 
 def read_low_res(slide: Slide, mpp: float) -> LowRes:
-    """The slide at about `mpp` µm/px, from the coarsest level fine enough (level 0 only if it is the only one).
+    """The slide at about `mpp` µm/px, from the coarsest level fine enough (level 0 only if alone).
 
     The level is read in blocks and averaged down by an integer factor, so memory stays bounded.
     """
@@ -219,10 +231,13 @@ def read_low_res(slide: Slide, mpp: float) -> LowRes:
         for bx in range(0, width, step):
             size = (min(step, width - bx), min(step, height - by))
             block = read_rgb(slide.reader, round(bx * level_ds), round(by * level_ds), level, size)
-            small = downscale_local_mean(block, (factor, factor, 1), cval=255) if factor > 1 else block
-            out[by // factor : by // factor + small.shape[0], bx // factor : bx // factor + small.shape[1]] = (
-                np.round(small).astype(np.uint8)
+            small = (
+                downscale_local_mean(block, (factor, factor, 1), cval=255) if factor > 1 else block
             )
+            out[
+                by // factor : by // factor + small.shape[0],
+                bx // factor : bx // factor + small.shape[1],
+            ] = np.round(small).astype(np.uint8)
     return LowRes(out, level, level_ds * factor)
 
 
@@ -231,17 +246,21 @@ def read_low_res(slide: Slide, mpp: float) -> LowRes:
 
 @dataclass(frozen=True)
 class TissueMaskSettings:
-    """Tissue = HSV saturation above Otsu's threshold (never below `min_saturation`), then cleaned up."""
+    """Tissue = HSV saturation above Otsu's threshold (at least `min_saturation`), cleaned up."""
 
     mask_mpp: float = 8.0  # resolution of the mask, µm/px (read from a low pyramid level)
-    min_saturation: float = 0.08  # floor on the threshold: blank glass (S ≈ 0–0.05) stays background
+    min_saturation: float = (
+        0.08  # floor on the threshold: blank glass (S ≈ 0–0.05) stays background
+    )
     closing_um: float = 16.0  # closing radius: joins tissue split by thin gaps
     min_object_um2: float = 20_000.0  # tissue specks up to this area are dropped (dust, debris)
     min_hole_um2: float = 20_000.0  # holes up to this area inside tissue are filled
 
 
-def tissue_mask(rgb: np.ndarray, mpp: float, settings: TissueMaskSettings = TissueMaskSettings()) -> np.ndarray:
-    """Boolean tissue mask of an RGB image at `mpp` µm/px (saturation, Otsu with a floor, morphology)."""
+def tissue_mask(
+    rgb: np.ndarray, mpp: float, settings: TissueMaskSettings = TissueMaskSettings()
+) -> np.ndarray:
+    """Boolean tissue mask of an RGB image at `mpp` µm/px: saturation, Otsu with a floor, morphology."""
     saturation = hsv_saturation(rgb)
     threshold = settings.min_saturation
     if np.ptp(saturation) > 0:
@@ -276,7 +295,9 @@ def find_tissue(slide: Slide, settings: TissueMaskSettings = TissueMaskSettings(
     return Tissue(low, tissue_mask(low.image, slide.mpp * low.downsample, settings))
 
 
-def box_fractions(mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, w: int, h: int) -> np.ndarray:
+def box_fractions(
+    mask: np.ndarray, downsample: float, xs: np.ndarray, ys: np.ndarray, w: int, h: int
+) -> np.ndarray:
     """Fraction of mask pixels (by pixel centre) inside each level-0 box (x, y, w, h); vectorised.
 
     A box smaller than a mask pixel takes the pixel under its centre.
@@ -309,7 +330,9 @@ class TileGridSettings:
     target_mpp: float = 0.5  # µm/px of the tiles; ignored when `level` is set
     level: int | None = None  # read tiles at this pyramid level, unresized
     min_tissue: float = 0.5  # keep tiles whose tissue fraction is at least this
-    roi: tuple[int, int, int, int] | None = None  # (x, y, w, h) at level 0; None = the slide's bounds
+    roi: tuple[int, int, int, int] | None = (
+        None  # (x, y, w, h) at level 0; None = the slide's bounds
+    )
     max_tiles: int | None = None  # keep a random sample of at most this many tiles
     seed: int = 0  # for that sample
 
@@ -337,26 +360,33 @@ def pixel_aligned_step(level_downsample: float) -> int:
 def tile_geometry(slide: Slide, grid: TileGridSettings) -> TileGeometry:
     """Level-0 tile size and stride, and the pyramid level to read, for `grid` on `slide`."""
     if grid.tile_size < 1 or (grid.stride is not None and grid.stride < 1):
-        raise ValueError(f"tile size and stride must be ≥ 1 px, got {grid.tile_size} and {grid.stride}")
+        raise ValueError(
+            f"tile size and stride must be ≥ 1 px, got {grid.tile_size} and {grid.stride}"
+        )
     if grid.level is not None:
         if not 0 <= grid.level < len(slide.downsamples):
             raise ValueError(
-                f"{slide.path}: --level {grid.level} does not exist; the slide has levels 0–{len(slide.downsamples) - 1}"
+                f"{slide.path}: --level {grid.level} does not exist; the slide has levels "
+                f"0–{len(slide.downsamples) - 1}"
             )
         level, downsample = grid.level, slide.downsamples[grid.level]
     else:
         if not grid.target_mpp > 0:
-            raise ValueError(f"--target-mpp must be a positive number of µm per pixel, got {grid.target_mpp}")
+            raise ValueError(
+                f"--target-mpp must be a positive number of µm per pixel, got {grid.target_mpp}"
+            )
         downsample = grid.target_mpp / slide.mpp
         level = best_level(slide.downsamples, downsample)
     align = pixel_aligned_step(slide.downsamples[level])
     size0 = max(1, round(grid.tile_size * downsample))
     stride0 = max(align, round((grid.stride or grid.tile_size) * downsample / align) * align)
-    return TileGeometry(size0, stride0, level, grid.tile_size, slide.mpp * size0 / grid.tile_size, align)
+    return TileGeometry(
+        size0, stride0, level, grid.tile_size, slide.mpp * size0 / grid.tile_size, align
+    )
 
 
 def slide_region(slide: Slide, roi: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:
-    """The level-0 box to tile: the ROI clipped to the slide, else OpenSlide's bounds, else the whole slide."""
+    """The level-0 box to tile: the ROI clipped to the slide, else OpenSlide's bounds, else all of it."""
     width, height = slide.dimensions
     if roi is None:
         p = slide.reader.properties
@@ -365,7 +395,9 @@ def slide_region(slide: Slide, roi: tuple[int, int, int, int] | None) -> tuple[i
     x, y, w, h = roi
     x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"{slide.path}: ROI {roi} lies outside the slide ({width}×{height} px); fix --roi")
+        raise ValueError(
+            f"{slide.path}: ROI {roi} lies outside the slide ({width}×{height} px); fix --roi"
+        )
     return x0, y0, x1 - x0, y1 - y0
 
 
@@ -390,9 +422,9 @@ def check_tile_fits(slide: Slide, grid: TileGridSettings) -> None:
     _, _, w, h = slide_region(slide, grid.roi)
     if geo.size0 > min(w, h):
         raise ValueError(
-            f"{slide.path}: a tile ({grid.tile_size} px at {geo.mpp:.3g} µm/px = {geo.size0} level-0 px) is "
-            f"larger than the slide{' ROI' if grid.roi else ''} ({w}×{h} px); use a smaller --tile-size "
-            "or a finer --target-mpp/--level"
+            f"{slide.path}: a tile ({grid.tile_size} px at {geo.mpp:.3g} µm/px = {geo.size0} px at "
+            f"level 0) is larger than the slide{' ROI' if grid.roi else ''} ({w}×{h} px); use a "
+            "smaller --tile-size or a finer --target-mpp/--level"
         )
 
 
@@ -402,13 +434,17 @@ TABLE_COLUMNS = (
 )  # fmt: skip
 
 
-def plan_tiles(slide: Slide, tissue: Tissue, grid: TileGridSettings = TileGridSettings()) -> pd.DataFrame:
+def plan_tiles(
+    slide: Slide, tissue: Tissue, grid: TileGridSettings = TileGridSettings()
+) -> pd.DataFrame:
     """The tile table (no labels yet): the grid, its tissue fractions, filtered and optionally sampled.
 
     A slide smaller than one tile gives an empty table.
     """
     geo = tile_geometry(slide, grid)
-    xs, ys, cols, rows = grid_positions(slide_region(slide, grid.roi), geo.size0, geo.stride0, geo.align)
+    xs, ys, cols, rows = grid_positions(
+        slide_region(slide, grid.roi), geo.size0, geo.stride0, geo.align
+    )
     fractions = box_fractions(tissue.mask, tissue.overview.downsample, xs, ys, geo.size0, geo.size0)
     keep = np.flatnonzero(fractions >= grid.min_tissue)
     if grid.max_tiles is not None and len(keep) > grid.max_tiles:
@@ -474,17 +510,24 @@ def n_classes(class_map: Mapping[str, int]) -> int:
 
 
 def read_annotations(path: str | Path, class_map: Mapping[str, int] | None = None) -> Annotations:
-    """Read ASAP XML (`.xml`) or GeoJSON (`.geojson`/`.json`) annotations; errors name the file and the fix."""
+    """Read ASAP XML (`.xml`) or GeoJSON (`.geojson`/`.json`) annotations in level-0 px.
+
+    Errors name the file and the fix.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found; check --annotations")
-    mapping = {k.lower(): v for k, v in (DEFAULT_CLASS_MAP if class_map is None else class_map).items()}
+    mapping = {
+        k.lower(): v for k, v in (DEFAULT_CLASS_MAP if class_map is None else class_map).items()
+    }
     if path.suffix.lower() == ".xml":
         raw = _asap_regions(path)
     elif path.suffix.lower() in (".geojson", ".json"):
         raw = _geojson_regions(path)
     else:
-        raise ValueError(f"{path}: unknown annotation format; give ASAP XML (.xml) or GeoJSON (.geojson)")
+        raise ValueError(
+            f"{path}: unknown annotation format; give ASAP XML (.xml) or GeoJSON (.geojson)"
+        )
     regions = [replace(r, label=_class_id(path, r.label, mapping)) for r in raw]
     regions = [r for r in regions if r.label >= 0]
     return Annotations(path, tuple(sorted(regions, key=lambda r: r.label == 0)))
@@ -505,12 +548,14 @@ def _asap_regions(path: Path) -> list[Region]:
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
-        raise ValueError(f"{path}: malformed ASAP XML ({err}); re-export it from ASAP or fix the file") from None
+        raise ValueError(
+            f"{path}: malformed ASAP XML ({err}); re-export it from ASAP or fix the file"
+        ) from None
     annotations = root.findall("./Annotations/Annotation")
     if root.tag != "ASAP_Annotations" or root.find("Annotations") is None:
         raise ValueError(
-            f"{path}: not an ASAP annotation file (root <{root.tag}>, expected <ASAP_Annotations><Annotations>); "
-            "give ASAP XML or QuPath GeoJSON"
+            f"{path}: not an ASAP annotation file (root <{root.tag}>, expected "
+            "<ASAP_Annotations><Annotations>); give ASAP XML or QuPath GeoJSON"
         )
     regions = []
     for ann in annotations:
@@ -518,16 +563,22 @@ def _asap_regions(path: Path) -> list[Region]:
             continue  # points have no area
         try:
             coords = sorted(
-                (float(c.get("Order", i)), float(c.attrib["X"].replace(",", ".")), float(c.attrib["Y"].replace(",", ".")))
+                (
+                    float(c.get("Order", i)),
+                    float(c.attrib["X"].replace(",", ".")),
+                    float(c.attrib["Y"].replace(",", ".")),
+                )
                 for i, c in enumerate(ann.iter("Coordinate"))
             )
         except (KeyError, ValueError):
             raise ValueError(
-                f"{path}: annotation {ann.get('Name')!r} has a coordinate without numeric X/Y; fix or remove it"
+                f"{path}: annotation {ann.get('Name')!r} has a coordinate without numeric X/Y; "
+                "fix or remove it"
             ) from None
         if len(coords) >= 3:
             vertices = np.array([(x, y) for _, x, y in coords], dtype=np.float64)
-            regions.append(Region(ann.get("Name", ""), ann.get("PartOfGroup", "None"), vertices))  # type: ignore[arg-type]
+            group = ann.get("PartOfGroup", "None")
+            regions.append(Region(ann.get("Name", ""), group, vertices))  # type: ignore[arg-type]
     return regions
 
 
@@ -536,7 +587,9 @@ def _geojson_regions(path: Path) -> list[Region]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: malformed GeoJSON ({_one_line(err)}); re-export it from QuPath or fix the file") from None
+        raise ValueError(
+            f"{path}: malformed GeoJSON ({_one_line(err)}); re-export it from QuPath or fix the file"
+        ) from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         features = data.get("features")
     elif isinstance(data, dict) and data.get("type") == "Feature":
@@ -544,14 +597,17 @@ def _geojson_regions(path: Path) -> list[Region]:
     else:
         features = data  # QuPath < 0.4 writes a bare list of features
     if not isinstance(features, list):
-        raise ValueError(f"{path}: not GeoJSON features (expected a FeatureCollection); re-export it from QuPath")
+        raise ValueError(
+            f"{path}: not GeoJSON features (expected a FeatureCollection); re-export it from QuPath"
+        )
     regions = []
     for i, feature in enumerate(features):
         try:
             regions.extend(_feature_regions(feature, i))
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise ValueError(
-                f"{path}: feature {i} is not a valid GeoJSON Polygon/MultiPolygon ({_one_line(err)}); fix or remove it"
+                f"{path}: feature {i} is not a valid GeoJSON Polygon/MultiPolygon "
+                f"({_one_line(err)}); fix or remove it"
             ) from None
     return regions
 
@@ -573,19 +629,31 @@ def _feature_regions(feature: dict, index: int) -> list[Region]:
     for rings in polygons:
         arrays = [np.asarray(ring, dtype=np.float64)[:, :2] for ring in rings]
         if len(arrays[0]) >= 3:
-            regions.append(Region(str(props.get("name", f"feature {index}")), name, arrays[0], tuple(arrays[1:])))
+            regions.append(
+                Region(
+                    str(props.get("name", f"feature {index}")), name, arrays[0], tuple(arrays[1:])
+                )
+            )
     return regions
 
 
-def check_annotations_within(annotations: Annotations, slide: Slide, tolerance: float = 0.01) -> None:
-    """Raise when a region reaches outside the slide (beyond `tolerance` × its size): the wrong file."""
+def check_annotations_within(
+    annotations: Annotations, slide: Slide, tolerance: float = 0.01
+) -> None:
+    """Raise when a region reaches outside the slide (by more than `tolerance` × its size)."""
     width, height = slide.dimensions
     for region in annotations.regions:
         (x0, y0), (x1, y1) = region.exterior.min(0), region.exterior.max(0)
-        if x0 < -tolerance * width or y0 < -tolerance * height or x1 > (1 + tolerance) * width or y1 > (1 + tolerance) * height:
+        if (
+            x0 < -tolerance * width
+            or y0 < -tolerance * height
+            or x1 > (1 + tolerance) * width
+            or y1 > (1 + tolerance) * height
+        ):
             raise ValueError(
-                f"{annotations.path}: region {region.name!r} spans x {x0:.0f}–{x1:.0f}, y {y0:.0f}–{y1:.0f} but "
-                f"{slide.path.name} is {width}×{height} px at level 0; give the annotation file of this slide"
+                f"{annotations.path}: region {region.name!r} spans x {x0:.0f}–{x1:.0f}, "
+                f"y {y0:.0f}–{y1:.0f} but {slide.path.name} is {width}×{height} px at level 0; "
+                "give the annotation file of this slide"
             )
 
 
@@ -598,25 +666,34 @@ def _clip_to_box(vertices: np.ndarray, box: tuple[float, float, float, float]) -
     Clipping first keeps rasterisation cost per tile independent of the polygon's vertex count.
     """
     v = vertices
-    for axis, bound, keep_above in ((0, box[0], True), (0, box[2], False), (1, box[1], True), (1, box[3], False)):
+    for axis, bound, keep_above in (
+        (0, box[0], True),
+        (0, box[2], False),
+        (1, box[1], True),
+        (1, box[3], False),
+    ):
         if len(v) == 0:
             break
         inside = v[:, axis] >= bound if keep_above else v[:, axis] <= bound
         prev, prev_inside = np.roll(v, 1, axis=0), np.roll(inside, 1)
         crossing = inside != prev_inside
         delta = v[:, axis] - prev[:, axis]
-        t = np.divide(bound - prev[:, axis], delta, out=np.zeros(len(v)), where=crossing & (delta != 0))
+        t = np.divide(
+            bound - prev[:, axis], delta, out=np.zeros(len(v)), where=crossing & (delta != 0)
+        )
         hit = prev + t[:, None] * (v - prev)
         v = np.stack([hit, v], axis=1)[np.stack([crossing, inside], axis=1)]
     return v
 
 
 def _shoelace(v: np.ndarray) -> float:
-    return 0.5 * abs(float(np.dot(v[:, 0], np.roll(v[:, 1], 1)) - np.dot(v[:, 1], np.roll(v[:, 0], 1))))
+    return 0.5 * abs(
+        float(np.dot(v[:, 0], np.roll(v[:, 1], 1)) - np.dot(v[:, 1], np.roll(v[:, 0], 1)))
+    )
 
 
 def _fill(vertices: np.ndarray, x: float, y: float, scale: float, size: int) -> np.ndarray:
-    """Pixels of a size×size tile (origin (x, y) level-0, `scale` px per level-0 px) inside the polygon."""
+    """Pixels of a size×size tile (origin (x, y), `scale` px per level-0 px) inside the polygon."""
     margin = 2.0 / scale
     box = (x - margin, y - margin, x + size / scale + margin, y + size / scale + margin)
     clipped = _clip_to_box(vertices, box)
@@ -626,7 +703,9 @@ def _fill(vertices: np.ndarray, x: float, y: float, scale: float, size: int) -> 
     if math.isclose(_shoelace(clipped), (box[2] - box[0]) * (box[3] - box[1]), rel_tol=1e-9):
         out[:] = True  # the polygon covers the whole tile
         return out
-    rows, cols = draw_polygon((clipped[:, 1] - y) * scale - 0.5, (clipped[:, 0] - x) * scale - 0.5, (size, size))
+    rows, cols = draw_polygon(
+        (clipped[:, 1] - y) * scale - 0.5, (clipped[:, 0] - x) * scale - 0.5, (size, size)
+    )
     out[rows, cols] = True
     return out
 
@@ -642,7 +721,9 @@ def _near_regions(table: pd.DataFrame, annotations: Annotations) -> np.ndarray:
         return np.zeros(len(table), bool)
     boxes = np.array([[*r.exterior.min(0), *r.exterior.max(0)] for r in annotations.regions])
     x, y, w = (table[c].to_numpy(float)[:, None] for c in ("x", "y", "w"))
-    return ((boxes[:, 0] < x + w) & (boxes[:, 2] > x) & (boxes[:, 1] < y + w) & (boxes[:, 3] > y)).any(1)
+    return (
+        (boxes[:, 0] < x + w) & (boxes[:, 2] > x) & (boxes[:, 1] < y + w) & (boxes[:, 3] > y)
+    ).any(1)
 
 
 def tile_label_mask(annotations: Annotations, x: int, y: int, w: int, size: int) -> np.ndarray:
@@ -667,7 +748,9 @@ class LabelSettings:
     n_classes: int = 1  # foreground classes: one `fraction_k` column per class 0..n_classes
 
 
-def label_tiles(table: pd.DataFrame, annotations: Annotations | None, settings: LabelSettings = LabelSettings()) -> pd.DataFrame:
+def label_tiles(
+    table: pd.DataFrame, annotations: Annotations | None, settings: LabelSettings = LabelSettings()
+) -> pd.DataFrame:
     """The table with label columns: `fraction_k` per class, `tumor_fraction` (class 1), `label`
     (tumour fraction ≥ threshold), `majority_class` (most frequent non-background class, 0 if none).
     Without annotations the columns are there but empty (NA)."""
@@ -680,7 +763,9 @@ def label_tiles(table: pd.DataFrame, annotations: Annotations | None, settings: 
         fractions[:, 0] = 1.0  # tiles away from every region: all background, nothing to rasterise
         for i in np.flatnonzero(_near_regions(table, annotations)):
             x, y, w, size = (int(table[c].iat[i]) for c in ("x", "y", "w", "tile_size"))
-            counts = np.bincount(tile_label_mask(annotations, x, y, w, size).ravel(), minlength=k + 1)
+            counts = np.bincount(
+                tile_label_mask(annotations, x, y, w, size).ravel(), minlength=k + 1
+            )
             fractions[i] = counts[: k + 1] / (size * size)
     foreground = fractions[:, 1:]
     majority = np.where((foreground > 0).any(1), foreground.argmax(1) + 1, 0)
@@ -756,15 +841,27 @@ def plot_overview(tiling: Tiling, path: str | Path, title: str = "") -> None:
         ax.contour(tiling.tissue.mask, levels=[0.5], colors="lime", linewidths=0.8)
     d = low.downsample
     corners = table[["x", "y", "w"]].to_numpy(float) / d
-    boxes = [((x, y), (x + w, y), (x + w, y + w), (x, y + w)) for x, y, w in corners - (0.5, 0.5, 0)]
-    tumour = table["label"].fillna(0).to_numpy(bool) if "label" in table else np.zeros(len(table), bool)
+    boxes = [
+        ((x, y), (x + w, y), (x + w, y + w), (x, y + w)) for x, y, w in corners - (0.5, 0.5, 0)
+    ]
+    tumour = (
+        table["label"].fillna(0).to_numpy(bool) if "label" in table else np.zeros(len(table), bool)
+    )
     for selected, colour in ((~tumour, "dodgerblue"), (tumour, "red")):  # tumour tiles drawn on top
         tiles = [b for b, keep in zip(boxes, selected) if keep]
-        ax.add_collection(PolyCollection(tiles, facecolors="none", edgecolors=colour, linewidths=0.4))
+        ax.add_collection(
+            PolyCollection(tiles, facecolors="none", edgecolors=colour, linewidths=0.4)
+        )
     for region in tiling.annotations.regions if tiling.annotations else ():
         for ring in (region.exterior, *region.holes):
             closed = np.vstack([ring, ring[:1]]) / d - 0.5
-            ax.plot(closed[:, 0], closed[:, 1], color="yellow", lw=0.8, ls="--" if region.label == 0 else "-")
+            ax.plot(
+                closed[:, 0],
+                closed[:, 1],
+                color="yellow",
+                lw=0.8,
+                ls="--" if region.label == 0 else "-",
+            )
     ax.set_xlim(-0.5, width - 0.5)
     ax.set_ylim(height - 0.5, -0.5)
     ax.set_axis_off()
@@ -803,7 +900,9 @@ class TileDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.max_open = max_open
         self.opener = opener
-        self._columns = {c: self.table[c].to_numpy() for c in ("slide_path", "x", "y", "w", "level", "tile_size")}
+        self._columns = {
+            c: self.table[c].to_numpy() for c in ("slide_path", "x", "y", "w", "level", "tile_size")
+        }
         self._handles: OrderedDict[str, SlideReader] = OrderedDict()
         self._pid = os.getpid()
 
@@ -813,7 +912,9 @@ class TileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         c = self._columns
         reader = self._reader(str(c["slide_path"][i]))
-        rgb = read_tile(reader, c["x"][i], c["y"][i], int(c["w"][i]), int(c["level"][i]), int(c["tile_size"][i]))
+        rgb = read_tile(
+            reader, c["x"][i], c["y"][i], int(c["w"][i]), int(c["level"][i]), int(c["tile_size"][i])
+        )
         image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
         return (self.transform(image) if self.transform else image), int(i)
 
@@ -839,7 +940,14 @@ def load_tile(row: Mapping[str, Any] | pd.Series, reader: SlideReader | None = N
     own = reader is None
     reader = reader or open_reader(row["slide_path"])
     try:
-        return read_tile(reader, int(row["x"]), int(row["y"]), int(row["w"]), int(row["level"]), int(row["tile_size"]))
+        return read_tile(
+            reader,
+            int(row["x"]),
+            int(row["y"]),
+            int(row["w"]),
+            int(row["level"]),
+            int(row["tile_size"]),
+        )
     finally:
         if own:
             reader.close()
