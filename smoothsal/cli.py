@@ -47,15 +47,18 @@ def _add_tiles(sub: argparse._SubParsersAction) -> None:
     res = p.add_mutually_exclusive_group()
     res.add_argument("--target-mpp", type=float, default=0.5, help="tile resolution, µm/px (default 0.5)")
     res.add_argument("--level", type=int, help="read tiles at this pyramid level instead, unresized")
-    p.add_argument("--tile-size", type=int, default=224, help="tile side, px at the target resolution")
+    p.add_argument("--tile-size", type=int, default=224, help="tile side, px at the target resolution (default 224)")
     p.add_argument("--stride", type=int, help="grid step, px at the target resolution (default: tile size)")
-    p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile (default 0.5)")
     p.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="region to tile, level-0 px")
     p.add_argument("--max-tiles", type=int, help="keep a random sample of at most N tiles")
     p.add_argument("--seed", type=int, default=0, help="seed of that sample")
-    p.add_argument("--label-threshold", type=float, default=0.5, help="tumour fraction for label 1")
-    p.add_argument("--mask-mpp", type=float, default=8.0, help="tissue-mask resolution, µm/px")
-    p.add_argument("--min-saturation", type=float, default=0.08, help="floor of the saturation threshold")
+    p.add_argument("--label-threshold", type=float, default=0.5, help="tumour fraction for label 1 (default 0.5)")
+    p.add_argument("--mask-mpp", type=float, default=8.0, help="tissue-mask resolution, µm/px (default 8)")
+    p.add_argument("--min-saturation", type=float, default=0.08, help="floor of the saturation threshold (default 0.08)")
+    p.add_argument("--closing-um", type=float, default=16.0, help="tissue-mask closing radius, µm (default 16)")
+    p.add_argument("--min-object-um2", type=float, default=20000.0, help="drop tissue specks up to this area, µm²")
+    p.add_argument("--min-hole-um2", type=float, default=20000.0, help="fill holes in tissue up to this area, µm²")
     p.set_defaults(func=_run_tiles)
 
 
@@ -72,7 +75,13 @@ def _run_tiles(args: argparse.Namespace) -> None:
         max_tiles=args.max_tiles,
         seed=args.seed,
     )
-    mask = slides.TissueMaskSettings(mask_mpp=args.mask_mpp, min_saturation=args.min_saturation)
+    mask = slides.TissueMaskSettings(
+        mask_mpp=args.mask_mpp,
+        min_saturation=args.min_saturation,
+        closing_um=args.closing_um,
+        min_object_um2=args.min_object_um2,
+        min_hole_um2=args.min_hole_um2,
+    )
     class_map = slides.parse_class_map(args.class_map) if args.class_map else slides.DEFAULT_CLASS_MAP
     labels = slides.LabelSettings(args.label_threshold, max(1, slides.n_classes(class_map)))
     annotations = slides.read_annotations(args.annotations, class_map) if args.annotations else None

@@ -605,6 +605,22 @@ def cli_runs(slides_dir, annotations_dir, synthetic_slide, tmp_path_factory):
     return results
 
 
+def test_cli_defaults_are_the_library_defaults():
+    from smoothsal.cli import _build_parser
+
+    args = _build_parser().parse_args(["tiles", "slide.svs", "--out", "t.parquet"])
+    grid, mask, labels = TileGridSettings(), slides.TissueMaskSettings(), LabelSettings()
+    assert (args.tile_size, args.stride, args.target_mpp, args.level) == (
+        grid.tile_size, grid.stride, grid.target_mpp, grid.level
+    )  # fmt: skip
+    assert (args.min_tissue, args.max_tiles, args.seed) == (grid.min_tissue, grid.max_tiles, grid.seed)
+    assert (args.mask_mpp, args.min_saturation, args.closing_um) == (
+        mask.mask_mpp, mask.min_saturation, mask.closing_um
+    )  # fmt: skip
+    assert (args.min_object_um2, args.min_hole_um2) == (mask.min_object_um2, mask.min_hole_um2)
+    assert args.label_threshold == labels.threshold
+
+
 def test_cli_writes_table_and_overview(cli_runs):
     rc, stdout, stderr, out = cli_runs["cmu"]
     assert rc == 0, stderr
