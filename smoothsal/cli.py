@@ -16,7 +16,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Smooth hidden-layer saliency maps for whole-slide images.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_tiles, _add_train_surrogate, _add_evaluate):
+    for add in (_add_tiles, _add_train_surrogate, _add_evaluate, _add_compare):
         add(sub)
     return parser
 
@@ -244,6 +244,63 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
         write_table(evaluation.per_tile_table(table, result), args.per_tile)
     print(evaluation.to_markdown(result.summary), end="")
+
+
+# --- compare (smoothsal.report) ------------------------------------------------------------------
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    p = sub.add_parser(
+        "compare",
+        help="saliency of every smoothing method on one tile image, side by side (PNG)",
+        description="Gradient and DeepLift at one hidden layer for each smoothing method on one "
+        "RGB tile image, with their total variation: a quick look before a slide-scale run.",
+    )
+    p.add_argument("tile", type=Path, help="RGB(A) tile image (PNG/JPEG), any size")
+    p.add_argument("--out", type=Path, required=True, help="figure to write (.png)")
+    p.add_argument("--arch", default="resnet18", help="model architecture (default resnet18)")
+    p.add_argument("--num-classes", type=int, default=2, help="model outputs (default 2)")
+    p.add_argument("--checkpoint", type=Path, help="trained weights (default: random, seed 0)")
+    p.add_argument("--surrogate", type=Path, help="trained surrogate (adds the surrogate method)")
+    p.add_argument("--layer", default="layer2", help="layer name or alias (default layer2)")
+    p.add_argument("--target", type=int, default=0, help="target class (default 0)")
+    p.add_argument("--size", type=int, default=224, help="tile side fed to the model, px")
+    p.add_argument("--samples", type=int, default=20, help="SmoothGrad samples (0: off)")
+    p.add_argument("--stdev", type=float, default=0.2, help="SmoothGrad noise σ")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from smoothsal import load_model, report
+    from smoothsal.attribution import SmoothGrad
+    from smoothsal.training import load_surrogate
+
+    try:
+        image = Image.open(args.tile).convert("RGB").resize((args.size, args.size))
+    except (OSError, UnidentifiedImageError) as err:
+        raise CommandError(f"{args.tile}: not a readable image ({err}); give a PNG or JPEG tile")
+    rgb = np.asarray(image)
+    torch.manual_seed(0)
+    model = load_model(args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint)
+    surrogate = None
+    if args.surrogate is not None:
+        surrogate = load_surrogate(args.surrogate, arch=args.arch, model=model)
+    methods = ["original", "backward_hook", "forward_hook"] + (["surrogate"] if surrogate else [])
+    smoothgrad = SmoothGrad(args.samples, args.stdev, seed=0) if args.samples else None
+    maps = report.compare_methods(
+        model, report.normalise(rgb), layer=args.layer, target=args.target, methods=methods,
+        surrogate=surrogate, smoothgrad=smoothgrad,
+    )  # fmt: skip
+    weights = args.checkpoint.name if args.checkpoint else "random weights"
+    title = f"{args.arch} ({weights}), {args.layer}, target {args.target}, {args.tile.name}"
+    report.comparison_figure(rgb, maps, title, args.out)
+    print(f"wrote {args.out}")
 
 
 # --- entry point ----------------------------------------------------------------------------------
