@@ -676,6 +676,8 @@ def run_training(
         ckpt = _Checkpointer(d, settings, options, paths, optimizer, steps_per_epoch)
         epoch, step = 0, 0
         state_path = options.state_path
+        if d.rank == 0:
+            _remove_torn_files(state_path, options.out)
         if options.resume and state_path.is_file():
             epoch, step = ckpt.restore(_read_state(state_path, settings))
         resumed_from = ckpt.global_step
@@ -702,6 +704,13 @@ def run_training(
         return RunResult(tuple(ckpt.rows), time.perf_counter() - start, resumed_from, d.rank, d.world, rss, gpu)
     finally:
         d.close()
+
+
+def _remove_torn_files(*paths: Path) -> None:
+    """Temporary files a killed run left half-written beside ``paths`` (never read; just clutter)."""
+    for path in paths:
+        for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+            tmp.unlink(missing_ok=True)
 
 
 def _peak_memory(d: _Dist) -> tuple[tuple[float, ...], tuple[float, ...]]:

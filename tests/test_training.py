@@ -8,8 +8,10 @@ One tiny setting throughout: resnet18 (2 classes, seeded random weights saved as
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -90,10 +92,16 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=True)["state_dict"]
 
 
+@pytest.fixture(scope="module")
+def single_run(tiles: Path, model_checkpoint: Path, work: Path) -> Path:
+    """The same run as one plain process (no torchrun)."""
+    out = work / "single" / "surrogate.pt"
+    assert "1 process(es)" in _ok(_train(tiles, model_checkpoint, out, None)).stdout
+    return out
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_every_path_learns_and_one_process_agrees(
-    ddp_run: Path, tiles: Path, model_checkpoint: Path, work: Path
-) -> None:
+def test_torchrun_two_processes_every_path_learns_and_one_process_agrees(ddp_run: Path, single_run: Path) -> None:
     log = _losses(ddp_run)
     paths = [c for c in log if c.startswith("l1:")]
     assert list(log["epoch"]) == [1, 2, 3] and list(log["steps"]) == [4, 8, 12]
@@ -101,10 +109,8 @@ def test_torchrun_two_processes_every_path_learns_and_one_process_agrees(
     for column in paths:
         assert log[column].iloc[-1] < 0.8 * log[column].iloc[0], column
 
-    single = work / "single" / "surrogate.pt"  # plain process, no torchrun
-    assert "1 process(es)" in _ok(_train(tiles, model_checkpoint, single, None)).stdout
-    pd.testing.assert_frame_equal(_losses(single), log, rtol=1e-4)
-    a, b = _weights(ddp_run), _weights(single)
+    pd.testing.assert_frame_equal(_losses(single_run), log, rtol=1e-4)
+    a, b = _weights(ddp_run), _weights(single_run)
     assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
 
 
@@ -128,6 +134,36 @@ def test_killed_run_resumes_to_the_same_weights(
     assert all(torch.equal(reference[k], weights[k]) for k in reference)
     pd.testing.assert_frame_equal(_losses(out), _losses(ddp_run), rtol=1e-9)
     assert not state.exists()  # finished: the next run starts fresh
+
+
+@pytest.mark.slow
+def test_sigkill_from_outside_at_any_moment_then_resume(
+    single_run: Path, tiles: Path, model_checkpoint: Path, work: Path
+) -> None:
+    """SIGKILL at an arbitrary moment (maybe mid-write of a checkpoint): the resumed run is exact."""
+    out = work / "outside-kill" / "surrogate.pt"
+    state = out.with_name("surrogate.state.pt")
+    launch = [sys.executable, "-m", "smoothsal.cli"]
+    args = ["train-surrogate", "--arch", "resnet18", "--num-classes", "2", "--checkpoint", str(model_checkpoint),
+            "--tiles", str(tiles), "--out", str(out), "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
+            "--workers", "0", "--checkpoint-every", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen([*launch, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.3)  # a few more steps and checkpoint writes
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    done = torch.load(state, weights_only=True)["global_step"]
+    assert 0 < done < EPOCHS * STEPS_PER_EPOCH
+    resumed = _ok(_train(tiles, model_checkpoint, out, None, "--checkpoint-every", "1"))
+    assert f"resumed at step {done}" in resumed.stdout
+    reference, weights = _weights(single_run), _weights(out)
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["surrogate.losses.csv", "surrogate.pt"]
 
 
 def test_changed_settings_refuse_to_resume(
