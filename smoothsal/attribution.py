@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import _module_stack, _ReluUses, resolve_layers
+from .models import _module_stack, _ReluUses, in_channels, resolve_layers
 
 __all__ = ["ATTRIBUTIONS", "SmoothGrad", "attribute", "target_scalar"]
 
@@ -154,15 +154,8 @@ def _check_rules(model: nn.Module, baseline: _Baseline, layers: list[str]) -> No
 # --- inputs and targets -----------------------------------------------------------------------
 
 
-def _in_channels(model: nn.Module) -> int:
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is None:
-        raise ValueError(f"{type(model).__name__} has no Conv2d; smoothsal needs a CNN")
-    return conv.in_channels
-
-
 def _check_input(model: nn.Module, x: torch.Tensor) -> None:
-    channels = _in_channels(model)
+    channels = in_channels(model)
     if x.ndim != 4 or x.shape[1] != channels:
         raise ValueError(
             f"input of shape {tuple(x.shape)} does not fit the model; "

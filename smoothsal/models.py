@@ -21,7 +21,9 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "ARCHITECTURES",
     "canonicalise",
+    "in_channels",
     "load_model",
+    "load_torch_file",
     "resolve_layer",
     "resolve_layers",
     "stage_blocks",
@@ -84,18 +86,12 @@ def load_model(
     if checkpoint is not None:
         _load_state(model, Path(checkpoint), arch)
     model.eval()
-    in_channels = _first_conv(model).in_channels
     size = _EXAMPLE_SIZE.get(arch, 64)
-    return canonicalise(model, torch.zeros(1, in_channels, size, size))
+    return canonicalise(model, torch.zeros(1, in_channels(model), size, size))
 
 
 def _load_state(model: nn.Module, path: Path, arch: str) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"checkpoint {path} could not be read as a torch file: {err}") from err
+    obj = load_torch_file(path, "checkpoint")
     state = _unwrap_state(obj)
     if state is None:
         raise ValueError(f"checkpoint {path} holds no state dict (keys: {list(obj)[:10]})")
@@ -137,11 +133,22 @@ def _preview(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _first_conv(model: nn.Module) -> nn.Conv2d:
+def in_channels(model: nn.Module) -> int:
+    """The channel count a CNN takes: its first Conv2d's input channels."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
         raise ValueError(f"{type(model).__name__} has no Conv2d; smoothsal needs a CNN")
-    return conv
+    return conv.in_channels
+
+
+def load_torch_file(path: Path, what: str) -> object:
+    """``torch.load`` (weights only) with one-line errors naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ValueError(f"{what} {path} could not be read as a torch file: {err}") from err
 
 
 # --- canonical ReLUs --------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import in_channels
+
 __all__ = [
     "METHODS",
     "SHIFTS",
@@ -46,11 +48,9 @@ def _roll_mean(t: torch.Tensor) -> torch.Tensor:
 
 def default_example(model: nn.Module, size: int = 224) -> torch.Tensor:
     """A zero input with the model's channel count, for tracing."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is None:
-        raise ValueError(f"{type(model).__name__} has no Conv2d; smoothsal needs a CNN")
     param = next(model.parameters())
-    return torch.zeros(1, conv.in_channels, size, size, dtype=param.dtype, device=param.device)
+    channels = in_channels(model)
+    return torch.zeros(1, channels, size, size, dtype=param.dtype, device=param.device)
 
 
 def downsampling_convs(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:

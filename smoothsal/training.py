@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from .models import in_channels, load_torch_file
 from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
 
 __all__ = [
@@ -323,12 +324,7 @@ def save_surrogate(path: str | Path, paths: SurrogatePaths, meta: SurrogateMeta)
 
 
 def _torch_load(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{what} {path} could not be read as a torch file: {err}") from err
+    obj = load_torch_file(path, what)
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a {what}")
     return obj
@@ -376,7 +372,7 @@ def load_surrogate(
                 f"classes, but this {type(model).__name__} (arch {arch or 'unknown'!r}) has other layers; "
                 "train a surrogate for this model"
             )
-        example = torch.zeros(1, _in_channels(model), meta.settings.tile_size, meta.settings.tile_size)
+        example = torch.zeros(1, in_channels(model), meta.settings.tile_size, meta.settings.tile_size)
         names = downsampling_convs(model, example.to(next(model.parameters()).device))
         if names != meta.conv_names:
             raise ValueError(
@@ -405,13 +401,6 @@ def check_arch(meta: SurrogateMeta, arch: str, path: str | Path) -> None:
             f"surrogate {path} was trained for arch {meta.arch!r}, not {arch!r}; train one for "
             f"{arch!r} with `smoothsal train-surrogate --arch {arch} ...`"
         )
-
-
-def _in_channels(model: nn.Module) -> int:
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is None:
-        raise ValueError(f"{type(model).__name__} has no Conv2d; smoothsal needs a CNN")
-    return conv.in_channels
 
 
 # --- the training run (one process, or one of N under torchrun) ---------------------------------
@@ -655,7 +644,7 @@ def run_training(
         model = load_model(settings.arch, num_classes=settings.num_classes, checkpoint=checkpoint)
         model = model.to(d.device).requires_grad_(False).eval()
         torch.manual_seed(settings.seed)
-        example = torch.zeros(1, _in_channels(model), settings.tile_size, settings.tile_size, device=d.device)
+        example = torch.zeros(1, in_channels(model), settings.tile_size, settings.tile_size, device=d.device)
         paths = SurrogatePaths.for_model(model, example).to(d.device)
         optimizer = torch.optim.Adam(paths.parameters(), lr=settings.lr)
 
