@@ -16,12 +16,9 @@ from torch import nn  # noqa: E402
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute  # noqa: E402
 from .metrics import total_variation  # noqa: E402
 from .smoothing import SurrogatePaths, smooth  # noqa: E402
+from .training import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 __all__ = ["compare_methods", "comparison_figure"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def normalise(rgb: np.ndarray) -> torch.Tensor:
     """RGB uint8 ``[H, W, 3]`` → the ImageNet-normalised ``[1, 3, H, W]`` input torchvision nets expect."""
