@@ -188,6 +188,16 @@ def target_scalar(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
+def _two_rule_forward(relu: nn.ReLU, z0: torch.Tensor, mode: _Mode) -> Iterator[None]:
+    """Runs ``relu`` as a ``_TwoRuleReLU`` while active (instance-level forward, restored after)."""
+    relu.forward = lambda z: _TwoRuleReLU.apply(z, z0, mode)
+    try:
+        yield
+    finally:
+        del relu.forward
+
+
+@contextmanager
 def _instrumented(
     model: nn.Module, baseline: _Baseline, layers: list[str], mode: _Mode
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -196,9 +206,6 @@ def _instrumented(
     Autograd records from the first requested layer on only: the stem needs no graph.
     """
     outputs: dict[str, torch.Tensor] = {}
-
-    def relu_hook(module: nn.Module, inputs: tuple, _out: torch.Tensor) -> torch.Tensor:
-        return _TwoRuleReLU.apply(inputs[0], baseline.relu_inputs[module], mode)
 
     def start_graph(_m: nn.Module, _inputs: tuple) -> None:
         torch.set_grad_enabled(True)
@@ -212,7 +219,7 @@ def _instrumented(
     with ExitStack() as stack:
         for module in model.modules():
             if isinstance(module, nn.ReLU):
-                stack.callback(module.register_forward_hook(relu_hook).remove)
+                stack.enter_context(_two_rule_forward(module, baseline.relu_inputs[module], mode))
         for name in layers:
             module = model.get_submodule(name)
             stack.callback(module.register_forward_pre_hook(start_graph).remove)
