@@ -210,16 +210,30 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 class ReLUPerUse(nn.ModuleList):
-    """Stands in for a ReLU module that one forward calls n times: call k runs its own ReLU k."""
+    """Stands in for a ReLU module that one forward calls n times: call k runs its own ReLU k.
+
+    The count restarts whenever the owning module's forward starts (see ``_restart_relu_uses``),
+    so a forward interrupted half-way (an exception, an out-of-memory retry) never shifts it.
+    """
 
     def __init__(self, uses: int):
         super().__init__(nn.ReLU() for _ in range(uses))
+        self.restart()
+
+    def restart(self) -> None:
         self._calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         relu = self[self._calls % len(self)]
         self._calls += 1
         return relu(x)
+
+
+def _restart_relu_uses(module: nn.Module, _inputs: object) -> None:
+    """Forward pre-hook of a module that owns ReLUPerUse children (module-level: survives deepcopy)."""
+    for child in module.children():
+        if isinstance(child, ReLUPerUse):
+            child.restart()
 
 
 def _split_functional_relus(module: nn.Module) -> nn.Module:
@@ -267,9 +281,12 @@ def canonicalise(model: nn.Module, example: torch.Tensor) -> nn.Module:
     model = copy.deepcopy(model)
     with _module_stack(model) as stack, _ReluUses(stack) as uses, torch.no_grad():
         model(example)
+    owners: dict[int, nn.Module] = {}
     for relu, n in uses.module_calls.items():
         if n > 1:
-            _replace(model, relu, ReLUPerUse(n))
+            owners |= {id(p): p for p in _replace(model, relu, ReLUPerUse(n))}
+    for owner in owners.values():
+        owner.register_forward_pre_hook(_restart_relu_uses)
     for module in uses.functional_in:
         if module is model:
             model = _split_functional_relus(model)
@@ -281,12 +298,15 @@ def canonicalise(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return model
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is installed below the root of ``model``."""
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> list[nn.Module]:
+    """Put ``new`` wherever ``old`` is installed below the root of ``model``; return the parents."""
+    parents = []
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             if child is old:
                 setattr(parent, attr, new)
+                parents.append(parent)
+    return parents
 
 
 # --- layer names ------------------------------------------------------------------------------

@@ -154,3 +154,20 @@ def test_non_canonical_model_is_refused():
     raw = torchvision.models.resnet18(weights=None).eval()  # one ReLU module used twice per block
     with pytest.raises(ValueError, match="canonical"):
         ss.attribute(raw, torch.randn(1, 3, 32, 32), layers="layer1", target=0)
+
+
+def test_interrupted_forward_does_not_shift_relu_uses():
+    """A forward that fails half-way through a block (e.g. out of memory) changes nothing after."""
+    net = build_model("resnet18")
+    x = torch.randn(1, 3, 48, 48)
+    before = ss.attribute(net, x, layers="layer2", target=0, attributions=("deeplift",))
+
+    def fail(_m, _i, _o):
+        raise RuntimeError("interrupted")
+
+    handle = net.layer3[1].conv2.register_forward_hook(fail)  # after that block's first ReLU use
+    with pytest.raises(RuntimeError, match="interrupted"):
+        net(x)
+    handle.remove()
+    after = ss.attribute(net, x, layers="layer2", target=0, attributions=("deeplift",))
+    assert torch.equal(before["deeplift"]["layer2"], after["deeplift"]["layer2"])
