@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import _module_stack, _ReluUses, in_channels, resolve_layers
+from .models import _module_stack, _ReluUses, in_channels, layer_map
 
 __all__ = ["ATTRIBUTIONS", "SmoothGrad", "attribute", "target_scalar"]
 
@@ -249,7 +249,7 @@ def attribute(
     smoothgrad: SmoothGrad | None = None,
     max_batch: int = 32,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Hidden-layer attributions: attribution → layer (as named) → ``[B, C, h, w]``.
+    """Hidden-layer attributions: attribution → layer (as named, ``blocks`` expanded) → [B, C, h, w].
 
     One forward and one backward per attribution for all layers together, over the SmoothGrad
     samples in chunks of at most ``max_batch`` inputs (bounded memory). ``model`` must be in eval
@@ -261,10 +261,8 @@ def attribute(
     _check_input(model, x)
     if model.training:
         raise ValueError("model is in training mode; call model.eval() (BatchNorm must be frozen)")
-    names = [layers] if isinstance(layers, str) else list(layers)
-    resolved = resolve_layers(model, names)
-    if len(resolved) != len(names):
-        raise ValueError(f"layers {names} name the same module twice or use 'blocks'; list them")
+    keys = layer_map(model, layers)
+    resolved = list(dict.fromkeys(keys.values()))
     target = _as_target(target, x.shape[0]).to(x.device)
     baseline = _baseline(model, x, resolved)
     if "deeplift" in attributions:
@@ -296,8 +294,7 @@ def attribute(
                 _accumulate(totals[attribution], name, tiles, value, x.shape[0])
     count = smoothgrad.samples if smoothgrad else 1
     return {
-        a: {given: totals[a][name] / count for given, name in zip(names, resolved, strict=True)}
-        for a in attributions
+        a: {key: totals[a][name] / count for key, name in keys.items()} for a in attributions
     }
 
 

@@ -75,10 +75,11 @@ def masked_prediction_difference(
     background: int = 0,
     threshold: float = 0.1,
 ) -> torch.Tensor:
-    """Segmentation prediction difference per tile (NaN for all-background tiles).
+    """Segmentation prediction difference per tile (NaN where there is nothing to compare).
 
     M = 1 where the original's probability for the tile's majority non-background label exceeds
-    ``threshold``; value = Σ (M · Σ_c |ỹ_c − ŷ_c|) / Σ M. Probabilities are ``[B, C, H, W]``,
+    ``threshold``; value = Σ (M · Σ_c |ỹ_c − ŷ_c|) / Σ M. NaN for all-background tiles and where
+    Σ M = 0 (skipped, as the authors' evaluation does). Probabilities are ``[B, C, H, W]``,
     the label mask ``[B, H, W]``.
     """
     labels = majority_label(mask, background)
@@ -88,7 +89,8 @@ def masked_prediction_difference(
         if label == background:
             continue
         m = (p_original[b, label] > threshold).to(diff.dtype)
-        out[b] = (diff[b] * m).sum() / m.sum().clamp_min(1.0)
+        if m.sum() > 0:  # no confident pixel: nothing to compare, like an all-background tile
+            out[b] = (diff[b] * m).sum() / m.sum()
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -352,22 +352,26 @@ def resolve_layer(model: nn.Module, name: str) -> str:
     )
 
 
-def resolve_layers(model: nn.Module, names: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Resolve several layer names; ``"blocks"`` expands to every block of every stage."""
+def layer_map(model: nn.Module, names: str | Sequence[str]) -> dict[str, str]:
+    """Each requested name → its qualified module name; ``"blocks"`` expands to every block."""
     names = [names] if isinstance(names, str) else list(names)
-    out: list[str] = []
+    out: dict[str, str] = {}
     for name in names:
         if name == BLOCKS_ALIAS:
             stages = stage_blocks(model)
             if not stages:
                 raise ValueError(f"{type(model).__name__} has no known stages for {BLOCKS_ALIAS!r}")
-            resolved = [b for blocks in stages.values() for b in blocks]
+            out |= {b: b for blocks in stages.values() for b in blocks}
         else:
-            resolved = [resolve_layer(model, name)]
-        out += [r for r in resolved if r not in out]
+            out[name] = resolve_layer(model, name)
     if not out:
         raise ValueError("no layers given; name at least one (e.g. layer1)")
     return out
+
+
+def resolve_layers(model: nn.Module, names: str | Sequence[str]) -> list[str]:
+    """The distinct qualified module names behind several layer names, in the order given."""
+    return list(dict.fromkeys(layer_map(model, names).values()))
 
 
 def _example_names(modules: dict[str, nn.Module], n: int = 4) -> str:

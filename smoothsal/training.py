@@ -110,6 +110,11 @@ def train_surrogate(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if not callable(batches) and iter(batches) is batches:
+        raise ValueError(
+            "batches is a one-shot iterator (e.g. a generator) and would run dry after one epoch; "
+            "pass a list, a DataLoader, or an (epoch, skip) -> batches callable"
+        )
     model.eval()
     device = next(model.parameters()).device
     if paths is None:

@@ -108,8 +108,9 @@ def test_every_block_alias_covers_all_stages():
     x = torch.randn(1, 3, 48, 48)
     blocks = ss.resolve_layers(net, "blocks")
     assert len(blocks) == 3 + 4 + 6 + 3
-    out = ss.attribute(net, x, layers=blocks, target=0, attributions=("gradient",))
-    assert set(out["gradient"]) == set(blocks)
+    out = ss.attribute(net, x, layers=["layer2", "blocks"], target=0, attributions=("gradient",))
+    assert list(out["gradient"]) == ["layer2", *blocks]
+    assert torch.equal(out["gradient"]["layer2"], out["gradient"]["layer2.3"])
 
 
 def test_baseline_is_recomputed_when_weights_change():

@@ -71,6 +71,8 @@ def test_masked_prediction_difference_by_hand():
     # tile 0: M = [0, 1] (p_orig for class 1 > 0.1 only at pixel 1); Σ_c|diff| there = 0.4
     assert math.isclose(float(out[0]), 0.4, rel_tol=1e-6)
     assert math.isnan(float(out[1]))
+    unsure = torch.tensor([[[[0.95, 0.95]], [[0.05, 0.05]]]])  # label 1 never above 0.1
+    assert math.isnan(float(ss.masked_prediction_difference(unsure, unsure, mask[:1])[0]))
 
 
 def test_accuracy_and_dice():

@@ -163,3 +163,9 @@ def test_train_surrogate_on_real_tiles(tiles_dir):
     diff_fwd, _ = ss.prediction_difference(p["original"], p["forward_hook"], target)
     assert diff_sur.mean() < diff_fwd.mean()
     assert not paths.training
+
+
+def test_train_surrogate_refuses_a_one_shot_iterator():
+    net = build_model("resnet18")
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        ss.train_surrogate(net, (torch.randn(2, 3, 32, 32) for _ in range(3)), epochs=2)
