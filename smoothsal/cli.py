@@ -208,31 +208,14 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     import torch
 
     from smoothsal import evaluation, training
-    from smoothsal.models import load_model
     from smoothsal.slides import TileDataset
 
     table = training.read_tile_tables(args.tiles)
-    meta = training.read_surrogate(args.surrogate)[1] if args.surrogate else None
-    if meta:
-        training.check_arch(meta, args.arch, args.surrogate)
-    norm = training.Normalize(
-        tuple(args.mean or (meta.settings.mean if meta else training.IMAGENET_MEAN)),
-        tuple(args.std or (meta.settings.std if meta else training.IMAGENET_STD)),
-    )
-    if meta and (norm.mean, norm.std) != (meta.settings.mean, meta.settings.std):
-        raise ValueError(
-            f"surrogate {args.surrogate} was trained on inputs normalised with mean {meta.settings.mean}, "
-            f"std {meta.settings.std}; pass the same --mean/--std or leave them out"
-        )
-    if meta and args.checkpoint is None and meta.settings.model_sha256 != "random-init":
-        raise ValueError(f"surrogate {args.surrogate} was trained on a model checkpoint; pass it with --checkpoint")
-    torch.manual_seed(meta.settings.seed if meta else 0)  # a random-init model: the one the surrogate saw
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint).to(device)
-    surrogate = None
-    if args.surrogate:
-        surrogate = training.load_surrogate(args.surrogate, arch=args.arch, model=model, checkpoint=args.checkpoint)
-        surrogate = surrogate.to(device)
+    model, surrogate, norm = training.load_with_surrogate(
+        args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, surrogate=args.surrogate,
+        mean=args.mean, std=args.std, device=device,
+    )  # fmt: skip
     methods = [m for m in args.methods if m != "surrogate" or surrogate is not None]
     result = evaluation.evaluate(
         model, TileDataset(table, transform=norm), evaluation.tile_labels(table), methods=methods,
@@ -262,7 +245,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="figure to write (.png)")
     p.add_argument("--arch", default="resnet18", help="model architecture (default resnet18)")
     p.add_argument("--num-classes", type=int, default=2, help="model outputs (default 2)")
-    p.add_argument("--checkpoint", type=Path, help="trained weights (default: random, seed 0)")
+    p.add_argument("--checkpoint", type=Path, help="trained weights (default: a seeded random init)")
     p.add_argument("--surrogate", type=Path, help="trained surrogate (adds the surrogate method)")
     p.add_argument("--layer", default="layer2", help="layer name or alias (default layer2)")
     p.add_argument("--target", type=int, default=0, help="target class (default 0)")
@@ -277,24 +260,23 @@ def _run_compare(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from smoothsal import load_model, report
+    from smoothsal import report
     from smoothsal.attribution import SmoothGrad
-    from smoothsal.training import load_surrogate
+    from smoothsal.training import load_with_surrogate
 
     try:
         image = Image.open(args.tile).convert("RGB").resize((args.size, args.size))
     except (OSError, UnidentifiedImageError) as err:
         raise CommandError(f"{args.tile}: not a readable image ({err}); give a PNG or JPEG tile")
     rgb = np.asarray(image)
-    torch.manual_seed(0)
-    model = load_model(args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint)
-    surrogate = None
-    if args.surrogate is not None:
-        surrogate = load_surrogate(args.surrogate, arch=args.arch, model=model)
+    model, surrogate, norm = load_with_surrogate(
+        args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, surrogate=args.surrogate
+    )
+    x = norm(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0).unsqueeze(0)
     methods = ["original", "backward_hook", "forward_hook"] + (["surrogate"] if surrogate else [])
     smoothgrad = SmoothGrad(args.samples, args.stdev, seed=0) if args.samples else None
     maps = report.compare_methods(
-        model, report.normalise(rgb), layer=args.layer, target=args.target, methods=methods,
+        model, x, layer=args.layer, target=args.target, methods=methods,
         surrogate=surrogate, smoothgrad=smoothgrad,
     )  # fmt: skip
     weights = args.checkpoint.name if args.checkpoint else "random weights"

@@ -82,6 +82,8 @@ def predict(
         x = (batch[0] if isinstance(batch, list | tuple) else batch).to(device)
         for name, model in models.items():
             logits = model(x)
+            if logits.ndim == 4 and logits.shape[2:] == (1, 1):  # conv heads (MONAI bundle): [B, C, 1, 1]
+                logits = logits.flatten(1)
             if logits.ndim != 2:
                 raise ValueError(
                     f"the model gives outputs of shape {tuple(logits.shape)}; evaluate handles "

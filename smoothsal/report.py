@@ -16,17 +16,8 @@ from torch import nn  # noqa: E402
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute  # noqa: E402
 from .metrics import total_variation  # noqa: E402
 from .smoothing import SurrogatePaths, smooth  # noqa: E402
-from .training import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 __all__ = ["compare_methods", "comparison_figure"]
-
-def normalise(rgb: np.ndarray) -> torch.Tensor:
-    """RGB uint8 ``[H, W, 3]`` → the ImageNet-normalised ``[1, 3, H, W]`` input torchvision nets expect."""
-    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((x - mean) / std).unsqueeze(0)
-
 
 def compare_methods(
     model: nn.Module,

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .models import in_channels, load_torch_file
+from .models import in_channels, load_model, load_torch_file
 from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
 
 __all__ = [
@@ -397,6 +397,42 @@ def load_surrogate(
                 f"{checkpoint} is {sha[:12]}; retrain the surrogate for these weights"
             )
     return paths
+
+
+def load_with_surrogate(
+    arch: str,
+    *,
+    num_classes: int,
+    checkpoint: str | Path | None = None,
+    surrogate: str | Path | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, SurrogatePaths | None, Normalize]:
+    """The model, its checked surrogate (if given) and the input normalisation it was trained with.
+
+    Without ``checkpoint`` the model is the seeded random init the surrogate was trained on.
+    """
+    meta = read_surrogate(surrogate)[1] if surrogate is not None else None
+    if meta is not None:
+        check_arch(meta, arch, surrogate)
+        if checkpoint is None and meta.settings.model_sha256 != "random-init":
+            raise ValueError(f"surrogate {surrogate} was trained on a model checkpoint; pass it with --checkpoint")
+    norm = Normalize(
+        tuple(mean or (meta.settings.mean if meta else IMAGENET_MEAN)),
+        tuple(std or (meta.settings.std if meta else IMAGENET_STD)),
+    )
+    if meta is not None and (norm.mean, norm.std) != (meta.settings.mean, meta.settings.std):
+        raise ValueError(
+            f"surrogate {surrogate} was trained on inputs normalised with mean {meta.settings.mean}, "
+            f"std {meta.settings.std}; pass the same --mean/--std or leave them out"
+        )
+    torch.manual_seed(meta.settings.seed if meta else 0)  # a random-init model: the one the surrogate saw
+    model = load_model(arch, num_classes=num_classes, checkpoint=checkpoint).to(device)
+    paths = None
+    if surrogate is not None:
+        paths = load_surrogate(surrogate, arch=arch, model=model, checkpoint=checkpoint).to(device)
+    return model, paths, norm
 
 
 def check_arch(meta: SurrogateMeta, arch: str, path: str | Path) -> None:

@@ -292,3 +292,32 @@ def test_summarise_by_hand() -> None:
     assert s.loc["other", "agreement"] == pytest.approx(200 / 3)
     assert s.loc["original", "pd_all_std"] == 0.0
 
+
+
+def test_evaluate_handles_the_bundle_models_conv_head() -> None:
+    """MONAI's Camelyon16 bundle net gives [B, 1, 1, 1] logits: evaluate reads them as [B, 1]."""
+    from smoothsal import evaluation
+
+    torch.manual_seed(0)
+    model = load_model("monai_fc_resnet18", num_classes=1)
+    x = torch.randn(3, 3, 224, 224)
+    logits = evaluation.predict({"original": model}, [(x[i], i) for i in range(3)], batch_size=3)
+    with torch.no_grad():
+        assert torch.equal(logits["original"], model(x).flatten(1))
+    result = evaluation.summarise(logits, torch.tensor([1, 0, -1]))
+    assert list(result.summary["method"]) == ["original"]
+    assert int(result.summary["labelled"].iloc[0]) == 2
+
+
+def test_compare_refuses_a_surrogate_without_its_checkpoint(
+    ddp_run: Path, model_checkpoint: Path, tiles_dir: Path, work: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tile = str(tiles_dir / "high-nuclei-score-level2.png")
+    out = work / "compare.png"
+    args = ["compare", tile, "--arch", "resnet18", "--num-classes", "2", "--surrogate", str(ddp_run),
+            "--out", str(out), "--size", "64", "--samples", "2"]  # fmt: skip
+    assert main(args) == 1
+    assert "was trained on a model checkpoint; pass it with --checkpoint" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--checkpoint", str(model_checkpoint)]) == 0, capsys.readouterr().err
+    assert out.exists()
