@@ -6,6 +6,7 @@ Each subcommand parses its arguments and calls one library function; logic lives
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -296,10 +297,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CommandError, ValueError, FileNotFoundError) as err:
-        print(f"smoothsal {args.command}: error: {err}", file=sys.stderr)
+    except (CommandError, ValueError, OSError) as err:  # bad input, unreadable or unwritable files
+        print(f"smoothsal {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:  # torch refusing an input (e.g. a tile too small for the model)
+        if os.environ.get("SMOOTHSAL_DEBUG"):
+            raise
+        print(
+            f"smoothsal {args.command}: error: {_one_line(err)} (set SMOOTHSAL_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ the target class is the tile's label (or the original's predicted class where a 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .files import atomic_path
 from .metrics import accuracy, prediction_difference, probabilities
 from .smoothing import METHODS, SurrogatePaths, smooth
 
@@ -195,8 +195,5 @@ def write_summary(summary: pd.DataFrame, csv: str | Path, markdown: str | Path |
     for path, text in ((csv, summary.to_csv(index=False)), (markdown, to_markdown(summary) if markdown else None)):
         if path is None or text is None:
             continue
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)

@@ -148,7 +148,11 @@ def load_torch_file(path: Path, what: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{what} {path} could not be read as a torch file: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{what} {path} could not be read as a torch file ({first}); "
+            "save it with torch.save(state_dict) and try again"
+        ) from err
 
 
 # --- canonical ReLUs --------------------------------------------------------------------------

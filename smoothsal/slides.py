@@ -31,7 +31,9 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import isotropic_closing, remove_small_holes, remove_small_objects
 from skimage.transform import downscale_local_mean
 
-MPP_FIX = "set it with --mpp X on the command line (or the dataset's `mpp` key in config.yaml)"
+from .files import atomic_path
+
+MPP_FIX = "set it with --mpp X (µm/px at level 0, from the scanner's specification)"
 PLAUSIBLE_MPP = (0.01, 20.0)  # µm/px of a scanned level 0; 72 dpi TIFF defaults give ~353
 LEVEL_TOLERANCE = 1.01  # a level up to 1% coarser than asked still counts as "fine enough"
 MASK_BLOCK = 2048  # at most this many px per side in one low-res read: bounds memory on huge levels
@@ -256,6 +258,10 @@ class TissueMaskSettings:
     min_object_um2: float = 20_000.0  # tissue specks up to this area are dropped (dust, debris)
     min_hole_um2: float = 20_000.0  # holes up to this area inside tissue are filled
 
+    def __post_init__(self) -> None:
+        if self.mask_mpp <= 0:
+            raise ValueError(f"mask resolution must be > 0 µm/px, got {self.mask_mpp} (e.g. --mask-mpp 8)")
+
 
 def tissue_mask(
     rgb: np.ndarray, mpp: float, settings: TissueMaskSettings = TissueMaskSettings()
@@ -335,6 +341,14 @@ class TileGridSettings:
     )
     max_tiles: int | None = None  # keep a random sample of at most this many tiles
     seed: int = 0  # for that sample
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 1 or (self.stride is not None and self.stride < 1):
+            raise ValueError(f"tile size and stride must be >= 1 px, got {self.tile_size} / {self.stride}")
+        if self.max_tiles is not None and self.max_tiles < 0:
+            raise ValueError(f"--max-tiles must be >= 0, got {self.max_tiles}")
+        if self.level is None and self.target_mpp <= 0:
+            raise ValueError(f"target resolution must be > 0 µm/px, got {self.target_mpp}")
 
 
 @dataclass(frozen=True)
@@ -808,20 +822,10 @@ def tile_slide(
     return Tiling(table, tissue, annotations)
 
 
-def _partial_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
-
-
 def write_table(table: pd.DataFrame, path: str | Path) -> None:
     """Write Parquet atomically: a temporary file renamed at the end (a killed job leaves no table)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_path(path)
-    try:
+    with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def plot_overview(tiling: Tiling, path: str | Path, title: str = "") -> None:
@@ -867,14 +871,8 @@ def plot_overview(tiling: Tiling, path: str | Path, title: str = "") -> None:
     ax.set_axis_off()
     legend = "tiles blue (label 1: red) · tissue green · annotations yellow (exclusions dashed)"
     fig.suptitle(f"{title or f'{len(table)} tiles'}\n{legend}", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_path(path)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- reading tiles for a model -------------------------------------------------------------------

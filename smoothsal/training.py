@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from .files import atomic_path, partial_paths
 from .models import in_channels, load_model, load_torch_file
 from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
 
@@ -297,13 +298,8 @@ def _spec_from(d: dict[str, object]) -> ConvSpec:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` to a temporary file renamed into place: a kill never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_surrogate(path: str | Path, paths: SurrogatePaths, meta: SurrogateMeta) -> None:
@@ -626,13 +622,8 @@ class _Checkpointer:
 
 def write_loss_log(rows: Sequence[dict[str, float]], path: Path) -> None:
     """The per-epoch loss CSV (epoch, steps, l1_total, l1:<conv> …), rewritten atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         pd.DataFrame(list(rows)).to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_state(path: Path, settings: TrainSettings) -> dict:
@@ -707,7 +698,7 @@ def run_training(
         epoch, step = 0, 0
         state_path = options.state_path
         if d.rank == 0:
-            _remove_torn_files(state_path, options.out)
+            _remove_torn_files(state_path, options.out, options.log_path)
         if options.resume and state_path.is_file():
             epoch, step = ckpt.restore(_read_state(state_path, settings))
         resumed_from = ckpt.global_step
@@ -739,7 +730,7 @@ def run_training(
 def _remove_torn_files(*paths: Path) -> None:
     """Temporary files a killed run left half-written beside ``paths`` (never read; just clutter)."""
     for path in paths:
-        for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        for tmp in partial_paths(path):
             tmp.unlink(missing_ok=True)
 
 
