@@ -7,7 +7,7 @@ module, so a ReLU module that runs twice, or a functional ``F.relu``, gives wron
 from __future__ import annotations
 
 import copy
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,7 +141,7 @@ def in_channels(model: nn.Module) -> int:
     return conv.in_channels
 
 
-def load_torch_file(path: Path, what: str) -> object:
+def load_torch_file(path: Path, what: str, fix: str = "save it with torch.save(state_dict)") -> object:
     """``torch.load`` (weights only) with one-line errors naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -150,8 +150,7 @@ def load_torch_file(path: Path, what: str) -> object:
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"{what} {path} could not be read as a torch file ({first}); "
-            "save it with torch.save(state_dict) and try again"
+            f"{what} {path} could not be read as a torch file ({first}); {fix}"
         ) from err
 
 
@@ -381,19 +380,3 @@ def resolve_layers(model: nn.Module, names: str | Sequence[str]) -> list[str]:
 def _example_names(modules: dict[str, nn.Module], n: int = 4) -> str:
     names = [name for name, m in modules.items() if name and len(list(m.children())) > 0]
     return ", ".join(names[:n])
-
-
-def module_calls(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """How often each named module runs for ``example`` (used to check canonical form)."""
-    counts: defaultdict[str, int] = defaultdict(int)
-    handles = [
-        m.register_forward_hook(lambda _m, _i, _o, n=n: counts.__setitem__(n, counts[n] + 1))
-        for n, m in model.named_modules()
-    ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return dict(counts)

@@ -247,7 +247,14 @@ def read_tile_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"tile table {p} does not exist; make it with `smoothsal tiles`")
-    table = read_tables(paths)
+    try:
+        table = read_tables(paths)
+    except (OSError, ValueError) as err:  # pyarrow's errors are both
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"could not read the tile tables {', '.join(map(str, paths))} ({first}); "
+            "make them with `smoothsal tiles`"
+        ) from err
     if table.empty:
         raise ValueError(f"the tile tables {', '.join(map(str, paths))} hold no tiles")
     sizes = sorted(table["tile_size"].unique().tolist())
@@ -324,8 +331,8 @@ def save_surrogate(path: str | Path, paths: SurrogatePaths, meta: SurrogateMeta)
     )
 
 
-def _torch_load(path: Path, what: str) -> dict:
-    obj = load_torch_file(path, what)
+def _torch_load(path: Path, what: str, fix: str) -> dict:
+    obj = load_torch_file(path, what, fix)
     if not isinstance(obj, dict):
         raise ValueError(f"{path} is not a {what}")
     return obj
@@ -334,7 +341,7 @@ def _torch_load(path: Path, what: str) -> dict:
 def read_surrogate(path: str | Path) -> tuple[SurrogatePaths, SurrogateMeta]:
     """Paths (eval mode, CPU) and metadata of a surrogate file, unchecked against any model."""
     path = Path(path)
-    obj = _torch_load(path, "surrogate file")
+    obj = _torch_load(path, "surrogate file", "train it again with `smoothsal train-surrogate`")
     if obj.get("format") != SURROGATE_FORMAT:
         raise ValueError(
             f"{path} is not a smoothsal surrogate (format {obj.get('format')!r}, expected "
@@ -627,7 +634,7 @@ def write_loss_log(rows: Sequence[dict[str, float]], path: Path) -> None:
 
 
 def _read_state(path: Path, settings: TrainSettings) -> dict:
-    state = _torch_load(path, "training state")
+    state = _torch_load(path, "training state", "delete it or pass --no-resume")
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not a smoothsal training state; delete it or pass --no-resume")
     if state["settings_hash"] != settings.hash:

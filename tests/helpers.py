@@ -21,6 +21,23 @@ TISSUE_TILES = (
 )
 
 
+def module_calls(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """How often each named module runs for ``example``."""
+    counts: dict[str, int] = {}
+
+    def count(name: str) -> None:
+        counts[name] = counts.get(name, 0) + 1
+
+    handles = [m.register_forward_hook(lambda *_, n=n: count(n)) for n, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
 def num_classes(arch: str) -> int:
     return 1 if arch == "monai_fc_resnet18" else 3
 

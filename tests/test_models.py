@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from helpers import num_classes, with_real_statistics
+from helpers import module_calls, num_classes, with_real_statistics
 from torch import nn
 
 import smoothsal as ss
-from smoothsal.models import ARCHITECTURES, module_calls
+from smoothsal.models import ARCHITECTURES
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
