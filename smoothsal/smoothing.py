@@ -243,11 +243,15 @@ def smooth(
         raise ValueError(f"unknown smoothing method {method!r}; allowed: {', '.join(METHODS)}")
     if (method == "surrogate") != (surrogate is not None):
         raise ValueError("pass surrogate=SurrogatePaths exactly when method='surrogate'")
-    names = surrogate.conv_names if surrogate is not None else downsampling_convs(model, example)
+    if method == "original":
+        return copy.deepcopy(model).eval()
     if surrogate is not None:
         surrogate.check_fits(model)
+        names = surrogate.conv_names
+    else:
+        names = downsampling_convs(model, example)
     smoothed = copy.deepcopy(model)
-    for name in names if method != "original" else []:
+    for name in names:
         conv = smoothed.get_submodule(name)
         if method == "backward_hook":
             new: nn.Module = _recast(conv, BackwardHookConv2d)
