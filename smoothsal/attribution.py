@@ -34,6 +34,7 @@ class SmoothGrad:
     """Average attributions over ``samples`` draws of x + N(0, stdev²) (stdev in input units).
 
     Noise is drawn per tile and sample as Captum's NoiseTunnel does; ``seed`` makes it repeatable.
+    ``attribute(..., noise_seeds=...)`` instead seeds each tile on its own (see there).
     """
 
     samples: int = 20
@@ -58,14 +59,14 @@ class _Mode:
 
 class _TwoRuleReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: torch.Tensor, z0: torch.Tensor, mode: _Mode) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, z: torch.Tensor, z0: torch.Tensor, mode: _Mode) -> torch.Tensor:
         out = torch.relu(z)
         ctx.save_for_backward(z, z0)
         ctx.mode = mode
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+    def backward(ctx, grad: torch.Tensor):
         z, z0 = ctx.saved_tensors
         plain = grad * (z > 0)
         if not ctx.mode.deeplift:
@@ -85,9 +86,7 @@ class _Baseline:
     order: list[nn.Module]  # modules in call order, to check what runs after the layers
 
 
-_BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Baseline]] = (
-    weakref.WeakKeyDictionary()
-)
+_BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Baseline]] = weakref.WeakKeyDictionary()
 
 
 def _weights_version(model: nn.Module) -> int:
@@ -113,10 +112,10 @@ def _run_baseline(model: nn.Module, zero: torch.Tensor, layers: list[str]) -> _B
         for module in model.modules():
             stack.callback(module.register_forward_hook(lambda m, i, o: order.append(m)).remove)
             if isinstance(module, nn.ReLU):
-                hook = lambda m, i, o: relu_inputs.__setitem__(m, i[0].detach())  # noqa: E731
+                hook = lambda m, i, o: relu_inputs.__setitem__(m, i[0].detach())
                 stack.callback(module.register_forward_hook(hook).remove)
         for name in layers:
-            hook = lambda m, i, o, n=name: layer_outputs.__setitem__(n, o.detach())  # noqa: E731
+            hook = lambda m, i, o, n=name: layer_outputs.__setitem__(n, o.detach())
             stack.callback(model.get_submodule(name).register_forward_hook(hook).remove)
         modules = stack.enter_context(_module_stack(model))
         uses = stack.enter_context(_ReluUses(modules))
@@ -223,7 +222,7 @@ def _instrumented(
         for name in layers:
             module = model.get_submodule(name)
             stack.callback(module.register_forward_pre_hook(start_graph).remove)
-            hook = lambda m, i, o, n=name: collect(m, i, o, n)  # noqa: E731
+            hook = lambda m, i, o, n=name: collect(m, i, o, n)
             stack.callback(module.register_forward_hook(hook).remove)
         stack.enter_context(torch.no_grad())
         yield outputs
@@ -248,12 +247,15 @@ def attribute(
     attributions: Sequence[str] = ATTRIBUTIONS,
     smoothgrad: SmoothGrad | None = None,
     max_batch: int = 32,
+    noise_seeds: Sequence[int] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Hidden-layer attributions: attribution → layer (as named, ``blocks`` expanded) → [B, C, h, w].
 
     One forward and one backward per attribution for all layers together, over the SmoothGrad
     samples in chunks of at most ``max_batch`` inputs (bounded memory). ``model`` must be in eval
-    mode and canonical form (``load_model`` gives that).
+    mode and canonical form (``load_model`` gives that). ``noise_seeds`` (one per tile) draws each
+    tile's SmoothGrad noise from its own generator, so a tile's result does not depend on which
+    other tiles share its batch (``smoothgrad.seed`` is then unused).
     """
     unknown = [a for a in attributions if a not in ATTRIBUTIONS]
     if unknown or not attributions:
@@ -270,11 +272,14 @@ def attribute(
     generator = None
     if smoothgrad is not None and smoothgrad.seed is not None:
         generator = torch.Generator(device=x.device).manual_seed(smoothgrad.seed)
+    tile_generators = _tile_generators(noise_seeds, x) if smoothgrad is not None else None
     totals = {a: {n: None for n in resolved} for a in attributions}
     mode = _Mode()
     for tiles, samples in _chunks(x.shape[0], smoothgrad, max_batch):
         inputs = x[tiles].repeat_interleave(samples, 0)
-        if smoothgrad is not None:
+        if tile_generators is not None:
+            inputs = inputs + _tile_noise(tile_generators[tiles], samples, smoothgrad.stdev, x)
+        elif smoothgrad is not None:
             inputs = inputs + torch.normal(
                 0.0, smoothgrad.stdev, inputs.shape, generator=generator, device=x.device
             ).to(x.dtype)
@@ -293,9 +298,31 @@ def attribute(
                 value = value.unflatten(0, (-1, samples)).sum(1)
                 _accumulate(totals[attribution], name, tiles, value, x.shape[0])
     count = smoothgrad.samples if smoothgrad else 1
-    return {
-        a: {key: totals[a][name] / count for key, name in keys.items()} for a in attributions
-    }
+    return {a: {key: totals[a][name] / count for key, name in keys.items()} for a in attributions}
+
+
+def _tile_generators(seeds: Sequence[int] | None, x: torch.Tensor) -> list[torch.Generator] | None:
+    """One generator per tile, seeded with that tile's seed (None: no per-tile seeds)."""
+    if seeds is None:
+        return None
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != x.shape[0]:
+        raise ValueError(f"noise_seeds has {len(seeds)} entries for {x.shape[0]} tiles; give one per tile")
+    return [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
+
+
+def _tile_noise(
+    generators: list[torch.Generator], samples: int, stdev: float, x: torch.Tensor
+) -> torch.Tensor:
+    """The next ``samples`` noise draws of each tile, one draw per call: a tile's draws are the
+    same sequence however its samples are split into chunks."""
+    shape = (1, *x.shape[1:])
+    draws = [
+        torch.normal(0.0, stdev, shape, generator=g, device=x.device)
+        for g in generators
+        for _ in range(samples)
+    ]
+    return torch.cat(draws).to(x.dtype)
 
 
 def _accumulate(

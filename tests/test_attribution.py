@@ -172,3 +172,29 @@ def test_interrupted_forward_does_not_shift_relu_uses():
     handle.remove()
     after = ss.attribute(net, x, layers="layer2", target=0, attributions=("deeplift",))
     assert torch.equal(before["deeplift"]["layer2"], after["deeplift"]["layer2"])
+
+
+def test_noise_seeds_give_each_tile_its_own_noise_whatever_its_batch():
+    """Per-tile seeds: a tile's SmoothGrad result does not depend on the other tiles in its batch nor
+    on how samples are chunked, and equals Captum's NoiseTunnel seeded with that tile's seed."""
+    net = build_model("resnet18")
+    x = torch.randn(3, 3, 48, 48)
+    sg = ss.SmoothGrad(4, 0.3)
+    seeds = [11, 22, 33]
+    batch = ss.attribute(
+        net, x, layers=["layer2"], target=[1, 0, 1], smoothgrad=sg, noise_seeds=seeds, max_batch=6
+    )
+    alone = ss.attribute(net, x[1:2], layers=["layer2"], target=[0], smoothgrad=sg, noise_seeds=seeds[1:2])
+    for a in ss.ATTRIBUTIONS:
+        assert relative_error(batch[a]["layer2"][1:2], alone[a]["layer2"]) <= 1e-5
+    torch.manual_seed(22)
+    module = net.get_submodule(ss.resolve_layer(net, "layer2"))
+    ref = NoiseTunnel(LayerDeepLift(net, module, multiply_by_inputs=True)).attribute(
+        x[1:2], nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=1, stdevs=0.3, target=0,
+        baselines=torch.zeros_like(x[1:2]),
+    )  # fmt: skip
+    assert relative_error(alone["deeplift"]["layer2"], ref) <= 1e-5
+    other = ss.attribute(net, x[1:2], layers=["layer2"], target=[0], smoothgrad=sg, noise_seeds=[23])
+    assert relative_error(other["deeplift"]["layer2"], ref) > 1e-3  # the seed matters
+    with pytest.raises(ValueError, match="noise_seeds has 2 entries for 3 tiles"):
+        ss.attribute(net, x, layers=["layer2"], target=0, smoothgrad=sg, noise_seeds=[1, 2])

@@ -1,0 +1,310 @@
+"""`smoothsal saliency`: real tiles of a real slide through a seeded ResNet18 / FlexibleUNet, the
+store and table read back and checked against `attribute` and the metrics run directly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+import smoothsal as ss
+from smoothsal import cli, saliency
+from smoothsal.metrics import masked_prediction_difference, prediction_difference, probabilities
+from smoothsal.slides import TileDataset
+from smoothsal.training import (
+    SurrogateMeta,
+    TrainSettings,
+    load_with_surrogate,
+    model_fingerprint,
+    save_surrogate,
+)
+
+LAYERS = ("layer1", "layer2", "layer3")
+SAMPLES = 2
+
+
+@pytest.fixture(scope="module")
+def slide(slides_dir: Path) -> Path:
+    return slides_dir / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def tiles(slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiles") / "cmu.parquet"
+    assert cli.main(["tiles", str(slide), "--tile-size", "64", "--max-tiles", "12", "--out", str(out)]) == 0
+    return out
+
+
+def saliency_args(
+    slide: Path, tiles: Path, out: Path, method: str = "forward_hook", *extra: str
+) -> list[str]:
+    return [
+        "saliency", str(slide), "--tiles", str(tiles), "--arch", "resnet18", "--num-classes", "2",
+        "--method", method, "--layers", *LAYERS, "--smoothgrad-samples", str(SAMPLES), "--no-progress",
+        "--out", str(out / f"{method}.zarr"), "--table", str(out / f"{method}.parquet"), *extra,
+    ]  # fmt: skip
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture | None = None) -> tuple[int, str, str]:
+    rc = cli.main(args)
+    if capsys is None:
+        return rc, "", ""
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def read_store(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    group = zarr.open_group(path, mode="r")
+    assert group.metadata.zarr_format == 2
+    meta = group.attrs["smoothsal"]
+    maps = {
+        f"{a}/{layer}": group[f"{a}/{layer}"][:] for a in meta["attributions"] for layer in meta["layers"]
+    }
+    return meta, maps
+
+
+@pytest.fixture(scope="module")
+def batch5(slide: Path, tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """forward_hook, batches of 5, one DataLoader worker process."""
+    out = tmp_path_factory.mktemp("batch5")
+    assert (
+        run(saliency_args(slide, tiles, out, "forward_hook", "--batch-size", "5", "--workers", "1"))[0] == 0
+    )
+    return out
+
+
+def assert_same_outputs(a: Path, b: Path, method: str = "forward_hook") -> None:
+    meta_a, maps_a = read_store(a / f"{method}.zarr")
+    meta_b, maps_b = read_store(b / f"{method}.zarr")
+    assert meta_a == meta_b
+    for key in maps_a:
+        np.testing.assert_allclose(maps_b[key], maps_a[key], rtol=1e-5, atol=1e-6 * np.abs(maps_a[key]).max())
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(a / f"{method}.parquet"), pd.read_parquet(b / f"{method}.parquet"), rtol=1e-5
+    )
+
+
+def test_maps_tv_and_prediction_difference_equal_the_library_run_directly(
+    batch5: Path, tiles: Path, slide: Path
+):
+    meta, maps = read_store(batch5 / "forward_hook.zarr")
+    table = pd.read_parquet(batch5 / "forward_hook.parquet")
+    tile_table = pd.read_parquet(tiles)
+    n = len(tile_table)
+    # format: root attrs, arrays, table columns and schema metadata as the contract says
+    assert meta["slide_id"] == "CMU-1-Small-Region" and meta["method"] == "forward_hook"
+    assert meta["layers"] == list(LAYERS) and meta["attributions"] == ["gradient", "deeplift"]
+    assert meta["n_tiles"] == n and meta["settings"]["smoothgrad_samples"] == SAMPLES
+    group = zarr.open_group(batch5 / "forward_hook.zarr", mode="r")
+    for layer, side in zip(LAYERS, (16, 8, 4), strict=True):
+        arr = group[f"deeplift/{layer}"]
+        assert arr.shape == (n, side, side) and arr.dtype == np.float32
+        assert dict(arr.attrs) == {"layer": layer, "attribution": "deeplift", "stride": 64 / side}
+    assert list(table.columns) == [
+        "dataset", "slide_id", "method", "arch", "tile", "x", "y", "w", "h", "mpp", "label", "target", "task",
+        "logit_0", "logit_1", "prob_0", "prob_1", "pred", "correct", "pd_all", "pd_target", "pd_masked",
+        *(f"tv/{a}/{layer}" for a in ("gradient", "deeplift") for layer in LAYERS),
+    ]  # fmt: skip
+    assert json.loads(pq.read_schema(batch5 / "forward_hook.parquet").metadata[b"smoothsal"]) == meta
+    assert table["tile"].tolist() == list(range(n))
+    assert (table[["x", "y", "w", "h"]].to_numpy() == tile_table[["x", "y", "w", "h"]].to_numpy()).all()
+    assert not any(np.isnan(m).any() for m in maps.values())  # every tile written
+
+    # the same tiles through the library directly
+    model, _, norm = load_with_surrogate("resnet18", num_classes=2)
+    method = ss.smooth(model, "forward_hook")
+    picked = [0, 6, n - 1]
+    x = torch.stack([TileDataset(tile_table, transform=norm)[i][0] for i in picked])
+    with torch.no_grad():
+        p_orig, p_new = probabilities(model(x)), probabilities(method(x))
+    target = p_orig.argmax(1)  # unlabelled tiles: the original's predicted class
+    assert table["target"].iloc[picked].tolist() == target.tolist()
+    pd_all, pd_target = prediction_difference(p_orig, p_new, target)
+    np.testing.assert_allclose(table["pd_all"].iloc[picked], pd_all, rtol=1e-5)
+    np.testing.assert_allclose(table["pd_target"].iloc[picked], pd_target, rtol=1e-5)
+    assert (table["pd_all"] > 0).all()  # forward_hook changes predictions
+    np.testing.assert_allclose(table[["prob_0", "prob_1"]].iloc[picked], p_new, rtol=1e-5)
+    for row, i in enumerate(picked):
+        seed = saliency.tile_seed(0, "CMU-1-Small-Region", i)
+        direct = ss.attribute(
+            method, x[row : row + 1], layers=list(LAYERS), target=target[row : row + 1],
+            smoothgrad=ss.SmoothGrad(SAMPLES, 0.2), noise_seeds=[seed],
+        )  # fmt: skip
+        for a in ("gradient", "deeplift"):
+            for layer in LAYERS:
+                full = direct[a][layer]
+                summed = full.sum(1)[0].numpy()
+                stored = maps[f"{a}/{layer}"][i]
+                assert np.abs(stored - summed).max() <= 1e-5 * np.abs(summed).max(), (i, a, layer)
+                tv = float(ss.total_variation(full)[0])
+                assert table[f"tv/{a}/{layer}"].iloc[i] == pytest.approx(tv, rel=1e-5)
+
+
+def test_killed_job_resumes_with_the_results_of_an_uninterrupted_run_whatever_the_batch_size(
+    batch5: Path, slide: Path, tiles: Path, tmp_path: Path, capsys, caplog, monkeypatch: pytest.MonkeyPatch
+):
+    """Killed (SIGKILL) after 2 batches of 3, resumed with batches of 4 in the main process (row files
+    merged every 2 batches): the same store and table as batches of 5 in a worker, uninterrupted."""
+    args = saliency_args(slide, tiles, tmp_path, "forward_hook", "--workers", "0")
+    killed = subprocess.run(
+        [sys.executable, "-m", "smoothsal.cli", *args, "--batch-size", "3", "--stop-after-batches", "2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    out, table = tmp_path / "forward_hook.zarr", tmp_path / "forward_hook.parquet"
+    assert not out.exists() and not table.exists()  # nothing that looks complete
+    partial = saliency.partial_dir(out)
+    assert json.loads((partial / "progress.json").read_text())["batches"] == [[0, 6]]  # 2 batches of 3
+    kept = tmp_path / "kept"
+    shutil.copytree(partial, kept / partial.name)
+
+    monkeypatch.setattr(saliency, "COMPACT_ROWS", 2)
+    rc, stdout, _ = run([*args, "--batch-size", "4"], capsys)
+    assert rc == 0 and "12 tiles (6 computed, resumed at tile 6" in stdout  # tiles 0-5 not recomputed
+    assert not partial.exists()
+    assert_same_outputs(batch5, tmp_path)
+
+    # a partial state from other settings is not resumed: the job starts over and says so
+    rc, stdout, _ = run(
+        saliency_args(slide, tiles, kept, "forward_hook", "--smoothgrad-samples", "0"), capsys
+    )
+    assert rc == 0 and "12 computed" in stdout
+    assert "other settings or tiles; starting over" in caplog.text
+
+
+def test_backward_hook_keeps_predictions_and_labels_are_targets(
+    slide: Path, tiles: Path, tmp_path: Path, batch5: Path
+):
+    labelled = tmp_path / "labelled.parquet"
+    labels = pd.array([1, 0, 1, None] * 3, dtype="Int64")  # the last of every four unlabelled
+    pd.read_parquet(tiles).assign(label=labels).to_parquet(labelled)
+    assert run(saliency_args(slide, labelled, tmp_path, "backward_hook", "--smoothgrad-samples", "0"))[0] == 0
+    table = pd.read_parquet(tmp_path / "backward_hook.parquet")
+    assert (table["pd_all"] == 0).all() and (table["pd_target"] == 0).all()
+    assert table["pd_masked"].isna().all()  # classification
+    known = table["label"] >= 0
+    assert table["label"].tolist() == [1, 0, 1, -1] * 3
+    assert (table["target"][known] == table["label"][known]).all()
+    assert (table["target"][~known] == table["pred"][~known]).all()  # unlabelled: predicted (same forward)
+    assert (table["correct"][known] == (table["pred"] == table["label"])[known]).all()
+    assert table["correct"][~known].isna().all()
+    assert (pd.read_parquet(batch5 / "forward_hook.parquet")["pd_all"] > 1e-6).all()
+
+
+def test_segmentation_targets_majority_class_and_masks_prediction_difference(
+    slide: Path, tiles: Path, tmp_path: Path
+):
+    table = pd.read_parquet(tiles).head(4).assign(majority_class=[0, 1, 2, 1])
+    seg_tiles = tmp_path / "seg.parquet"
+    table.to_parquet(seg_tiles)
+    args = [
+        "saliency", str(slide), "--tiles", str(seg_tiles), "--arch", "unet_resnet34", "--num-classes", "3",
+        "--task", "segmentation", "--method", "forward_hook", "--layers", "layer1", "layer2",
+        "--smoothgrad-samples", "0", "--batch-size", "2", "--workers", "0", "--no-progress",
+        "--out", str(tmp_path / "seg.zarr"), "--table", str(tmp_path / "seg.parquet"),
+    ]  # fmt: skip
+    assert run(args)[0] == 0
+    out = pd.read_parquet(tmp_path / "seg.parquet")
+    _, maps = read_store(tmp_path / "seg.zarr")
+    assert out["target"].tolist() == [0, 1, 2, 1] and (out["task"] == "segmentation").all()
+    assert {f"tv/{a}/{layer}" for a in ("gradient", "deeplift") for layer in ("layer1", "layer2")} <= set(out)
+    assert maps["gradient/layer1"].shape == (4, 16, 16) and maps["deeplift/layer2"].shape == (4, 8, 8)
+
+    model, _, norm = load_with_surrogate("unet_resnet34", num_classes=3)
+    method = ss.smooth(model, "forward_hook")
+    x = torch.stack([TileDataset(table, transform=norm)[i][0] for i in range(4)])
+    with torch.no_grad():
+        p_orig, p_new = probabilities(model(x)), probabilities(method(x))
+    mask = torch.tensor([0, 1, 2, 1]).view(4, 1, 1).expand(4, 64, 64)  # masks whose majorities are these
+    expected = masked_prediction_difference(p_orig, p_new, mask).numpy()
+    assert np.isnan(out["pd_masked"].iloc[0]) and np.isfinite(expected[1:]).all()
+    np.testing.assert_allclose(out["pd_masked"].to_numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(out[["prob_0", "prob_1", "prob_2"]], p_new.mean(dim=(2, 3)), rtol=1e-5)
+    direct = ss.attribute(method, x[2:3], layers=["layer2"], target=[2], attributions=["deeplift"])
+    summed = direct["deeplift"]["layer2"].sum(1)[0].numpy()
+    assert np.abs(maps["deeplift/layer2"][2] - summed).max() <= 1e-5 * np.abs(summed).max()
+
+
+def test_empty_tile_table_gives_empty_outputs(slide: Path, tiles: Path, tmp_path: Path):
+    empty = tmp_path / "empty.parquet"
+    pd.read_parquet(tiles).iloc[:0].to_parquet(empty)
+    assert run(saliency_args(slide, empty, tmp_path, "original"))[0] == 0
+    meta, maps = read_store(tmp_path / "original.zarr")
+    assert meta["n_tiles"] == 0 and meta["layers"] == list(LAYERS) and len(maps) == 6
+    assert all(m.shape[0] == 0 for m in maps.values())
+    table = pd.read_parquet(tmp_path / "original.parquet")
+    assert table.empty and "tv/deeplift/layer3" in table and "pd_all" in table
+
+
+def fake_surrogate(arch: str, path: Path) -> Path:
+    """A surrogate file in the real format (untrained paths) for ``arch``."""
+    torch.manual_seed(0)
+    model = ss.load_model(arch, num_classes=2)
+    paths = ss.SurrogatePaths.for_model(model, torch.zeros(1, 3, 64, 64))
+    settings = TrainSettings(arch, 2, "random-init", "-", 1, 64, epochs=1, batch_size=1)
+    save_surrogate(path, paths, SurrogateMeta(settings, paths.specs, model_fingerprint(model)))
+    return path
+
+
+def test_surrogate_method(slide: Path, tiles: Path, tmp_path: Path):
+    surrogate = fake_surrogate("resnet18", tmp_path / "s18.pt")
+    three = tmp_path / "three.parquet"
+    pd.read_parquet(tiles).head(3).to_parquet(three)
+    args = saliency_args(
+        slide, three, tmp_path, "surrogate", "--surrogate", str(surrogate), "--smoothgrad-samples", "0"
+    )
+    assert run(args)[0] == 0
+    meta, _ = read_store(tmp_path / "surrogate.zarr")
+    assert meta["settings"]["surrogate_sha256"] and meta["method"] == "surrogate"
+    assert (pd.read_parquet(tmp_path / "surrogate.parquet")["pd_all"] > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("other_slide", "tile table {tiles} belongs to slide 'CMU-1-Small-Region'"),
+        ("other_arch", "surrogate {surrogate} was trained for arch 'resnet34', not 'resnet18'"),
+        ("no_surrogate", "method 'surrogate' needs a trained surrogate: pass --surrogate FILE"),
+        ("layer", "unknown layer 'layer9' for ResNet; allowed"),
+        ("method", "unknown method 'smooth'; allowed: original, backward_hook, forward_hook, surrogate"),
+        ("attribution", "unknown attributions ['saliency']; allowed: gradient, deeplift"),
+        ("missing_tiles", "tile table {tiles} does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_file(
+    change: str, message: str, slides_dir: Path, slide: Path, tiles: Path, tmp_path: Path, capsys
+):
+    surrogate = tmp_path / "s34.pt"
+    method, extra, slide_arg, tiles_arg = "original", [], slide, tiles
+    if change == "other_slide":
+        slide_arg = slides_dir / "CMU-1-Small-Region-pyramid.tiff"
+    elif change == "other_arch":
+        method, extra = "surrogate", ["--surrogate", str(fake_surrogate("resnet34", surrogate))]
+    elif change == "no_surrogate":
+        method = "surrogate"
+    elif change == "method":
+        method = "smooth"
+    elif change == "missing_tiles":
+        tiles_arg = tmp_path / "nope.parquet"
+    args = saliency_args(slide_arg, tiles_arg, tmp_path, method, *extra)
+    if change == "layer":
+        args[args.index("layer3")] = "layer9"
+    elif change == "attribution":
+        args += ["--attributions", "saliency"]
+    rc, _, err = run(args, capsys)
+    assert rc == 1
+    assert err.startswith("smoothsal saliency: error: ") and err.count("\n") == 1
+    assert message.format(tiles=tiles_arg, surrogate=surrogate) in err
+    assert not list(tmp_path.glob("*.zarr")) and not list(tmp_path.glob(".*partial"))
