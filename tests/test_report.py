@@ -1,0 +1,397 @@
+"""`smoothsal report`: the paper's tables from per-tile tables with known values, the figures, and an
+index.html that a real headless Chromium renders with every image loaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from ome_zarr.format import FormatV04
+from ome_zarr.writer import write_multiscales_metadata
+
+from smoothsal import report
+from smoothsal.cli import main
+
+ATTRIBUTIONS = ("deeplift", "gradient")
+# Mean TV per method (before noise); gradient/layer1 makes the backward hook the lowest, as in the
+# paper's ResNet34 row, so the marked minimum is not always the same column.
+LEVELS = {"original": 2.5, "surrogate": 1.9, "backward_hook": 1.7, "forward_hook": 1.6}
+
+
+def _tile_table(dataset, arch, slide, method, layers, n, task, seed, labels=None, classes=2):
+    """A per-tile table as `smoothsal saliency --table` writes it (contracts.md), with random values."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "dataset": dataset, "slide_id": slide, "method": method, "arch": arch, "tile": np.arange(n),
+            "x": np.arange(n) * 224, "y": 0, "w": 224, "h": 224, "mpp": 0.5,
+            "label": labels if labels is not None else np.full(n, -1), "task": task,
+        }
+    )  # fmt: skip
+    logits = rng.normal(size=(n, classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    for k in range(classes):
+        frame[f"logit_{k}"], frame[f"prob_{k}"] = logits[:, k], probs[:, k]
+    frame["pred"] = logits.argmax(1)
+    frame["target"] = np.where(frame["label"] >= 0, frame["label"], frame["pred"])
+    frame["correct"] = np.where(frame["label"] >= 0, (frame["pred"] == frame["label"]).astype(float), np.nan)
+    scale = 0.0 if method in ("original", "backward_hook") else 0.05
+    frame["pd_all"] = rng.uniform(0, 2 * scale, n)
+    frame["pd_target"] = frame["pd_all"] / 2
+    if task == "segmentation":
+        masked = rng.uniform(0, scale + 0.01, n)
+        masked[::3] = np.nan  # all-background tiles: undefined
+        frame["pd_masked"] = masked
+    for attribution in ATTRIBUTIONS:
+        for i, layer in enumerate(layers):
+            level = LEVELS[method] - (
+                0.3 if (method, attribution, i) == ("backward_hook", "gradient", 0) else 0
+            )
+            frame[f"tv/{attribution}/{layer}"] = level - 0.1 * i + rng.normal(0, 0.05, n)
+    return frame
+
+
+def _write(frame: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = {"slide_id": str(frame["slide_id"].iloc[0]), "method": str(frame["method"].iloc[0])}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"smoothsal": json.dumps(meta)})
+    pq.write_table(table, path)
+    return path
+
+
+CAMELYON_LAYERS = ["layer1", "layer2", "layer3"]
+DIGIPATH_LAYERS = ["encoder.layer1", "encoder.layer2"]
+
+
+@pytest.fixture(scope="module")
+def frames() -> dict[tuple[str, str, str], pd.DataFrame]:
+    """camelyon16/resnet18 (classification, all four methods): tumor_a labelled, normal_b not;
+    digipath/unet_resnet34 (segmentation, original and surrogate only)."""
+    out = {}
+    labels = np.array([0, 1, 1, 0, 1, 0, 0])
+    for s, method in enumerate(LEVELS):
+        out["camelyon16", "tumor_a", method] = _tile_table(
+            "camelyon16", "resnet18", "tumor_a", method, CAMELYON_LAYERS, 7, "classification", 10 + s, labels
+        )
+        out["camelyon16", "normal_b", method] = _tile_table(
+            "camelyon16", "resnet18", "normal_b", method, CAMELYON_LAYERS, 5, "classification", 20 + s
+        )
+    for s, method in enumerate(("original", "surrogate")):
+        out["digipath", "digi_003", method] = _tile_table(
+            "digipath",
+            "unet_resnet34",
+            "digi_003",
+            method,
+            DIGIPATH_LAYERS,
+            9,
+            "segmentation",
+            30 + s,
+            classes=3,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def table_paths(frames, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
+    root = tmp_path_factory.mktemp("results")
+    return {
+        key: _write(frame, root / key[0] / "saliency" / key[1] / f"{key[2]}.parquet")
+        for key, frame in frames.items()
+    }
+
+
+def _image(group: zarr.Group, levels: list[np.ndarray], pixel_um: float, axes: str) -> None:
+    """An NGFF 0.4 multiscales image; level k pixel j covers [j·s, (j+1)·s) µm, s = 2^k · pixel_um."""
+    datasets = []
+    for k, data in enumerate(levels):
+        group.create_array(str(k), data=data)
+        s, lead = pixel_um * 2**k, [1.0] * (data.ndim - 2)
+        datasets.append({"path": str(k), "coordinateTransformations": [
+            {"type": "scale", "scale": lead + [s, s]},
+            {"type": "translation", "translation": [0.0] * len(lead) + [s / 2] * 2}]})  # fmt: skip
+    axis = {"c": {"name": "c", "type": "channel"}, "y": {"name": "y", "type": "space", "unit": "micrometer"},
+            "x": {"name": "x", "type": "space", "unit": "micrometer"}}  # fmt: skip
+    write_multiscales_metadata(group, datasets, fmt=FormatV04(), axes=[axis[a] for a in axes])
+
+
+def _container(path: Path, slide: str, methods: list[str], layers: list[str], seed: int = 0) -> dict:
+    """A tiny heatmap container as contracts.md describes: tissue + one map per method/attribution/layer,
+    all over the same 256 × 192 µm."""
+    rng = np.random.default_rng(seed)
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    tissue = np.full((3, 96, 128), 235, np.uint8)
+    tissue[:, 20:80, 10:110] = np.array([200, 120, 170], np.uint8)[:, None, None]  # pink "tissue"
+    _image(root.create_group("tissue"), [tissue, tissue[:, ::2, ::2]], 2.0, "cyx")
+    images, values = [{"path": "tissue", "kind": "tissue"}], {}
+    for method in methods:
+        for attribution in ATTRIBUTIONS:
+            for i, layer in enumerate(layers):
+                side = 48 // 2**i  # layer resolution halves, the physical extent stays
+                z = rng.normal(0, 1 + i, (side * 3 // 4, side)).astype(np.float32)
+                z[: side // 8] = np.nan  # no tile there
+                sub = f"heatmaps/{method}/{attribution}/{layer}"
+                _image(root.create_group(sub), [z], 256 / side, "yx")
+                images.append({"path": sub, "kind": "heatmap", "method": method, "attribution": attribution,
+                               "layer": layer})  # fmt: skip
+                values[method, attribution, layer] = z
+    root.attrs["smoothsal"] = {"version": "test", "slide_id": slide, "slide_mpp": 0.5,
+                               "slide_size_px": [512, 384], "images": images, "tiles": "tiles"}  # fmt: skip
+    return values
+
+
+@pytest.fixture(scope="module")
+def built(table_paths, tmp_path_factory):
+    """The report of every table plus one container, through the real command line."""
+    root = tmp_path_factory.mktemp("report")
+    container = root / "camelyon16" / "heatmaps" / "tumor_a.ome.zarr"
+    values = _container(container, "tumor_a", ["original", "surrogate"], CAMELYON_LAYERS)
+    out = root / "report"
+    cmd = ["smoothsal", "report", "--tables", *map(str, table_paths.values()), "--heatmaps", str(container),
+           "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return out, container, values
+
+
+def _expected_tv(frames, dataset):
+    """(layer, attribution, method) → (mean, std, n) over the tiles of every slide of a dataset."""
+    rows = {}
+    for (d, _, method), frame in frames.items():
+        if d != dataset:
+            continue
+        for column in (c for c in frame if c.startswith("tv/")):
+            _, attribution, layer = column.split("/", 2)
+            rows.setdefault((layer, attribution, method), []).append(frame[column].to_numpy())
+    return {k: (np.concatenate(v).mean(), np.concatenate(v).std(), sum(map(len, v))) for k, v in rows.items()}
+
+
+def test_tv_table_means_stds_and_marked_minimum(built, frames):
+    out, _, _ = built
+    tv = pd.read_csv(out / "tables" / "tv.csv")
+    for dataset in ("camelyon16", "digipath"):
+        expected = _expected_tv(frames, dataset)
+        got = tv[tv["dataset"] == dataset].set_index(["layer", "attribution", "method"])
+        assert sorted(got.index) == sorted(expected)
+        for key, (mean, std, n) in expected.items():
+            assert got.at[key, "mean"] == pytest.approx(mean, abs=1e-12)
+            assert got.at[key, "std"] == pytest.approx(std, abs=1e-12)
+            assert got.at[key, "tiles"] == n
+        for (layer, attribution), group in got.groupby(level=["layer", "attribution"]):
+            lowest = min((k for k in expected if k[:2] == (layer, attribution)), key=lambda k: expected[k][0])
+            assert group.index[group["lowest"]].tolist() == [lowest]
+    assert tv.loc[tv["lowest"] & (tv["dataset"] == "camelyon16"), "method"].value_counts().to_dict() == {
+        "forward_hook": 5, "backward_hook": 1,
+    }  # fmt: skip
+    # layers keep forward order (the tv/ column order), not alphabetical order
+    assert list(dict.fromkeys(tv.loc[tv["dataset"] == "digipath", "layer"])) == DIGIPATH_LAYERS
+
+    markdown = (out / "tables" / "tv.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("|"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    row = next(line for line in markdown.splitlines() if "camelyon16" in line and "| layer1 " in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    bold = [columns[i] for i, c in enumerate(cells) if c.startswith("**")]
+    assert bold == ["DeepLift Forward hook", "Gradient Backward hook"]
+    mean, std, _ = _expected_tv(frames, "camelyon16")["layer1", "gradient", "backward_hook"]
+    assert cells[columns.index("Gradient Backward hook")] == f"**{mean:.3f} ± {std:.3f}**"
+    digipath = next(line for line in markdown.splitlines() if "digipath" in line and "encoder.layer2" in line)
+    assert digipath.count("–") == 4  # no hooks run on digipath: empty cells, not a failure
+
+
+def test_tv_reduction_average_min_and_max_over_layers(built, frames):
+    out, _, _ = built
+    reduction = pd.read_csv(out / "tables" / "tv_reduction.csv")
+    for dataset, layers in (("camelyon16", CAMELYON_LAYERS), ("digipath", DIGIPATH_LAYERS)):
+        expected = _expected_tv(frames, dataset)
+        per_layer = {
+            layer: 100
+            * (1 - expected[layer, "deeplift", "surrogate"][0] / expected[layer, "deeplift", "original"][0])
+            for layer in layers
+        }
+        row = reduction[(reduction["dataset"] == dataset) & (reduction["attribution"] == "deeplift")
+                        & (reduction["method"] == "surrogate")].iloc[0]  # fmt: skip
+        assert row["mean_percent"] == pytest.approx(np.mean(list(per_layer.values())), abs=1e-9)
+        assert row["min_percent"] == pytest.approx(min(per_layer.values()), abs=1e-9)
+        assert row["max_percent"] == pytest.approx(max(per_layer.values()), abs=1e-9)
+        assert row["min_at"] == min(per_layer, key=per_layer.get)
+        assert row["max_at"] == max(per_layer, key=per_layer.get)
+    overall = reduction[(reduction["dataset"] == "(all)") & (reduction["method"] == "surrogate")]
+    assert overall["layers"].tolist() == [5, 5]  # 3 camelyon16 + 2 digipath layers, per attribution
+    assert set(reduction["method"]) == {"surrogate", "backward_hook", "forward_hook"}
+
+
+def test_prediction_difference_and_masked(built, frames):
+    out, _, _ = built
+    pdiff = pd.read_csv(out / "tables" / "prediction_difference.csv").set_index(
+        ["dataset", "method", "measure"]
+    )
+    for (dataset, method, measure), row in pdiff.iterrows():
+        values = np.concatenate(
+            [f[measure].to_numpy() for (d, _, m), f in frames.items() if (d, m) == (dataset, method)]
+        )
+        values = values[np.isfinite(values)]
+        assert row["mean"] == pytest.approx(100 * values.mean(), abs=1e-9)
+        assert row["std"] == pytest.approx(100 * values.std(), abs=1e-9)
+        assert row["tiles"] == len(values)
+    assert ("digipath", "surrogate", "pd_masked") in pdiff.index and pdiff.at[
+        ("digipath", "surrogate", "pd_masked"), "tiles"
+    ] == 6
+    assert ("camelyon16", "surrogate", "pd_masked") not in pdiff.index
+    assert ("digipath", "forward_hook", "pd_all") not in pdiff.index
+    assert (
+        pdiff.at[("camelyon16", "backward_hook", "pd_all"), "mean"] == 0
+    )  # the check row: forward unchanged
+    assert "original" not in pdiff.index.get_level_values("method")
+
+
+def test_accuracy_only_where_tiles_are_labelled(built, frames):
+    out, _, _ = built
+    accuracy = pd.read_csv(out / "tables" / "accuracy.csv")
+    assert set(accuracy["dataset"]) == {"camelyon16"}  # segmentation and unlabelled tiles: left out
+    for method in LEVELS:
+        correct = frames["camelyon16", "tumor_a", method]["correct"]
+        row = accuracy[accuracy["method"] == method].iloc[0]
+        assert row["accuracy_percent"] == pytest.approx(100 * correct.mean())
+        assert row["labelled_tiles"] == 7
+    per_slide = pd.read_csv(out / "tables" / "accuracy_per_slide.csv")
+    assert set(per_slide["slide_id"]) == {"tumor_a"}
+    per_slide_tv = pd.read_csv(out / "tables" / "tv_per_slide.csv")
+    one = per_slide_tv.set_index(["slide_id", "layer", "attribution", "method"]).loc[
+        ("normal_b", "layer2", "deeplift", "surrogate")
+    ]
+    values = frames["camelyon16", "normal_b", "surrogate"]["tv/deeplift/layer2"].to_numpy()
+    assert (one["mean"], one["std"], one["tiles"]) == (
+        pytest.approx(values.mean()),
+        pytest.approx(values.std()),
+        5,
+    )
+
+
+def test_every_table_and_figure_is_written(built):
+    out, _, _ = built
+    names = {"tv", "tv_reduction", "prediction_difference", "accuracy", "inputs", "tv_per_slide",
+             "prediction_difference_per_slide", "accuracy_per_slide"}  # fmt: skip
+    assert {p.stem for p in (out / "tables").glob("*.csv")} == names
+    assert {p.stem for p in (out / "tables").glob("*.md")} == names
+    figures = {p.relative_to(out).as_posix() for p in (out / "figures").rglob("*.*")}
+    assert figures == {
+        f"figures/{kind}/{stem}.{ext}"
+        for kind, stem in (("tv_per_layer", "camelyon16_resnet18"),
+                           ("tv_per_layer", "digipath_unet_resnet34"), ("overview", "camelyon16_tumor_a"))
+        for ext in ("png", "svg")
+    }  # fmt: skip
+    assert not list(out.parent.glob(".report*")), "temporary directories left behind"
+
+
+def test_overview_shares_one_robust_colour_scale_per_row(built):
+    _, container, values = built
+    overview = report.read_overview(container, min_px=16)
+    fig = report.overview_figure(
+        overview, report.ReportSettings(), layers=CAMELYON_LAYERS, attributions=ATTRIBUTIONS
+    )
+    rows = fig.axes[0].get_subplotspec().get_gridspec().nrows
+    assert rows == len(ATTRIBUTIONS) * len(CAMELYON_LAYERS)
+    heatmaps = [ax.images[1] for ax in fig.axes if len(ax.images) == 2]  # tissue, then the heatmap
+    assert len(heatmaps) == rows * 2
+    for image in heatmaps:
+        spec = image.axes.get_subplotspec()
+        attribution, layer = ATTRIBUTIONS[spec.rowspan.start // 3], CAMELYON_LAYERS[spec.rowspan.start % 3]
+        z = np.concatenate([np.abs(values[m, attribution, layer]).ravel() for m in ("original", "surrogate")])
+        limit = np.percentile(z[np.isfinite(z)], 99)
+        assert image.get_clim() == pytest.approx((-limit, limit), rel=1e-5)
+    # the heatmap covers the tissue's physical extent (µm), whatever its layer resolution
+    assert overview.heatmaps["original", "deeplift", "layer3"].extent == pytest.approx(overview.tissue.extent)
+    assert report.read_overview(container, min_px=100).tissue.data.shape == (96, 128, 3)  # level 0: ≥ 100 px
+    assert report.read_overview(container, min_px=16).tissue.data.shape == (48, 64, 3)  # the lower level
+
+
+def test_index_html_renders_in_headless_chromium(built):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    out, _, _ = built
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail(
+            "install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    browser = webdriver.Chrome(options=options, service=Service(driver))
+    try:
+        browser.get((out / "index.html").resolve().as_uri())
+        images = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
+        )
+        links = browser.execute_script("return Array.from(document.links).map(a => a.getAttribute('href'))")
+        tables = browser.execute_script("return document.querySelectorAll('table.results').length")
+        bold = browser.execute_script("return document.querySelectorAll('#tv + p + table strong').length")
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        browser.quit()
+    assert len(images) == 3 and all(complete and width > 0 for _, complete, width in images), images
+    assert not errors, errors  # no failed request, no script error
+    assert tables == 8 and bold == 2 * 3 + 2 * 2  # the lowest TV per row and attribution
+    assert all(not link.startswith(("http:", "https:", "/")) for link in links)
+    missing = [link for link in links if not (out / link).is_file()]
+    assert not missing and len(links) == 8 * 2 + 3 * 2
+
+
+def test_slide_without_labels_leaves_accuracy_out(table_paths, tmp_path):
+    unlabelled = [p for (d, slide, _), p in table_paths.items() if slide == "normal_b"]
+    result = report.write_report(unlabelled, tmp_path / "report")
+    assert "tables/accuracy.csv" not in result.tables and "tables/tv.csv" in result.tables
+    assert not (tmp_path / "report" / "tables" / "accuracy.csv").exists()
+    assert "accuracy is left out" in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_table_without_required_columns_is_one_line_naming_the_file(frames, table_paths, tmp_path, capsys):
+    bad = _write(
+        frames["camelyon16", "tumor_a", "surrogate"].drop(columns=["pd_target"]), tmp_path / "bad.parquet"
+    )
+    args = ["report", "--tables", str(table_paths["camelyon16", "tumor_a", "original"]), str(bad),
+            "--out", str(tmp_path / "report")]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{bad}: missing columns pd_target" in err and "smoothsal saliency --table" in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_out_with_other_files_is_refused(table_paths, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files that are no report"):
+        report.write_report(list(table_paths.values())[:1], tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_container_that_is_no_heatmap_container_names_the_file(tmp_path):
+    plain = tmp_path / "plain.ome.zarr"
+    zarr.open_group(plain, mode="w", zarr_format=2)
+    for path, message in (
+        (tmp_path / "none.ome.zarr", "not a readable Zarr group"),
+        (plain, "no 'smoothsal' root"),
+    ):
+        with pytest.raises(ValueError, match=message) as err:
+            report.read_overview(path)
+        assert str(err.value).startswith(f"{path}: ") and "smoothsal heatmaps" in str(err.value)
+
+
+def test_table_without_dataset_name_takes_it_from_the_results_layout(frames, tmp_path):
+    frame = frames["camelyon16", "normal_b", "original"].assign(dataset="")
+    path = _write(frame, tmp_path / "results" / "camelyon16" / "saliency" / "normal_b" / "original.parquet")
+    collected = report.collect([path])
+    assert collected.tiles["dataset"].tolist() == ["camelyon16"]
+    assert collected.layers == {("camelyon16", "resnet18"): CAMELYON_LAYERS}
