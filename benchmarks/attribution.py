@@ -84,10 +84,7 @@ def run_captum(models: dict[str, nn.Module], x: torch.Tensor, samples: int) -> d
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, surrogate = build(args.size)
-    models = {
-        m: ss.smooth(model, m, surrogate=surrogate if m == "surrogate" else None)
-        for m in ss.METHODS
-    }
+    models = {m: ss.smooth(model, m, surrogate=surrogate if m == "surrogate" else None) for m in ss.METHODS}
     x = tiles(args.tiles, args.size)
     run = run_smoothsal if args.impl == "smoothsal" else run_captum
     run(models, x[:1], 2)  # warm-up (baselines, allocator, oneDNN kernels)

@@ -74,16 +74,12 @@ def _open_uncached(path: str) -> openslide.OpenSlide:
     return reader
 
 
-def benchmark(
-    data: Path, workers: int, min_seconds: float, repeats: int, batch_size: int
-) -> list[dict]:
+def benchmark(data: Path, workers: int, min_seconds: float, repeats: int, batch_size: int) -> list[dict]:
     rows = []
     for name, mpp, target in CASES:
         with slides.open_slide(data / "slides" / name, mpp) as slide:
             start = time.perf_counter()
-            tiling = slides.tile_slide(
-                slide, slides.TileGridSettings(target_mpp=target, min_tissue=0.0)
-            )
+            tiling = slides.tile_slide(slide, slides.TileGridSettings(target_mpp=target, min_tissue=0.0))
             stage_s = time.perf_counter() - start
             table = tiling.table
             level = int(table.level.iloc[0])
@@ -113,13 +109,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one timed window")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="report the best of this many windows"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="report the best of this many windows")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads in the main process"
-    )
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the main process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = benchmark(args.data, args.workers, args.seconds, args.repeats, args.batch_size)

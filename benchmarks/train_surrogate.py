@@ -62,7 +62,11 @@ def make_inputs(work: Path, tile_size: int, arch: str, num_classes: int) -> tupl
 
 
 def command(nproc: int, tables: list[Path], model: Path, out: Path, args: argparse.Namespace) -> list[str]:
-    launch = ["smoothsal"] if nproc == 0 else ["torchrun", "--standalone", "--nproc_per_node", str(nproc), "--no-python", "smoothsal"]
+    launch = (
+        ["smoothsal"]
+        if nproc == 0
+        else ["torchrun", "--standalone", "--nproc_per_node", str(nproc), "--no-python", "smoothsal"]
+    )
     return [*launch, "train-surrogate", "--arch", args.arch, "--num-classes", str(args.num_classes),
             "--checkpoint", str(model), "--tiles", *map(str, tables), "--out", str(out),
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--no-resume",
@@ -70,7 +74,7 @@ def command(nproc: int, tables: list[Path], model: Path, out: Path, args: argpar
 
 
 def measure(cmd: list[str]) -> dict[str, str]:
-    run = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    run = subprocess.run(["/usr/bin/time", "-v", *cmd], check=False, capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{run.stderr[-3000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", run.stderr).group(1)
@@ -98,7 +102,9 @@ def main() -> None:
     n = sum(len(pd.read_parquet(t)) for t in tables)
     print(f"{n} tiles of {args.tile_size} px, {args.arch}, {args.epochs} epochs, global batch {args.batch_size}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
-    print("| launch | wall (time -v) | training s (rank 0) | peak RSS per process, MB | time -v max RSS, MB |")
+    print(
+        "| launch | wall (time -v) | training s (rank 0) | peak RSS per process, MB | time -v max RSS, MB |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     cmds = []
     for nproc in args.nproc:

@@ -126,13 +126,17 @@ def summarise(
     labelled = labels >= 0
     rows, tiles = [], {"label": labels.numpy(), "target": targets.numpy()}
     for method, out in logits.items():
-        pd_all, pd_target = (v.numpy() * 100 for v in prediction_difference(p_original, probabilities(out), targets))
+        pd_all, pd_target = (
+            v.numpy() * 100 for v in prediction_difference(p_original, probabilities(out), targets)
+        )
         rows.append(
             {
                 "method": method,
                 "tiles": len(out),
                 "labelled": int(labelled.sum()),
-                "accuracy": 100 * accuracy(out[labelled], labels[labelled]) if labelled.any() else float("nan"),
+                "accuracy": 100 * accuracy(out[labelled], labels[labelled])
+                if labelled.any()
+                else float("nan"),
                 "agreement": 100 * float((_predicted(out) == _predicted(original)).float().mean()),
                 "pd_all_mean": float(pd_all.mean()),
                 "pd_all_std": float(pd_all.std()),
@@ -140,7 +144,11 @@ def summarise(
                 "pd_target_std": float(pd_target.std()),
             }
         )
-        tiles |= {f"{method}_pred": _predicted(out).numpy(), f"{method}_pd_all": pd_all, f"{method}_pd_target": pd_target}
+        tiles |= {
+            f"{method}_pred": _predicted(out).numpy(),
+            f"{method}_pd_all": pd_all,
+            f"{method}_pd_target": pd_target,
+        }
     return EvalResult(pd.DataFrame(rows), pd.DataFrame(tiles))
 
 
@@ -192,7 +200,10 @@ def to_markdown(summary: pd.DataFrame) -> str:
 
 def write_summary(summary: pd.DataFrame, csv: str | Path, markdown: str | Path | None = None) -> None:
     """Write the CSV (and markdown) through temporary files renamed into place."""
-    for path, text in ((csv, summary.to_csv(index=False)), (markdown, to_markdown(summary) if markdown else None)):
+    for path, text in (
+        (csv, summary.to_csv(index=False)),
+        (markdown, to_markdown(summary) if markdown else None),
+    ):
         if path is None or text is None:
             continue
         with atomic_path(path) as tmp:

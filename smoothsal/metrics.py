@@ -50,8 +50,7 @@ def prediction_difference(
     """
     if p_original.shape != p_new.shape or p_original.ndim != 2:
         raise ValueError(
-            f"prediction shapes must be equal [B, C], got {tuple(p_original.shape)} "
-            f"and {tuple(p_new.shape)}"
+            f"prediction shapes must be equal [B, C], got {tuple(p_original.shape)} and {tuple(p_new.shape)}"
         )
     diff = (p_original - p_new).abs()
     return diff.sum(dim=1), diff.gather(1, target.long().view(-1, 1)).squeeze(1)

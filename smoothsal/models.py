@@ -70,9 +70,7 @@ _CHECKPOINT_CONTAINERS = ("state_dict", "model", "model_state_dict", "network", 
 _KEY_PREFIXES = ("module.", "model.", "net.", "network.", "_orig_mod.")
 
 
-def load_model(
-    arch: str, *, num_classes: int, checkpoint: str | Path | None = None, **kw
-) -> nn.Module:
+def load_model(arch: str, *, num_classes: int, checkpoint: str | Path | None = None, **kw) -> nn.Module:
     """A registered architecture in eval mode and canonical form, optionally with trained weights.
 
     ``checkpoint`` may be a plain state dict, a MONAI bundle ``model.pt``, or a Lightning/trainer
@@ -147,11 +145,9 @@ def load_torch_file(path: Path, what: str, fix: str = "save it with torch.save(s
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"{what} {path} could not be read as a torch file ({first}); {fix}"
-        ) from err
+        raise ValueError(f"{what} {path} could not be read as a torch file ({first}); {fix}") from err
 
 
 # --- canonical ReLUs --------------------------------------------------------------------------
@@ -243,7 +239,7 @@ def _split_functional_relus(module: nn.Module) -> nn.Module:
     """Rewrite ``module`` (torch.fx) so that each functional ReLU call is its own nn.ReLU."""
     try:
         graph = _LeafTracer().trace(module)
-    except Exception as err:  # noqa: BLE001 - fx raises many types
+    except Exception as err:
         raise ValueError(
             f"{type(module).__name__} calls F.relu/torch.relu and cannot be traced to give each "
             f"use its own nn.ReLU ({err}); use nn.ReLU modules in the model instead"

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 import openslide
@@ -57,9 +57,7 @@ class SlideReader(Protocol):
     level_downsamples: Sequence[float]
     properties: Mapping[str, str]
 
-    def read_region(
-        self, location: tuple[int, int], level: int, size: tuple[int, int]
-    ) -> Image.Image: ...
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image: ...
 
     def close(self) -> None: ...
 
@@ -84,7 +82,7 @@ class Slide:
     def close(self) -> None:
         self.reader.close()
 
-    def __enter__(self) -> Slide:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -123,15 +121,11 @@ def resolve_mpp(path: Path, properties: Mapping[str, str], override: float | Non
     """µm/px at level 0: the override if given, else the metadata; a clear error if neither works."""
     if override is not None:
         if not override > 0:
-            raise ValueError(
-                f"{path}: --mpp must be a positive number of µm per pixel, got {override}"
-            )
+            raise ValueError(f"{path}: --mpp must be a positive number of µm per pixel, got {override}")
         return float(override)
     mpp = mpp_from_properties(properties)
     if mpp is None:
-        raise ValueError(
-            f"{path}: the slide has no µm/px (microns per pixel) in its metadata; {MPP_FIX}"
-        )
+        raise ValueError(f"{path}: the slide has no µm/px (microns per pixel) in its metadata; {MPP_FIX}")
     lo, hi = PLAUSIBLE_MPP
     if not lo <= mpp <= hi:
         raise ValueError(
@@ -176,9 +170,7 @@ def best_level(downsamples: Sequence[float], downsample: float) -> int:
 
 def read_rgb(reader: SlideReader, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
     """One `read_region` as RGB uint8 (H, W, 3); transparent (unscanned) pixels become white."""
-    rgba = np.asarray(
-        reader.read_region((int(x), int(y)), int(level), (int(size[0]), int(size[1])))
-    )
+    rgba = np.asarray(reader.read_region((int(x), int(y)), int(level), (int(size[0]), int(size[1]))))
     return _on_white(rgba)
 
 
@@ -195,16 +187,12 @@ def read_size(size0: int, level_downsample: float) -> int:
     return max(1, round(size0 / level_downsample))
 
 
-def read_tile(
-    reader: SlideReader, x: int, y: int, size0: int, level: int, tile_size: int
-) -> np.ndarray:
+def read_tile(reader: SlideReader, x: int, y: int, size0: int, level: int, tile_size: int) -> np.ndarray:
     """A tile as RGB uint8 (tile_size, tile_size, 3): one read at `level`, resized only if needed."""
     n = read_size(size0, reader.level_downsamples[level])
     rgb = read_rgb(reader, x, y, level, (n, n))
     if n != tile_size:  # Pillow's bilinear filter widens its support when shrinking: antialiased
-        rgb = np.array(
-            Image.fromarray(rgb).resize((tile_size, tile_size), Image.Resampling.BILINEAR)
-        )
+        rgb = np.array(Image.fromarray(rgb).resize((tile_size, tile_size), Image.Resampling.BILINEAR))
     return rgb
 
 
@@ -233,9 +221,7 @@ def read_low_res(slide: Slide, mpp: float) -> LowRes:
         for bx in range(0, width, step):
             size = (min(step, width - bx), min(step, height - by))
             block = read_rgb(slide.reader, round(bx * level_ds), round(by * level_ds), level, size)
-            small = (
-                downscale_local_mean(block, (factor, factor, 1), cval=255) if factor > 1 else block
-            )
+            small = downscale_local_mean(block, (factor, factor, 1), cval=255) if factor > 1 else block
             out[
                 by // factor : by // factor + small.shape[0],
                 bx // factor : bx // factor + small.shape[1],
@@ -251,9 +237,7 @@ class TissueMaskSettings:
     """Tissue = HSV saturation above Otsu's threshold (at least `min_saturation`), cleaned up."""
 
     mask_mpp: float = 8.0  # resolution of the mask, µm/px (read from a low pyramid level)
-    min_saturation: float = (
-        0.08  # floor on the threshold: blank glass (S ≈ 0–0.05) stays background
-    )
+    min_saturation: float = 0.08  # floor on the threshold: blank glass (S ≈ 0–0.05) stays background
     closing_um: float = 16.0  # closing radius: joins tissue split by thin gaps
     min_object_um2: float = 20_000.0  # tissue specks up to this area are dropped (dust, debris)
     min_hole_um2: float = 20_000.0  # holes up to this area inside tissue are filled
@@ -336,9 +320,7 @@ class TileGridSettings:
     target_mpp: float = 0.5  # µm/px of the tiles; ignored when `level` is set
     level: int | None = None  # read tiles at this pyramid level, unresized
     min_tissue: float = 0.5  # keep tiles whose tissue fraction is at least this
-    roi: tuple[int, int, int, int] | None = (
-        None  # (x, y, w, h) at level 0; None = the slide's bounds
-    )
+    roi: tuple[int, int, int, int] | None = None  # (x, y, w, h) at level 0; None = the slide's bounds
     max_tiles: int | None = None  # keep a random sample of at most this many tiles
     seed: int = 0  # for that sample
 
@@ -374,9 +356,7 @@ def pixel_aligned_step(level_downsample: float) -> int:
 def tile_geometry(slide: Slide, grid: TileGridSettings) -> TileGeometry:
     """Level-0 tile size and stride, and the pyramid level to read, for `grid` on `slide`."""
     if grid.tile_size < 1 or (grid.stride is not None and grid.stride < 1):
-        raise ValueError(
-            f"tile size and stride must be ≥ 1 px, got {grid.tile_size} and {grid.stride}"
-        )
+        raise ValueError(f"tile size and stride must be ≥ 1 px, got {grid.tile_size} and {grid.stride}")
     if grid.level is not None:
         if not 0 <= grid.level < len(slide.downsamples):
             raise ValueError(
@@ -386,17 +366,13 @@ def tile_geometry(slide: Slide, grid: TileGridSettings) -> TileGeometry:
         level, downsample = grid.level, slide.downsamples[grid.level]
     else:
         if not grid.target_mpp > 0:
-            raise ValueError(
-                f"--target-mpp must be a positive number of µm per pixel, got {grid.target_mpp}"
-            )
+            raise ValueError(f"--target-mpp must be a positive number of µm per pixel, got {grid.target_mpp}")
         downsample = grid.target_mpp / slide.mpp
         level = best_level(slide.downsamples, downsample)
     align = pixel_aligned_step(slide.downsamples[level])
     size0 = max(1, round(grid.tile_size * downsample))
     stride0 = max(align, round((grid.stride or grid.tile_size) * downsample / align) * align)
-    return TileGeometry(
-        size0, stride0, level, grid.tile_size, slide.mpp * size0 / grid.tile_size, align
-    )
+    return TileGeometry(size0, stride0, level, grid.tile_size, slide.mpp * size0 / grid.tile_size, align)
 
 
 def slide_region(slide: Slide, roi: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:
@@ -409,9 +385,7 @@ def slide_region(slide: Slide, roi: tuple[int, int, int, int] | None) -> tuple[i
     x, y, w, h = roi
     x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(
-            f"{slide.path}: ROI {roi} lies outside the slide ({width}×{height} px); fix --roi"
-        )
+        raise ValueError(f"{slide.path}: ROI {roi} lies outside the slide ({width}×{height} px); fix --roi")
     return x0, y0, x1 - x0, y1 - y0
 
 
@@ -448,17 +422,13 @@ TABLE_COLUMNS = (
 )  # fmt: skip
 
 
-def plan_tiles(
-    slide: Slide, tissue: Tissue, grid: TileGridSettings = TileGridSettings()
-) -> pd.DataFrame:
+def plan_tiles(slide: Slide, tissue: Tissue, grid: TileGridSettings = TileGridSettings()) -> pd.DataFrame:
     """The tile table (no labels yet): the grid, its tissue fractions, filtered and optionally sampled.
 
     A slide smaller than one tile gives an empty table.
     """
     geo = tile_geometry(slide, grid)
-    xs, ys, cols, rows = grid_positions(
-        slide_region(slide, grid.roi), geo.size0, geo.stride0, geo.align
-    )
+    xs, ys, cols, rows = grid_positions(slide_region(slide, grid.roi), geo.size0, geo.stride0, geo.align)
     fractions = box_fractions(tissue.mask, tissue.overview.downsample, xs, ys, geo.size0, geo.size0)
     keep = np.flatnonzero(fractions >= grid.min_tissue)
     if grid.max_tiles is not None and len(keep) > grid.max_tiles:
@@ -531,17 +501,13 @@ def read_annotations(path: str | Path, class_map: Mapping[str, int] | None = Non
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation file not found; check --annotations")
-    mapping = {
-        k.lower(): v for k, v in (DEFAULT_CLASS_MAP if class_map is None else class_map).items()
-    }
+    mapping = {k.lower(): v for k, v in (DEFAULT_CLASS_MAP if class_map is None else class_map).items()}
     if path.suffix.lower() == ".xml":
         raw = _asap_regions(path)
     elif path.suffix.lower() in (".geojson", ".json"):
         raw = _geojson_regions(path)
     else:
-        raise ValueError(
-            f"{path}: unknown annotation format; give ASAP XML (.xml) or GeoJSON (.geojson)"
-        )
+        raise ValueError(f"{path}: unknown annotation format; give ASAP XML (.xml) or GeoJSON (.geojson)")
     regions = [replace(r, label=_class_id(path, r.label, mapping)) for r in raw]
     regions = [r for r in regions if r.label >= 0]
     return Annotations(path, tuple(sorted(regions, key=lambda r: r.label == 0)))
@@ -644,16 +610,12 @@ def _feature_regions(feature: dict, index: int) -> list[Region]:
         arrays = [np.asarray(ring, dtype=np.float64)[:, :2] for ring in rings]
         if len(arrays[0]) >= 3:
             regions.append(
-                Region(
-                    str(props.get("name", f"feature {index}")), name, arrays[0], tuple(arrays[1:])
-                )
+                Region(str(props.get("name", f"feature {index}")), name, arrays[0], tuple(arrays[1:]))
             )
     return regions
 
 
-def check_annotations_within(
-    annotations: Annotations, slide: Slide, tolerance: float = 0.01
-) -> None:
+def check_annotations_within(annotations: Annotations, slide: Slide, tolerance: float = 0.01) -> None:
     """Raise when a region reaches outside the slide (by more than `tolerance` × its size)."""
     width, height = slide.dimensions
     for region in annotations.regions:
@@ -692,18 +654,14 @@ def _clip_to_box(vertices: np.ndarray, box: tuple[float, float, float, float]) -
         prev, prev_inside = np.roll(v, 1, axis=0), np.roll(inside, 1)
         crossing = inside != prev_inside
         delta = v[:, axis] - prev[:, axis]
-        t = np.divide(
-            bound - prev[:, axis], delta, out=np.zeros(len(v)), where=crossing & (delta != 0)
-        )
+        t = np.divide(bound - prev[:, axis], delta, out=np.zeros(len(v)), where=crossing & (delta != 0))
         hit = prev + t[:, None] * (v - prev)
         v = np.stack([hit, v], axis=1)[np.stack([crossing, inside], axis=1)]
     return v
 
 
 def _shoelace(v: np.ndarray) -> float:
-    return 0.5 * abs(
-        float(np.dot(v[:, 0], np.roll(v[:, 1], 1)) - np.dot(v[:, 1], np.roll(v[:, 0], 1)))
-    )
+    return 0.5 * abs(float(np.dot(v[:, 0], np.roll(v[:, 1], 1)) - np.dot(v[:, 1], np.roll(v[:, 0], 1))))
 
 
 def _fill(vertices: np.ndarray, x: float, y: float, scale: float, size: int) -> np.ndarray:
@@ -735,9 +693,7 @@ def _near_regions(table: pd.DataFrame, annotations: Annotations) -> np.ndarray:
         return np.zeros(len(table), bool)
     boxes = np.array([[*r.exterior.min(0), *r.exterior.max(0)] for r in annotations.regions])
     x, y, w = (table[c].to_numpy(float)[:, None] for c in ("x", "y", "w"))
-    return (
-        (boxes[:, 0] < x + w) & (boxes[:, 2] > x) & (boxes[:, 1] < y + w) & (boxes[:, 3] > y)
-    ).any(1)
+    return ((boxes[:, 0] < x + w) & (boxes[:, 2] > x) & (boxes[:, 1] < y + w) & (boxes[:, 3] > y)).any(1)
 
 
 def tile_label_mask(annotations: Annotations, x: int, y: int, w: int, size: int) -> np.ndarray:
@@ -777,9 +733,7 @@ def label_tiles(
         fractions[:, 0] = 1.0  # tiles away from every region: all background, nothing to rasterise
         for i in np.flatnonzero(_near_regions(table, annotations)):
             x, y, w, size = (int(table[c].iat[i]) for c in ("x", "y", "w", "tile_size"))
-            counts = np.bincount(
-                tile_label_mask(annotations, x, y, w, size).ravel(), minlength=k + 1
-            )
+            counts = np.bincount(tile_label_mask(annotations, x, y, w, size).ravel(), minlength=k + 1)
             fractions[i] = counts[: k + 1] / (size * size)
     foreground = fractions[:, 1:]
     majority = np.where((foreground > 0).any(1), foreground.argmax(1) + 1, 0)
@@ -845,17 +799,11 @@ def plot_overview(tiling: Tiling, path: str | Path, title: str = "") -> None:
         ax.contour(tiling.tissue.mask, levels=[0.5], colors="lime", linewidths=0.8)
     d = low.downsample
     corners = table[["x", "y", "w"]].to_numpy(float) / d
-    boxes = [
-        ((x, y), (x + w, y), (x + w, y + w), (x, y + w)) for x, y, w in corners - (0.5, 0.5, 0)
-    ]
-    tumour = (
-        table["label"].fillna(0).to_numpy(bool) if "label" in table else np.zeros(len(table), bool)
-    )
+    boxes = [((x, y), (x + w, y), (x + w, y + w), (x, y + w)) for x, y, w in corners - (0.5, 0.5, 0)]
+    tumour = table["label"].fillna(0).to_numpy(bool) if "label" in table else np.zeros(len(table), bool)
     for selected, colour in ((~tumour, "dodgerblue"), (tumour, "red")):  # tumour tiles drawn on top
         tiles = [b for b, keep in zip(boxes, selected) if keep]
-        ax.add_collection(
-            PolyCollection(tiles, facecolors="none", edgecolors=colour, linewidths=0.4)
-        )
+        ax.add_collection(PolyCollection(tiles, facecolors="none", edgecolors=colour, linewidths=0.4))
     for region in tiling.annotations.regions if tiling.annotations else ():
         for ring in (region.exterior, *region.holes):
             closed = np.vstack([ring, ring[:1]]) / d - 0.5

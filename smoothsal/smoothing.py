@@ -84,11 +84,11 @@ class _RollMeanGrad(torch.autograd.Function):
     """Identity forward; the gradient passed back is the mean of its four rolls."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return _roll_mean(grad)
 
 
@@ -140,7 +140,11 @@ class ConvSpec:
         return tuple(
             (n + 2 * p - d * (k - 1) - 1) // s + 1
             for n, p, d, k, s in zip(
-                (height, width), self.padding, self.dilation, self.kernel_size, self.stride,
+                (height, width),
+                self.padding,
+                self.dilation,
+                self.kernel_size,
+                self.stride,
                 strict=True,
             )
         )  # type: ignore[return-value]

@@ -59,18 +59,10 @@ def cmu_tissue(cmu):
 def test_mpp_comes_from_metadata(cmu):
     assert [s.mpp for s in cmu] == [pytest.approx(0.499), pytest.approx(0.499)]
     assert (
-        slides.mpp_from_properties(
-            {"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "40000"}
-        )
-        == 0.25
+        slides.mpp_from_properties({"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "40000"}) == 0.25
     )
-    assert (
-        slides.mpp_from_properties({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "101600"})
-        == 0.25
-    )
-    assert (
-        slides.mpp_from_properties({"tiff.ResolutionUnit": "none", "tiff.XResolution": "5"}) is None
-    )
+    assert slides.mpp_from_properties({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "101600"}) == 0.25
+    assert slides.mpp_from_properties({"tiff.ResolutionUnit": "none", "tiff.XResolution": "5"}) is None
 
 
 def test_slide_without_mpp_needs_an_override(slides_dir):
@@ -78,12 +70,7 @@ def test_slide_without_mpp_needs_an_override(slides_dir):
     with pytest.raises(ValueError) as err:
         slides.open_slide(path)
     message = str(err.value)
-    assert (
-        str(path) in message
-        and "no µm/px" in message
-        and "--mpp" in message
-        and "\n" not in message
-    )
+    assert str(path) in message and "no µm/px" in message and "--mpp" in message and "\n" not in message
     with slides.open_slide(path, mpp=0.25) as slide:
         assert slide.mpp == 0.25 and slide.slide_id == "TCGA-CR-7395-01A-01-TS1"
 
@@ -141,26 +128,17 @@ def test_tiles_from_svs_and_pyramid_tiff_are_close(cmu, cmu_tissue, target_mpp, 
     assert len(both) >= 10
     diffs, neighbour_diffs = [], []
     for row in both.head(12).itertuples():
-        tile_a = (
-            slides.read_tile(cmu[0].reader, row.x, row.y, row.w, row.level, row.tile_size) / 255.0
-        )
-        tile_b = (
-            slides.read_tile(cmu[1].reader, row.x, row.y, row.w, row.level_tiff, row.tile_size)
-            / 255.0
-        )
+        tile_a = slides.read_tile(cmu[0].reader, row.x, row.y, row.w, row.level, row.tile_size) / 255.0
+        tile_b = slides.read_tile(cmu[1].reader, row.x, row.y, row.w, row.level_tiff, row.tile_size) / 255.0
         shifted = (
-            slides.read_tile(
-                cmu[1].reader, row.x + row.w // 2, row.y, row.w, row.level_tiff, row.tile_size
-            )
+            slides.read_tile(cmu[1].reader, row.x + row.w // 2, row.y, row.w, row.level_tiff, row.tile_size)
             / 255.0
         )
         assert tile_a.shape == tile_b.shape == (row.tile_size, row.tile_size, 3)
         diffs.append(np.abs(tile_a - tile_b).mean())
         neighbour_diffs.append(np.abs(tile_a - shifted).mean())
     assert max(diffs) < 0.05  # JPEG re-encoding (+ one resize at 1 µm/px)
-    assert np.mean(diffs) < 0.5 * np.mean(
-        neighbour_diffs
-    )  # and the tolerance does tell tiles apart
+    assert np.mean(diffs) < 0.5 * np.mean(neighbour_diffs)  # and the tolerance does tell tiles apart
 
 
 def test_background_has_no_tissue(cmu, cmu_tissue, tiles_dir):
@@ -173,9 +151,7 @@ def test_background_has_no_tissue(cmu, cmu_tissue, tiles_dir):
     for name in ("no-tissue.png", "almost-white-1.png"):
         rgb = np.asarray(Image.open(tiles_dir / name).convert("RGB"))
         assert slides.tissue_mask(rgb, mpp=0.5).mean() < 0.01, name
-    rgb = np.asarray(
-        Image.open(tiles_dir / "tissue-level0-4302-10273-4814-10785.png").convert("RGB")
-    )
+    rgb = np.asarray(Image.open(tiles_dir / "tissue-level0-4302-10273-4814-10785.png").convert("RGB"))
     assert slides.tissue_mask(rgb, mpp=0.5).mean() > 0.5
     np.testing.assert_allclose(slides.hsv_saturation(rgb), rgb2hsv(rgb)[..., 1], atol=1e-6)
     uniform = np.full((64, 64, 3), (240, 236, 238), np.uint8)
@@ -188,9 +164,7 @@ def test_tissue_mask_reads_only_low_levels(slides_dir):
         spy = RecordingReader(slide.reader)
         tiling = slides.tile_slide(slides.Slide(slide.path, spy, slide.mpp, slide.slide_id))
         assert len(tiling.table) > 30 and spy.reads
-        assert {level for level, _ in spy.reads} == {
-            3
-        }  # 8 µm/px mask from the ×8 level, never level 0
+        assert {level for level, _ in spy.reads} == {3}  # 8 µm/px mask from the ×8 level, never level 0
         assert tiling.tissue.overview.level == 3
         spy.reads.clear()
         for row in tiling.table.head(5).itertuples():
@@ -203,9 +177,7 @@ def test_single_level_slide_reads_level_zero_in_bounded_blocks(cmu):
     low = slides.read_low_res(slides.Slide(cmu[0].path, spy, cmu[0].mpp, "x"), mpp=8.0)
     assert low.level == 0 and low.downsample == 16 and low.image.shape == (186, 139, 3)
     assert len(spy.reads) == 4 and all(max(size) <= slides.MASK_BLOCK for _, size in spy.reads)
-    whole = slides.read_rgb(
-        cmu[0].reader, 0, 0, 0, cmu[0].dimensions
-    )  # one read: fine for this small slide
+    whole = slides.read_rgb(cmu[0].reader, 0, 0, 0, cmu[0].dimensions)  # one read: fine for this small slide
     expected = np.round(downscale_local_mean(whole, (16, 16, 1), cval=255)).astype(np.uint8)
     np.testing.assert_array_equal(low.image, expected)
 
@@ -214,17 +186,11 @@ def test_grid_options(cmu, cmu_tissue):
     slide, tissue = cmu[1], cmu_tissue[1]
     full = slides.plan_tiles(slide, tissue, TileGridSettings(min_tissue=0.0))
     half = slides.plan_tiles(slide, tissue, TileGridSettings(min_tissue=0.0, stride=112))
-    assert len(half) == ((2220 - 224) // 112 + 1) * ((2967 - 224) // 112 + 1) and set(half.w) == {
-        224
-    }
-    roi = slides.plan_tiles(
-        slide, tissue, TileGridSettings(min_tissue=0.0, roi=(100, 200, 500, 700))
-    )
+    assert len(half) == ((2220 - 224) // 112 + 1) * ((2967 - 224) // 112 + 1) and set(half.w) == {224}
+    roi = slides.plan_tiles(slide, tissue, TileGridSettings(min_tissue=0.0, roi=(100, 200, 500, 700)))
     assert roi.x.min() == 100 and roi.y.min() == 200 and len(roi) == 2 * 3
     assert ((roi.x + roi.w) <= 600).all() and ((roi.y + roi.h) <= 900).all()
-    sample = [
-        slides.plan_tiles(slide, tissue, TileGridSettings(max_tiles=10, seed=s)) for s in (1, 1, 2)
-    ]
+    sample = [slides.plan_tiles(slide, tissue, TileGridSettings(max_tiles=10, seed=s)) for s in (1, 1, 2)]
     assert len(sample[0]) == 10 and sample[0].equals(sample[1]) and not sample[0].equals(sample[2])
     assert sample[0].tissue_fraction.min() >= 0.5
     by_level = slides.plan_tiles(slide, tissue, TileGridSettings(level=2, min_tissue=0.0))
@@ -237,9 +203,7 @@ def test_tiny_slide_yields_no_tiles(slides_dir):
     with slides.open_slide(slides_dir / "small.svs") as slide:
         tissue = slides.find_tissue(slide)
         table = slides.label_tiles(slides.plan_tiles(slide, tissue), None)
-        assert len(table) == 0 and {"x", "y", "w", "slide_path", "label", "fraction_1"} <= set(
-            table.columns
-        )
+        assert len(table) == 0 and {"x", "y", "w", "slide_path", "label", "fraction_1"} <= set(table.columns)
         with pytest.raises(ValueError, match=r"small\.svs.*larger than the slide.*--tile-size"):
             slides.check_tile_fits(slide, TileGridSettings())
         small_tiles = slides.tile_slide(slide, TileGridSettings(tile_size=8, min_tissue=0.0))
@@ -358,9 +322,7 @@ def synthetic_slide(tmp_path_factory) -> Path:
     image[:, : SIZE * 3 // 4] = np.array([200, 120, 170]) + noise  # textured, so resampling shows
     with tifffile.TiffWriter(path) as tif:
         for i in range(4):
-            level = (
-                image if i == 0 else downscale_local_mean(image, (2**i, 2**i, 1)).astype(np.uint8)
-            )
+            level = image if i == 0 else downscale_local_mean(image, (2**i, 2**i, 1)).astype(np.uint8)
             res = 1e4 / (MPP * 2**i)
             tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib", resolution=(res, res),
                       resolutionunit="CENTIMETER", subfiletype=int(i > 0), metadata=None)  # fmt: skip
@@ -374,7 +336,9 @@ def _asap_xml(polygons):
         + "</Coordinates></Annotation>"
         for i, (group, points) in enumerate(polygons)
     )
-    return f'<?xml version="1.0"?><ASAP_Annotations><Annotations>{annotations}</Annotations></ASAP_Annotations>'
+    return (
+        f'<?xml version="1.0"?><ASAP_Annotations><Annotations>{annotations}</Annotations></ASAP_Annotations>'
+    )
 
 
 def _fractions_by_tile(table, column):
@@ -409,9 +373,7 @@ def test_asap_polygon_labels_the_expected_tiles(synthetic_slide, tmp_path):
     assert table.fraction_0.add(table.fraction_1).eq(1).all()
     mask = slides.tile_label_mask(tiling.annotations, 1120, 448, 224, 224)
     assert mask.shape == (224, 224) and (mask[:, :112] == 1).all() and (mask[:, 112:] == 0).all()
-    small = slides.tile_label_mask(
-        tiling.annotations, 1120, 448, 224, 56
-    )  # at a coarser tile resolution
+    small = slides.tile_label_mask(tiling.annotations, 1120, 448, 224, 56)  # at a coarser tile resolution
     assert small.shape == (56, 56) and small.mean() == pytest.approx(0.5)
 
 
@@ -419,9 +381,7 @@ def test_geojson_classes_give_fractions_and_majority(synthetic_slide, tmp_path):
     path = tmp_path / "qupath.geojson"
     tumour_with_hole = [_square(*TUMOUR), _square(*HOLE)]  # a polygon with an interior ring
     stroma = _square(0, 0, 448, 336)  # tiles (0–1, 0) whole, (0–1, 1) half
-    path.write_text(
-        json.dumps(_feature_collection([("Tumor", tumour_with_hole), ("Stroma", stroma)]))
-    )
+    path.write_text(json.dumps(_feature_collection([("Tumor", tumour_with_hole), ("Stroma", stroma)])))
     class_map = slides.parse_class_map("Tumor=1,Stroma=2")
     annotations = slides.read_annotations(path, class_map)
     with slides.open_slide(synthetic_slide) as slide:
@@ -465,9 +425,7 @@ def test_tiles_on_whole_downsample_levels_are_pixel_aligned(synthetic_slide):
 def test_no_annotations_leave_label_columns_empty(cmu, cmu_tissue):
     table = slides.label_tiles(slides.plan_tiles(cmu[0], cmu_tissue[0]), None)
     assert (
-        table.label.isna().all()
-        and table.majority_class.isna().all()
-        and table.tumor_fraction.isna().all()
+        table.label.isna().all() and table.majority_class.isna().all() and table.tumor_fraction.isna().all()
     )
 
 
@@ -545,9 +503,7 @@ def test_outputs_are_written_whole(cmu, cmu_tissue, tmp_path):
     ]  # no partial files left
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "t.parquet"), table)
     with pytest.raises(ValueError):  # pyarrow cannot store Python objects
-        slides.write_table(
-            table.assign(bad=[object()] * len(table)), tmp_path / "out" / "u.parquet"
-        )
+        slides.write_table(table.assign(bad=[object()] * len(table)), tmp_path / "out" / "u.parquet")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t.parquet", "t.png"]
 
 
@@ -569,9 +525,7 @@ def cli_runs(slides_dir, annotations_dir, synthetic_slide, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "cut.xml").write_text('<?xml version="1.0"?><ASAP_Annotations><Annotations><Annotation')
-    (tmp / "synthetic.xml").write_text(
-        _asap_xml([("_0", _square(*TUMOUR)), ("_2", _square(*HOLE))])
-    )
+    (tmp / "synthetic.xml").write_text(_asap_xml([("_0", _square(*TUMOUR)), ("_2", _square(*HOLE))]))
     cases = {
         "cmu": [slides_dir / CMU, "--max-tiles", "20", "--seed", "1"],
         "synthetic": [
@@ -628,12 +582,8 @@ def test_cli_writes_table_and_overview(cli_runs):
     assert len(table) == 20 and "20 tiles" in stdout
     labels = ["tumor_fraction", "label", "majority_class", "fraction_0", "fraction_1"]
     assert list(table.columns) == [*slides.TABLE_COLUMNS, *labels]
-    assert (
-        set(table.slide_id) == {"CMU-1-Small-Region"} and Path(table.slide_path.iloc[0]).is_file()
-    )
-    assert (
-        (table.tissue_fraction >= 0.5).all() and set(table.w) == {224} and table.label.isna().all()
-    )
+    assert set(table.slide_id) == {"CMU-1-Small-Region"} and Path(table.slide_path.iloc[0]).is_file()
+    assert (table.tissue_fraction >= 0.5).all() and set(table.w) == {224} and table.label.isna().all()
     assert Image.open(out.with_suffix(".png")).size[0] >= 400
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiles.parquet", "tiles.png"]
 
@@ -655,12 +605,7 @@ def test_cli_slide_without_mpp(cli_runs, slides_dir):
     rc, _, stderr, out = cli_runs["tcga_mpp"]
     assert rc == 0, stderr
     table = pd.read_parquet(out)
-    assert (
-        len(table) >= 5
-        and set(table.level) == {1}
-        and set(table.mpp) == {1.0}
-        and set(table.w) == {896}
-    )
+    assert len(table) >= 5 and set(table.level) == {1} and set(table.mpp) == {1.0} and set(table.w) == {896}
 
 
 @pytest.mark.parametrize(
@@ -673,7 +618,7 @@ def test_cli_slide_without_mpp(cli_runs, slides_dir):
     ],
 )
 def test_cli_bad_input_is_one_line_error(cli_runs, case, names, says):
-    rc, stdout, stderr, out = cli_runs[case]
+    rc, _stdout, stderr, out = cli_runs[case]
     assert rc == 1 and not out.exists() and not out.parent.exists()
     assert stderr.startswith("smoothsal tiles: error: ") and stderr.count("\n") == 1, stderr
     assert names in stderr and says in stderr and "Traceback" not in stderr
