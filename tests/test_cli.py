@@ -22,7 +22,14 @@ def test_output_path_that_is_a_directory(slides_dir, tmp_path, capsys):
 def test_corrupt_checkpoint(tiles_dir, tmp_path, capsys):
     bad = tmp_path / "weights.pt"
     bad.write_bytes(b"not a torch file")
-    args = ["compare", str(tiles_dir / "no-tissue.png"), "--checkpoint", str(bad), "--out", str(tmp_path / "f.png")]
+    args = [
+        "compare",
+        str(tiles_dir / "no-tissue.png"),
+        "--checkpoint",
+        str(bad),
+        "--out",
+        str(tmp_path / "f.png"),
+    ]
     code, err = run(args, capsys)
     assert code == 1 and err.count("\n") == 1
     assert f"checkpoint {bad} could not be read as a torch file" in err and "torch.save" in err
@@ -38,9 +45,16 @@ def test_input_the_model_cannot_take_is_one_line(tiles_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "option,message", [(["--mask-mpp", "0"], "--mask-mpp 8"), (["--max-tiles", "-1"], "--max-tiles must be >= 0")]
+    "option,message",
+    [(["--mask-mpp", "0"], "--mask-mpp 8"), (["--max-tiles", "-1"], "--max-tiles must be >= 0")],
 )
 def test_tiles_settings_out_of_range(slides_dir, tmp_path, capsys, option, message):
-    args = ["tiles", str(slides_dir / "CMU-1-Small-Region.svs"), "--out", str(tmp_path / "t.parquet"), *option]
+    args = [
+        "tiles",
+        str(slides_dir / "CMU-1-Small-Region.svs"),
+        "--out",
+        str(tmp_path / "t.parquet"),
+        *option,
+    ]
     code, err = run(args, capsys)
     assert code == 1 and message in err

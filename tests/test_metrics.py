@@ -76,7 +76,9 @@ def test_masked_prediction_difference_by_hand():
 
 
 def test_accuracy_and_dice():
-    assert math.isclose(ss.accuracy(torch.tensor([[1.0], [-1.0], [2.0]]), torch.tensor([1, 0, 0])), 2 / 3, rel_tol=1e-6)
+    assert math.isclose(
+        ss.accuracy(torch.tensor([[1.0], [-1.0], [2.0]]), torch.tensor([1, 0, 0])), 2 / 3, rel_tol=1e-6
+    )
     logits = torch.zeros(1, 2, 2, 2)
     logits[0, 1, 0, :] = 1.0  # predicts class 1 on the top row
     mask = torch.tensor([[[1, 0], [1, 0]]])
