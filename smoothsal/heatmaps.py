@@ -558,8 +558,15 @@ def write_tissue(
 def _atomic_dir(path: Path) -> Iterator[Path]:
     """A fresh hidden sibling directory that replaces `path` only if the block completes.
 
-    A partial directory left by a killed run is removed first; a finished `path` is replaced.
+    A partial directory left by a killed run is removed first; a finished `path` is replaced, anything
+    else at `path` (a file, a folder that is no Zarr group) is refused.
     """
+    if path.exists() and not (
+        path.is_dir() and ((path / ".zgroup").is_file() or (path / "zarr.json").is_file())
+    ):  # a typo such as --out results/ must not delete a folder
+        raise ValueError(
+            f"{path} exists and is not a Zarr container; give a new path (SLIDE.ome.zarr) or remove it"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     old = path.with_name(f".{path.name}.old")

@@ -19,7 +19,7 @@ import shutil
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ __all__ = [
     "RunOptions",
     "SaliencyResult",
     "SaliencySettings",
+    "check_out",
     "checkpoint_sha256",
     "partial_dir",
     "read_tile_table",
@@ -201,6 +202,17 @@ def read_tile_table(tiles: Path, slide: Path) -> pd.DataFrame:
     return table.assign(slide_path=str(slide))
 
 
+def check_out(out: Path) -> None:
+    """``--out`` is replaced at the end: refuse anything there that is not a Zarr store (a typo such as
+    ``--out results/`` must not delete a folder)."""
+    if not out.exists():
+        return
+    if not out.is_dir() or not ((out / ".zgroup").is_file() or (out / "zarr.json").is_file()):
+        raise ValueError(
+            f"{out} exists and is not a saliency store; give a new path ending in {{method}}.zarr, or remove it"
+        )
+
+
 def tile_seed(seed: int, slide_id: str, tile: int) -> int:
     """The SmoothGrad noise seed of one tile: a hash of (seed, slide, tile index), < 2⁶³."""
     digest = hashlib.sha256(f"{seed}/{slide_id}/{tile}".encode()).digest()
@@ -317,10 +329,12 @@ def _targets(
     settings: SaliencySettings, original: torch.Tensor, labels: torch.Tensor, majority: torch.Tensor
 ) -> torch.Tensor:
     """DESIGN §1: classification → label (predicted where unlabelled, or always with --target
-    predicted), 0 for one logit; segmentation → the tile's majority class (or the original's
-    predicted majority non-background class with --target predicted)."""
+    predicted), 0 for one logit; segmentation → the tile's majority class (−1: no annotation) or,
+    where there is none and with --target predicted, the original's predicted majority
+    non-background class."""
     if settings.task == "segmentation":
-        return majority if settings.target == "label" else majority_label(original.argmax(1).cpu())
+        predicted = majority_label(original.argmax(1).cpu())
+        return torch.where(majority >= 0, majority, predicted) if settings.target == "label" else predicted
     if original.shape[1] == 1:
         return torch.zeros(len(original), dtype=torch.long)
     predicted = original.argmax(1).cpu()
@@ -348,7 +362,8 @@ def _prediction_columns(
         )
         pd_all, pd_target = pd_all.view(len(out), -1).mean(1), pd_target.view(len(out), -1).mean(1)
         # the metric only needs each tile's majority label: a 1×1 "mask" holding it
-        pd_masked = masked_prediction_difference(p_orig, p_new, majority.view(-1, 1, 1)).numpy()
+        # (no annotation, −1, counts as background: NaN, as the metric is defined by the mask)
+        pd_masked = masked_prediction_difference(p_orig, p_new, majority.clamp_min(0).view(-1, 1, 1)).numpy()
     else:
         logits, probs = out, p_new
         pred = (out[:, 0] > 0).long() if k == 1 else out.argmax(1)
@@ -367,8 +382,8 @@ def _prediction_columns(
 
 
 def _majority(rows: pd.DataFrame) -> np.ndarray:
-    """The tiles' majority_class; missing (no annotations) counts as background (0)."""
-    return pd.to_numeric(rows["majority_class"], errors="coerce").fillna(0).to_numpy(np.int64, copy=True)
+    """The tiles' majority_class; −1 where missing (a slide without annotations)."""
+    return pd.to_numeric(rows["majority_class"], errors="coerce").fillna(-1).to_numpy(np.int64, copy=True)
 
 
 def _pixels(p: torch.Tensor) -> torch.Tensor:
@@ -489,12 +504,30 @@ def _done(batches: Sequence[Sequence[int]]) -> int:
     return done
 
 
+def _targets_sha256(table: pd.DataFrame) -> str:
+    """Hash of the columns that decide each tile's target (``tiles_sha256`` covers only the grid):
+    re-labelled tiles on the same grid must not resume batches computed for the old targets."""
+    columns = [c for c in ("label", "majority_class") if c in table]
+    frame = table[columns].apply(pd.to_numeric, errors="coerce").fillna(-1).astype(np.int64)
+    digest = hashlib.sha256(",".join(columns).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _start(
-    state: _State, meta: dict, n: int, shapes: dict[str, tuple[int, int, int]], tile_size: int
+    state: _State,
+    meta: dict,
+    n: int,
+    shapes: dict[str, tuple[int, int, int]],
+    tile_size: int,
+    targets_sha256: str = "",
 ) -> tuple[zarr.Group, int]:
-    """Open the partial state when it belongs to these settings and tiles, else start afresh."""
+    """Open the partial state when it belongs to these settings, tiles and labels, else start afresh."""
     progress = state.read_progress()
-    key = {"settings": meta["settings"], "tiles_sha256": meta["tiles_sha256"], "n_tiles": n}
+    key = {
+        "settings": meta["settings"], "tiles_sha256": meta["tiles_sha256"], "n_tiles": n,
+        "targets_sha256": targets_sha256,
+    }  # fmt: skip
     if progress is not None and progress.get("key") == key and state.store.is_dir():
         try:
             group = zarr.open_group(state.store, mode="r+", zarr_format=2)
@@ -573,6 +606,11 @@ def run_saliency(
 ) -> SaliencyResult:
     """Saliency store + per-tile table of one slide under one method (resumable; see module doc)."""
     began = time.perf_counter()
+    # the files' own hashes, whatever the caller put in: they guard resume and are the store's provenance
+    settings = replace(
+        settings, model_sha256=checkpoint_sha256(checkpoint), surrogate_sha256=surrogate_sha256(surrogate)
+    )
+    check_out(options.out)
     table = read_tile_table(tiles, slide)
     if settings.task == "segmentation" and "majority_class" not in table:
         raise ValueError(
@@ -595,7 +633,7 @@ def run_saliency(
         "tiles_sha256": tiles_sha256(table), "n_tiles": n,
     }  # fmt: skip
     state = _State.of(options.out)
-    group, done = _start(state, meta, n, models.shapes if n else {}, tile_size)
+    group, done = _start(state, meta, n, models.shapes if n else {}, tile_size, _targets_sha256(table))
     if done:
         log.warning("saliency: resuming %s at tile %d of %d", options.out, done, n)
     arrays = {(a, layer): group[f"{a}/{layer}"] for a in settings.attributions for layer in layers}

@@ -427,3 +427,21 @@ def test_backward_hook_heatmaps_are_smoother_than_original_at_slide_scale(cmu, t
         }
         assert len(tv["original"]) >= 4
         assert tv["backward_hook"].mean() < tv["original"].mean(), (layer, tv)
+
+
+def test_out_that_is_no_container_is_refused_not_deleted(cmu, grid, tmp_path, capsys):
+    """``--out results/`` (the container name forgotten) must not wipe the folder."""
+    tiles, table = grid
+    store = write_store(tmp_path / "original.zarr", table, "original", random_maps(table))
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    args = ["heatmaps", str(cmu), "--saliency", str(store), "--tiles", str(tiles), "--no-tissue",
+            "--out", str(folder), "--no-progress"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{folder} exists and is not a Zarr container" in err, err
+    assert (folder / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "s.ome.zarr"  # a container there is replaced as before
+    again = [*args[:-2], str(out), "--no-progress"]
+    assert main(again) == 0 and main(again) == 0

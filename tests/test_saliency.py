@@ -308,3 +308,80 @@ def test_bad_input_is_one_line_naming_the_file(
     assert err.startswith("smoothsal saliency: error: ") and err.count("\n") == 1
     assert message.format(tiles=tiles_arg, surrogate=surrogate) in err
     assert not list(tmp_path.glob("*.zarr")) and not list(tmp_path.glob(".*partial"))
+
+
+def test_relabelled_tiles_on_the_same_grid_do_not_resume_batches_of_the_old_targets(
+    slide: Path, tiles: Path, tmp_path: Path, capsys
+):
+    """Re-tiling with new annotations keeps the grid (tiles_sha256) but changes the targets: a partial
+    state of the old labels must not be resumed."""
+    old, new = tmp_path / "old.parquet", tmp_path / "new.parquet"
+    pd.read_parquet(tiles).assign(label=pd.array([0] * 12, dtype="Int64")).to_parquet(old)
+    pd.read_parquet(tiles).assign(label=pd.array([1] * 12, dtype="Int64")).to_parquet(new)
+    extra = ("--smoothgrad-samples", "0", "--workers", "0", "--batch-size", "3")
+    killed = subprocess.run(
+        [sys.executable, "-m", "smoothsal.cli", *saliency_args(slide, old, tmp_path, "original", *extra),
+         "--stop-after-batches", "1"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    rc, stdout, _ = run(saliency_args(slide, new, tmp_path, "original", *extra), capsys)
+    assert rc == 0 and "12 computed" in stdout
+    assert pd.read_parquet(tmp_path / "original.parquet")["target"].tolist() == [1] * 12
+
+
+def test_library_run_records_the_checkpoint_it_loads(slide: Path, tiles: Path, tmp_path: Path):
+    """``run_saliency`` hashes the checkpoint itself: settings built without ``model_sha256`` must not
+    record (and resume under) ``random-init`` for a trained model."""
+    torch.manual_seed(1)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(ss.load_model("resnet18", num_classes=2).state_dict(), checkpoint)
+    three = tmp_path / "three.parquet"
+    pd.read_parquet(tiles).head(3).to_parquet(three)
+    settings = saliency.SaliencySettings("resnet18", 2, "original", ("layer1",), smoothgrad_samples=0)
+    options = saliency.RunOptions(tmp_path / "o.zarr", tmp_path / "o.parquet", workers=0, progress=False)
+    saliency.run_saliency(slide, three, settings, options, checkpoint=checkpoint)
+    meta, _ = read_store(tmp_path / "o.zarr")
+    assert meta["settings"]["model_sha256"] == saliency.checkpoint_sha256(checkpoint) != "random-init"
+
+
+def test_segmentation_tiles_without_annotation_target_the_originals_predicted_majority(
+    slide: Path, tiles: Path, tmp_path: Path
+):
+    """No annotation (majority_class missing) is no label: the target is the original's predicted
+    majority non-background class, as for unlabelled classification tiles, not the background."""
+    table = pd.read_parquet(tiles).head(3).assign(majority_class=pd.array([None, 2, None], dtype="Int64"))
+    seg_tiles = tmp_path / "seg.parquet"
+    table.to_parquet(seg_tiles)
+    model, _, norm = load_with_surrogate("unet_resnet34", num_classes=3)
+    with torch.no_grad():  # a model that predicts class 1 (not background) on some pixels
+        model.get_submodule("segmentation_head.0").bias.copy_(torch.tensor([0.0, 0.5, -5.0]))
+    checkpoint = tmp_path / "seg.pt"
+    torch.save(model.state_dict(), checkpoint)
+    args = [
+        "saliency", str(slide), "--tiles", str(seg_tiles), "--arch", "unet_resnet34", "--num-classes", "3",
+        "--checkpoint", str(checkpoint),
+        "--task", "segmentation", "--method", "original", "--layers", "layer1", "--attributions", "gradient",
+        "--smoothgrad-samples", "0", "--workers", "0", "--no-progress",
+        "--out", str(tmp_path / "seg.zarr"), "--table", str(tmp_path / "seg.parquet"),
+    ]  # fmt: skip
+    assert run(args)[0] == 0
+    out = pd.read_parquet(tmp_path / "seg.parquet")
+    x = torch.stack([TileDataset(table, transform=norm)[i][0] for i in range(3)])
+    with torch.no_grad():
+        predicted = ss.metrics.majority_label(model(x).argmax(1))
+    assert predicted[[0, 2]].ne(0).any()  # the check can tell predicted from background
+    assert out["target"].tolist() == [int(predicted[0]), 2, int(predicted[2])]
+    assert out["pd_masked"].isna().all()  # method original; no mask where unannotated
+
+
+def test_out_that_is_no_store_is_refused_not_deleted(slide: Path, tiles: Path, tmp_path: Path, capsys):
+    """``--out results/`` (the store name forgotten) must not wipe the folder at the end."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    args = saliency_args(slide, tiles, tmp_path, "original", "--smoothgrad-samples", "0")
+    args[args.index("--out") + 1] = str(folder)
+    rc, _, err = run(args, capsys)
+    assert rc == 1 and err.count("\n") == 1 and f"{folder} exists and is not a saliency store" in err
+    assert (folder / "notes.txt").read_text() == "keep me"
