@@ -1,0 +1,477 @@
+"""The Snakemake workflow, run for real on tiny inputs: every stage's outputs, incremental reruns, a
+broken slide under --keep-going, config errors, lint, and a real single-node SLURM cluster.
+
+Tiny means: 64 px tiles at 1 µm/px, at most 4 tiles per slide, SmoothGrad n = 2, one epoch; the demo
+slides at 512 px (`smoothsal demo-data --size 512`) plus the real CMU-1-Small-Region slides.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Reader
+
+import smoothsal as ss
+from smoothsal.training import read_surrogate
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+PROFILES = ROOT / "workflow" / "profiles"
+SLURM_SCRIPT = ROOT / "workflow" / "scripts" / "slurm-localhost.sh"
+METHODS = ["original", "surrogate", "backward_hook", "forward_hook"]
+ATTRIBUTIONS = ["gradient", "deeplift"]
+LAYERS = ["layer1", "layer2", "layer3"]
+MAX_TILES = 4
+TILES = {"tile_size": 64, "target_mpp": 1.0, "max_tiles": MAX_TILES}
+SHEET_COLUMNS = ("slide_id", "path", "annotation", "split", "mpp")
+
+pytestmark = pytest.mark.slow
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """`snakemake -s Snakefile --directory WORKDIR ARGS` in a subprocess (output captured, text)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir), *args]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(cmd)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
+    return result
+
+
+def run_local(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """A real local run with the repo's default profile (keep-going) on 2 cores."""
+    return snakemake(
+        workdir, "--workflow-profile", str(PROFILES / "default"), "--cores", "2", *args, check=check
+    )
+
+
+def planned_jobs(workdir: Path, *args: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Snakemake's own dry-run job list: {(rule, ((wildcard, value), ...))}, without the target rule `all`."""
+    out = snakemake(workdir, "--dry-run", *args).stdout
+    jobs, rule, wildcards = set(), None, ()
+    for line in out.splitlines() + ["rule end:"]:
+        header = re.match(r"^(?:local)?rule (\w+):$", line)
+        if header:
+            if rule not in (None, "all"):
+                jobs.add((rule, wildcards))
+            rule, wildcards = header.group(1), ()
+        elif rule and line.strip().startswith("wildcards:"):
+            items = line.split(":", 1)[1].split(",")
+            wildcards = tuple(sorted(tuple(item.strip().split("=", 1)) for item in items))
+    return jobs
+
+
+def job(rule: str, **wildcards: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return rule, tuple(sorted(wildcards.items()))
+
+
+def slide_jobs(dataset: str, slide: str) -> set:
+    """The jobs one new eval slide adds: its tiles, saliency per method and heatmaps."""
+    return {
+        job("tiles", dataset=dataset, slide=slide),
+        *(job("saliency", dataset=dataset, slide=slide, method=m) for m in METHODS),
+        job("heatmaps", dataset=dataset, slide=slide),
+    }
+
+
+def write_sheet(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, SHEET_COLUMNS, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in SHEET_COLUMNS} for row in rows)
+
+
+def add_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open() as f:
+        old = list(csv.DictReader(f, delimiter="\t"))
+    write_sheet(path, old + rows)
+
+
+def write_config(workdir: Path, config: dict) -> Path:
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def edit_config(workdir: Path, edit) -> None:
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    edit(config)
+    write_config(workdir, config)
+
+
+def demo(dataset: str, name: str, split: str) -> dict[str, str]:
+    suffix = "xml" if dataset == "camelyon16" else "geojson"
+    return {"slide_id": name, "path": f"demo/{dataset}/{name}.tif", "annotation": f"demo/{dataset}/{name}.{suffix}",
+            "split": split}  # fmt: skip
+
+
+def copy_workdir(src: Path, dst: Path) -> Path:
+    """A copy with modification times and Snakemake's metadata, so it is as up to date as the original."""
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    return dst
+
+
+def tiny_config(datasets: dict, **overrides) -> dict:
+    config = {
+        "methods": METHODS,
+        "attributions": ATTRIBUTIONS,
+        "layers": LAYERS,
+        "smoothgrad": {"samples": 2, "stdev": 0.2, "seed": 0},
+        "saliency": {"batch_size": 4, "device": "cpu"},
+        "heatmaps": {"tissue_mpp": 4.0},
+        "demo": {"out": "demo", "size": 512, "seed": 0},
+        "datasets": datasets,
+    }
+    config.update(overrides)
+    return config
+
+
+# --- the shared full run -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slides_dir() -> Path:
+    data = Path(os.environ.get("SMOOTHSAL_DATA", ROOT.parent / "shared" / "data"))
+    if not (data / "slides").is_dir():
+        pytest.fail(f"test data not found at {data}; set SMOOTHSAL_DATA to ../shared/data")
+    return data / "slides"
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, slides_dir: Path) -> Path:
+    """The whole workflow once, on two datasets: a Camelyon16-style classification dataset (demo slides +
+    the real CMU-1-Small-Region.svs) and a Digipath-style segmentation dataset (demo slides), both with
+    models trained by rule train_model. Tests copy this directory and work on the copy."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    write_sheet(workdir / "sheets" / "c16.tsv", [
+        demo("camelyon16", "tumor_001", "train"),
+        demo("camelyon16", "normal_001", "train"),
+        demo("camelyon16", "test_001", "eval"),
+        {"slide_id": "cmu", "path": str(slides_dir / "CMU-1-Small-Region.svs")},  # split empty = eval
+    ])  # fmt: skip
+    write_sheet(workdir / "sheets" / "digi.tsv", [demo("digipath", "digi_001", "train"),
+                                                  demo("digipath", "digi_003", "eval")])  # fmt: skip
+    datasets = {
+        "c16": {
+            "slides": "sheets/c16.tsv",
+            "task": "classification",
+            "model": {"arch": "resnet18", "num_classes": 2, "train": {"epochs": 1, "batch_size": 8}},
+            "tiles": TILES,
+            "surrogate": {"epochs": 1, "batch_size": 8},
+        },
+        "digi": {
+            "slides": "sheets/digi.tsv",
+            "task": "segmentation",
+            "class_map": "Tumor=1,Stroma=2",
+            "model": {"arch": "unet_resnet34", "num_classes": 3, "train": {"epochs": 1, "batch_size": 4}},
+            "tiles": TILES,
+            "surrogate": {"epochs": 1, "batch_size": 4},
+        },
+    }
+    write_config(workdir, tiny_config(datasets))
+    run_local(workdir)
+    return workdir
+
+
+EVAL_SLIDES = {"c16": ["test_001", "cmu"], "digi": ["digi_003"]}
+TRAIN_SLIDES = {"c16": ["tumor_001", "normal_001"], "digi": ["digi_001"]}
+ARCH = {"c16": ("resnet18", 2), "digi": ("unet_resnet34", 3)}
+
+
+def test_full_run_writes_every_output(full_run: Path) -> None:
+    results = full_run / "results"
+    tiles = {}
+    for dataset, slides in EVAL_SLIDES.items():
+        for slide in slides + TRAIN_SLIDES[dataset]:
+            table = pd.read_parquet(results / dataset / "tiles" / f"{slide}.parquet")
+            assert 0 < len(table) <= MAX_TILES, (dataset, slide, len(table))
+            assert set(table["slide_id"]) == {slide}
+            assert (table["tile_size"] == 64).all()
+            assert (results / dataset / "tiles" / f"{slide}.png").stat().st_size > 0
+            tiles[dataset, slide] = table
+
+    for dataset, (arch, k) in ARCH.items():
+        ss.load_model(
+            arch, num_classes=k, checkpoint=results / dataset / "model.pt"
+        )  # the trained demo model
+        paths, meta = read_surrogate(results / dataset / "surrogate.pt")
+        assert meta.arch == arch and len(paths.specs) > 0
+        # the surrogate saw exactly the train split's tiles
+        assert meta.settings.n_tiles == sum(len(tiles[dataset, s]) for s in TRAIN_SLIDES[dataset])
+        losses = pd.read_csv(results / dataset / "surrogate.losses.csv")
+        assert len(losses) == 1 and losses["l1_total"].notna().all()
+
+    for dataset, slides in EVAL_SLIDES.items():
+        for slide in slides:
+            n = len(tiles[dataset, slide])
+            for method in METHODS:
+                stem = results / dataset / "saliency" / slide / method
+                table = pd.read_parquet(stem.with_suffix(".parquet"))
+                assert (
+                    len(table) == n
+                    and set(table["method"]) == {method}
+                    and set(table["dataset"]) == {dataset}
+                )
+                tv = table[[f"tv/{a}/{layer}" for a in ATTRIBUTIONS for layer in LAYERS]]
+                assert tv.notna().all().all() and (tv.to_numpy() >= 0).all() and (tv.to_numpy() > 0).any()
+                store = zarr.open_group(stem.with_suffix(".zarr"), mode="r")
+                assert store.attrs["smoothsal"]["method"] == method
+                for a in ATTRIBUTIONS:
+                    for layer in LAYERS:
+                        assert store[f"{a}/{layer}"].shape[0] == n
+            check_container(results / dataset / "heatmaps" / f"{slide}.ome.zarr", slide)
+
+    report = results / "report"
+    assert "<html" in (report / "index.html").read_text().lower()
+    tv = pd.read_csv(report / "tables" / "tv.csv")
+    assert set(tv["dataset"]) == set(EVAL_SLIDES) and set(tv["method"]) == set(METHODS)
+    assert set(tv["layer"]) == set(LAYERS) and set(tv["attribution"]) == set(ATTRIBUTIONS)
+
+    for log in ["demo_data.log", "report.log", "tiles/c16/cmu.log", "saliency/digi/digi_003/surrogate.log",
+                "train_surrogate/c16.log", "train_model/digi.log", "heatmaps/c16/test_001.log"]:  # fmt: skip
+        assert (results / "logs" / log).is_file(), log
+    assert len(list((results / "benchmarks").rglob("*.tsv"))) == 1 + 6 + 2 + 2 + 12 + 3 + 1
+
+
+def check_container(path: Path, slide: str) -> None:
+    """Every method × attribution × layer heatmap opens with ome-zarr-py as a µm-scaled 2-D pyramid."""
+    meta = zarr.open_group(path, mode="r").attrs["smoothsal"]
+    assert meta["slide_id"] == slide
+    heatmaps = {
+        (i["method"], i["attribution"], i["layer"]): i["path"]
+        for i in meta["images"]
+        if i["kind"] == "heatmap"
+    }
+    assert set(heatmaps) == {(m, a, layer) for m in METHODS for a in ATTRIBUTIONS for layer in LAYERS}
+    for image in [heatmaps["surrogate", "deeplift", "layer3"], "tissue"]:
+        node = next(iter(Reader(parse_url(path / image))()))
+        assert node.data and all(level.ndim == (3 if image == "tissue" else 2) for level in node.data)
+        scale = node.metadata["coordinateTransformations"][0][0]["scale"]
+        extent_um = node.data[0].shape[-1] * scale[-1]
+        slide_um = meta["slide_size_px"][0] * meta["slide_mpp"]
+        assert abs(extent_um - slide_um) <= 0.05 * slide_um, (image, extent_um, slide_um)
+
+
+def test_new_slide_runs_only_its_jobs_and_the_report(
+    full_run: Path, tmp_path: Path, slides_dir: Path
+) -> None:
+    workdir = copy_workdir(full_run, tmp_path / "w")
+    assert planned_jobs(workdir) == set()
+    add_rows(workdir / "sheets" / "c16.tsv", [{"slide_id": "cmu_pyramid",
+                                             "path": str(slides_dir / "CMU-1-Small-Region-pyramid.tiff")}])  # fmt: skip
+    # an eval slide: no model or surrogate training, only its own jobs and the report
+    assert planned_jobs(workdir) == slide_jobs("c16", "cmu_pyramid") | {job("report")}
+    run_local(workdir)
+    assert (workdir / "results" / "c16" / "heatmaps" / "cmu_pyramid.ome.zarr").is_dir()
+    tv = pd.read_csv(workdir / "results" / "report" / "tables" / "tv_per_slide.csv")
+    assert "cmu_pyramid" in set(tv["slide_id"])
+    assert planned_jobs(workdir) == set()
+
+
+def test_settings_rerun_what_they_affect(full_run: Path, tmp_path: Path) -> None:
+    workdir = copy_workdir(full_run, tmp_path / "w")
+    eval_slides = {(d, s) for d, slides in EVAL_SLIDES.items() for s in slides}
+
+    def planned_after(edit) -> set:
+        edit_config(workdir, edit)
+        return planned_jobs(workdir)
+
+    # speed-only options: nothing reruns
+    assert planned_after(lambda c: c["saliency"].update(batch_size=1, device="auto")) == set()
+    # SmoothGrad: every saliency job, heatmaps and report; no tiles, no training
+    expected = {job("saliency", dataset=d, slide=s, method=m) for d, s in eval_slides for m in METHODS}
+    expected |= {job("heatmaps", dataset=d, slide=s) for d, s in eval_slides} | {job("report")}
+    assert planned_after(lambda c: c["smoothgrad"].update(samples=3)) == expected
+    # one dataset's surrogate epochs: its surrogate and its surrogate saliency maps only
+    edit_config(workdir, lambda c: c["smoothgrad"].update(samples=2))
+    expected = {job("train_surrogate", dataset="c16")}
+    expected |= {job("saliency", dataset="c16", slide=s, method="surrogate") for s in EVAL_SLIDES["c16"]}
+    expected |= {job("heatmaps", dataset="c16", slide=s) for s in EVAL_SLIDES["c16"]} | {job("report")}
+    assert planned_after(lambda c: c["datasets"]["c16"]["surrogate"].update(epochs=2)) == expected
+
+
+def test_broken_slide_fails_alone(full_run: Path, tmp_path: Path, slides_dir: Path) -> None:
+    workdir = copy_workdir(full_run, tmp_path / "w")
+    broken = slides_dir / "broken.svs"
+    add_rows(workdir / "sheets" / "c16.tsv", [
+        {"slide_id": "broken", "path": str(broken), "split": "eval"},
+        {"slide_id": "tcga", "path": str(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"), "mpp": "0.5"},  # no µm/px in file
+    ])  # fmt: skip
+    result = run_local(workdir, check=False)
+    assert result.returncode != 0
+    results = workdir / "results"
+    log = (results / "logs" / "tiles" / "c16" / "broken.log").read_text()
+    assert str(broken) in log and "error" in log.lower()
+    # the good new slide finished every stage under --keep-going
+    assert (results / "c16" / "heatmaps" / "tcga.ome.zarr").is_dir()
+    for method in METHODS:
+        assert len(pd.read_parquet(results / "c16" / "saliency" / "tcga" / f"{method}.parquet")) > 0
+    # the report waits for every slide: excluding the broken one lets it run, and nothing else
+    edit_config(workdir, lambda c: c["datasets"]["c16"].update(exclude=["broken"]))
+    assert planned_jobs(workdir) == {job("report")}
+    run_local(workdir)
+    tv = pd.read_csv(results / "report" / "tables" / "tv_per_slide.csv")
+    assert "tcga" in set(tv["slide_id"]) and "broken" not in set(tv["slide_id"])
+
+
+# --- configuration, lint, the shipped config -------------------------------------------------------------
+
+
+@pytest.fixture
+def shipped(tmp_path: Path) -> Path:
+    """A working directory with the repo's sample sheets (the shipped config's paths are relative to it)."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    return tmp_path
+
+
+def test_lint_is_clean(shipped: Path) -> None:
+    result = snakemake(shipped, "--configfile", str(ROOT / "config.yaml"), "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_shipped_config_is_the_demo(shipped: Path) -> None:
+    """The shipped config plans the whole demo: demo data, both models, surrogates, every eval slide."""
+    jobs = planned_jobs(shipped, "--configfile", str(ROOT / "config.yaml"))
+    counts = pd.Series([rule for rule, _ in jobs]).value_counts().to_dict()
+    assert counts == {"demo_data": 1, "tiles": 9, "train_model": 2, "train_surrogate": 2, "saliency": 3 * 4,
+                      "heatmaps": 3, "report": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["datasets"]["c16"].update(tiles={"tile_sise": 64}), "'tile_sise' was unexpected"),
+        (lambda c: c["datasets"]["c16"].pop("model"), "'model' is a required property"),
+        (lambda c: c.update(methods=["original", "smooth"]), "'smooth' is not one of"),
+        (lambda c: c["datasets"]["c16"].update(slides="sheets/missing.tsv"), "sheets/missing.tsv not found"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_key(tmp_path: Path, slides_dir: Path, edit, message: str) -> None:
+    write_sheet(tmp_path / "sheets" / "c16.tsv", [
+        {"slide_id": "cmu", "path": str(slides_dir / "CMU-1-Small-Region.svs"), "split": "eval"},
+        {"slide_id": "cmu_pyramid", "path": str(slides_dir / "CMU-1-Small-Region-pyramid.tiff"), "split": "train"},
+    ])  # fmt: skip
+    write_config(
+        tmp_path,
+        tiny_config({"c16": {"slides": "sheets/c16.tsv", "model": {"arch": "resnet18", "num_classes": 2}}}),
+    )
+    assert len(planned_jobs(tmp_path)) == 2 + 1 + 4 + 1 + 1  # valid as written
+    edit_config(tmp_path, edit)
+    result = snakemake(tmp_path, "--dry-run", check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+
+
+def test_sample_sheet_errors_name_the_sheet(tmp_path: Path, slides_dir: Path) -> None:
+    write_sheet(tmp_path / "s.tsv", [{"slide_id": "cmu", "path": str(slides_dir / "CMU-1-Small-Region.svs"),
+                                      "split": "test"}])  # fmt: skip
+    write_config(
+        tmp_path, tiny_config({"c16": {"slides": "s.tsv", "model": {"arch": "resnet18", "num_classes": 2}}})
+    )
+    result = snakemake(tmp_path, "--dry-run", check=False)
+    assert result.returncode != 0
+    assert "sample sheet s.tsv" in result.stdout + result.stderr
+    assert "'test' is not one of" in result.stdout + result.stderr
+
+
+def test_glob_dataset_finds_slides_and_annotations(tmp_path: Path, slides_dir: Path) -> None:
+    """A dataset given as a glob: slide id = file name, annotation by pattern where it exists, train split."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.svs").symlink_to(slides_dir / "CMU-1-Small-Region.svs")
+    shutil.copy(slides_dir.parent / "annotations" / "tumor_081.xml", folder / "b.xml")
+    dataset = {"slides": "slides/*.svs", "annotations": "slides/{slide}.xml", "train_slides": ["a"],
+               "model": {"arch": "resnet18", "num_classes": 2}}  # fmt: skip
+    write_config(tmp_path, tiny_config({"g": dataset}))
+    assert planned_jobs(tmp_path) == {job("tiles", dataset="g", slide="a"), job("train_surrogate", dataset="g"),
+                                      job("report")} | slide_jobs("g", "b")  # fmt: skip
+    commands = snakemake(tmp_path, "--dry-run", "--printshellcmds").stdout
+    tiles = [line for line in commands.splitlines() if line.startswith("Shell command: smoothsal tiles")]
+    assert len(tiles) == 2 and sum("--annotations slides/b.xml" in line for line in tiles) == 1
+
+
+# --- SLURM ---------------------------------------------------------------------------------------------
+
+
+def slurm_up() -> None:
+    """Fail (not skip) with the fix when no SLURM answers: CI starts one with workflow/scripts/slurm-localhost.sh."""
+    fix = f"start a single-node SLURM on localhost first: sudo {SLURM_SCRIPT.relative_to(ROOT)} up"
+    for cmd in (["sinfo", "-h", "-o", "%T"], ["sacct", "-n", "-X", "-S", "now-1minutes"]):
+        try:
+            result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
+        except (FileNotFoundError, subprocess.TimeoutExpired) as err:
+            pytest.fail(f"SLURM is not up ({cmd[0]}: {err}); {fix}")
+        if result.returncode != 0:
+            pytest.fail(f"SLURM is not up ({' '.join(cmd)}: {result.stderr.strip()}); {fix}")
+
+
+def test_slurm_runs_every_job_through_sbatch(tmp_path: Path, slides_dir: Path) -> None:
+    slurm_up()
+    repo_profile = yaml.safe_load((PROFILES / "slurm" / "profile.yaml").read_text())
+    assert (
+        repo_profile["executor"] == "slurm" and repo_profile["set-resources"]["train_surrogate"]["gpu"] == 2
+    )
+    # the repo's profile, sized down for this 2-core node (its GPU requests stay as they are)
+    profile = dict(
+        repo_profile, **{"latency-wait": 5, "retries": 0, "default-resources": {"mem_mb": 500, "runtime": 10}}
+    )
+    profile["set-resources"] = {
+        rule: dict(r, mem_mb=500) for rule, r in repo_profile["set-resources"].items()
+    }
+    profile["set-threads"] = {rule: 1 for rule in repo_profile["set-threads"]}
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "profile.yaml").write_text(yaml.safe_dump(profile))
+
+    workdir = tmp_path / "w"
+    write_sheet(workdir / "s.tsv", [
+        {"slide_id": "cmu", "path": str(slides_dir / "CMU-1-Small-Region.svs"), "split": "eval"},
+        {"slide_id": "cmu_pyramid", "path": str(slides_dir / "CMU-1-Small-Region-pyramid.tiff"), "split": "train"},
+    ])  # fmt: skip
+    dataset = {"slides": "s.tsv", "model": {"arch": "resnet18", "num_classes": 2}, "tiles": dict(TILES, max_tiles=3),
+               "surrogate": {"epochs": 1, "batch_size": 4}}  # fmt: skip
+    write_config(
+        workdir, tiny_config({"c16": dataset}, methods=["original", "surrogate"], layers=["layer1", "layer2"])
+    )
+    prefix = f"smoothsaltest{uuid.uuid4().hex[:8]}"
+    snakemake(workdir, "--workflow-profile", str(tmp_path / "profile"), "--slurm-init-seconds-before-status-checks",
+              "1", "--slurm-no-account", "--slurm-jobname-prefix", prefix, timeout=600)  # fmt: skip
+    assert (workdir / "results" / "report" / "index.html").is_file()
+    # gpu=2 → two torchrun workers (gloo on this GPU-less node)
+    assert "2 process(es)" in (workdir / "results" / "logs" / "train_surrogate" / "c16.log").read_text()
+
+    fields = ["JobName", "Comment", "State", "ReqTRES", "AllocTRES"]
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-1hours", "-o", ",".join(f"{f}%300" for f in fields)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    jobs = [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.startswith(prefix)]
+    rules = [re.match(r"rule_(\w+?)(_wildcards_|$)", j["Comment"]).group(1) for j in jobs]
+    assert sorted(rules) == sorted(
+        ["tiles", "tiles", "train_surrogate", "saliency", "saliency", "heatmaps", "report"]
+    )
+    assert {j["State"] for j in jobs} == {"COMPLETED"}
+    for j, rule in zip(jobs, rules):
+        gpus = {"train_surrogate": 2, "saliency": 1}.get(rule)
+        for tres in ("ReqTRES", "AllocTRES"):
+            assert (f"gres/gpu={gpus}" in j[tres]) if gpus else ("gres/gpu" not in j[tres]), (
+                rule,
+                tres,
+                j[tres],
+            )
