@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -250,6 +251,20 @@ def test_full_run_writes_every_output(full_run: Path) -> None:
                 "train_surrogate/c16.log", "train_model/digi.log", "heatmaps/c16/test_001.log"]:  # fmt: skip
         assert (results / "logs" / log).is_file(), log
     assert len(list((results / "benchmarks").rglob("*.tsv"))) == 1 + 6 + 2 + 2 + 12 + 3 + 1
+
+
+def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tmp_path: Path) -> None:
+    workdir = copy_workdir(full_run, tmp_path / "w")
+    snakemake(workdir, "--report", "report.zip")
+    with zipfile.ZipFile(workdir / "report.zip") as z:
+        names = z.namelist()
+    files = {Path(n).name for n in names}  # the zip stores each report() file under a hashed folder
+    assert {"tv.csv", "prediction_difference.csv", "tv_reduction.csv", "accuracy.csv"} <= files, names
+    overviews = {f"{d}_{s}.png" for d, slides in EVAL_SLIDES.items() for s in slides}
+    assert overviews <= files, (overviews, names)
+    assert {"c16_resnet18.png", "digi_unet_resnet34.png"} <= files, names  # TV per layer, per dataset/model
+    html = "\n".join(n for n in names if n.endswith(".html"))
+    assert html, names
 
 
 def check_container(path: Path, slide: str) -> None:

@@ -287,4 +287,4 @@ def get_report_heatmaps(wildcards):
 
 
 def get_final_outputs():
-    return ["results/report"]
+    return ["results/report/index.html"]

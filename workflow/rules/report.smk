@@ -6,7 +6,27 @@ rule report:
         tables=get_report_tables,
         heatmaps=get_report_heatmaps,
     output:
-        directory("results/report"),
+        index="results/report/index.html",
+        tables=report(
+            directory("results/report/tables"),
+            patterns=["{name}.csv"],
+            caption="../report/tables.rst",
+            category="Tables",
+        ),
+        tv=report(
+            directory("results/report/figures/tv_per_layer"),
+            patterns=["{name}.png"],
+            caption="../report/tv_per_layer.rst",
+            category="Figures",
+            subcategory="TV per layer",
+        ),
+        overview=report(
+            directory("results/report/figures/overview"),
+            patterns=["{name}.png"],
+            caption="../report/overview.rst",
+            category="Figures",
+            subcategory="Slide overviews",
+        ),
     params:
         version=VERSION,
     log:
@@ -20,5 +40,5 @@ rule report:
     conda:
         "../../envs/smoothsal.yaml"
     shell:
-        "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q} --out {output:q}"
+        "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q} --out results/report"
         " > {log:q} 2>&1"
