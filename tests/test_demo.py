@@ -13,7 +13,9 @@ from skimage.measure import points_in_poly
 
 from smoothsal import demo, load_model
 from smoothsal.cli import main
-from smoothsal.slides import hsv_saturation, read_annotations
+from smoothsal.evaluation import predict
+from smoothsal.slides import TileDataset, hsv_saturation, read_annotations
+from smoothsal.training import Normalize
 
 SIZE = 1024  # level-0 px per side: ~30 tiles of 64 px at 1 µm/px
 SLIDES = ("tumor_001", "normal_001", "digi_001")
@@ -133,6 +135,33 @@ def test_train_model_classifier_loads_and_is_seeded(tiles: dict[str, Path], tmp_
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     running = a["state_dict"]["bn1.running_mean"]
     assert not torch.equal(running, torch.zeros_like(running))  # statistics of the tiles, not the init
+
+
+def test_train_model_classifier_learns(tiles: dict[str, Path], tmp_path: Path) -> None:
+    """Trained on tumor_001 + normal_001, the classifier tells tumour from normal tiles on the demo's
+    evaluation slides, which it never saw. Balanced accuracy measured at this size, 2 epochs: 0.90-0.99
+    over data seeds 0, 1, 3, 4 x model seeds 0-2 (0.93 here); untrained models give 0.39-0.5."""
+    held_out = ("test_001", "test_002")
+    assert demo_data(tmp_path, "--size", str(SIZE), "--slides", *held_out) == 0
+    tables = []
+    for name in held_out:
+        slide, annotation, _ = demo.slide_paths(tmp_path, spec(name))
+        table = tmp_path / f"{name}.parquet"
+        args = ["tiles", str(slide), "--annotations", str(annotation), "--out", str(table)]
+        assert main(args + TILE_ARGS) == 0
+        tables.append(pd.read_parquet(table))
+    test = pd.concat(tables, ignore_index=True)
+    labels = test["label"].to_numpy(int)
+    assert (labels == 0).sum() >= 20 and (labels == 1).sum() >= 5
+
+    out = tmp_path / "model.pt"
+    args = ["train-model", "--arch", "resnet18", "--num-classes", "2"]
+    args += ["--tiles", str(tiles["tumor_001"]), str(tiles["normal_001"])]
+    assert main(args + ["--epochs", "2", "--batch-size", "16", "--out", str(out), "--no-progress"]) == 0
+    model = load_model("resnet18", num_classes=2, checkpoint=out)
+    predicted = predict({"m": model}, TileDataset(test, transform=Normalize()))["m"].argmax(1).numpy()
+    recall = [float((predicted[labels == c] == c).mean()) for c in (0, 1)]
+    assert np.mean(recall) >= 0.75, f"balanced accuracy {np.mean(recall):.2f} (recall per class {recall})"
 
 
 def test_train_model_segmenter(demo_dir: Path, tiles: dict[str, Path], tmp_path: Path) -> None:
