@@ -124,30 +124,27 @@ def _run_tiles(args: argparse.Namespace) -> None:
 # --- train-surrogate / evaluate (smoothsal.training) ---------------------------------------------
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    """--arch / --num-classes / --checkpoint / --tiles / normalisation, shared by training and evaluation."""
+def _model_args(p: argparse.ArgumentParser, *, tiles: str = "+") -> None:
+    """--arch / --num-classes / --checkpoint / --tiles / normalisation / --workers, shared by the model commands.
+
+    ``tiles="+"``: any number of tile tables (training, evaluation); ``None``: one table (one slide).
+    """
     from pathlib import Path
 
     p.add_argument("--arch", required=True, help="model architecture (see smoothsal.ARCHITECTURES)")
     p.add_argument("--num-classes", type=int, required=True, help="outputs of the model (1 = one logit)")
     p.add_argument("--checkpoint", type=Path, help="model weights (.pt); without it a seeded random init")
     p.add_argument(
-        "--tiles", type=Path, nargs="+", required=True, metavar="TABLE", help="tile tables (.parquet)"
+        "--tiles", type=Path, nargs=tiles, required=True, metavar="TABLE", help="tile tables (.parquet)"
     )
-    p.add_argument(
-        "--mean",
-        type=float,
-        nargs=3,
-        metavar=("R", "G", "B"),
-        help="input normalisation mean (default ImageNet)",
-    )
-    p.add_argument(
-        "--std",
-        type=float,
-        nargs=3,
-        metavar=("R", "G", "B"),
-        help="input normalisation std (default ImageNet)",
-    )
+    for name in ("mean", "std"):
+        p.add_argument(
+            f"--{name}",
+            type=float,
+            nargs=3,
+            metavar=("R", "G", "B"),
+            help=f"input normalisation {name} (default: the surrogate's if given, else ImageNet)",
+        )
     p.add_argument(
         "--workers", type=int, help="DataLoader workers per process (default: min(4, cores per process - 1))"
     )
@@ -361,13 +358,10 @@ def _add_saliency(sub: argparse._SubParsersAction) -> None:
     )
     # fmt: off
     p.add_argument("slide", type=Path, help="whole-slide image the tile table was made from")
-    p.add_argument("--tiles", type=Path, required=True, help="tile table of SLIDE (.parquet from `smoothsal tiles`)")
-    p.add_argument("--arch", required=True, help="model architecture (see smoothsal.ARCHITECTURES)")
-    p.add_argument("--num-classes", type=int, required=True, help="outputs of the model (1 = one logit)")
-    p.add_argument("--checkpoint", type=Path, help="model weights (.pt); without it a seeded random init")
+    # fmt: on
+    _model_args(p, tiles=None)  # --tiles: the tile table of SLIDE (from `smoothsal tiles`)
+    # fmt: off
     p.add_argument("--surrogate", type=Path, help="trained surrogate (.pt from train-surrogate); needed by --method surrogate")
-    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation mean (default: the surrogate's, else ImageNet)")
-    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation std (default: the surrogate's, else ImageNet)")
     p.add_argument("--method", required=True, help="smoothing method: original, surrogate, backward_hook, forward_hook")
     p.add_argument("--layers", nargs="+", required=True, help="layer names or aliases (layer1 … layer4, blocks, module names)")
     p.add_argument("--attributions", nargs="+", default=["gradient", "deeplift"], help="gradient and/or deeplift (default both)")
@@ -378,7 +372,6 @@ def _add_saliency(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=("classification", "segmentation"), default="classification", help="model kind (segmentation: target = tile majority_class)")
     p.add_argument("--dataset", default="", help="dataset name written into the table")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per batch (default 8; does not change results)")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes (default: min(4, cores - 1))")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: CUDA when present")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--out", type=Path, required=True, help="saliency store to write ({method}.zarr directory)")
