@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "partial_paths"]
+__all__ = ["atomic_dir", "atomic_path", "is_zarr_group", "partial_paths", "replace_dir"]
 
 _MARK = ".partial-"
 
@@ -31,3 +32,40 @@ def partial_paths(path: str | Path) -> list[Path]:
     """Temporary files that killed writers of ``path`` left behind."""
     path = Path(path)
     return sorted(path.parent.glob(f".{path.name}{_MARK}*"))
+
+
+def is_zarr_group(path: Path) -> bool:
+    """A Zarr group directory (v2 ``.zgroup`` or v3 ``zarr.json``)."""
+    return path.is_dir() and ((path / ".zgroup").is_file() or (path / "zarr.json").is_file())
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory ``src`` to ``dst``; a former ``dst`` is removed only afterwards."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path, check_existing: Callable[[Path], None]) -> Iterator[Path]:
+    """A fresh hidden sibling ``.NAME.partial`` (not yet created) that replaces ``path`` only if the block
+    completes; one a killed run left is removed first.
+
+    An existing ``path`` is first given to ``check_existing``, which raises if it is not ours to replace:
+    a typo such as ``--out results/`` must never delete a folder.
+    """
+    path = Path(path)
+    if path.exists():
+        check_existing(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

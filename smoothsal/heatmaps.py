@@ -28,12 +28,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ import zarr
 from skimage.transform import downscale_local_mean
 from tqdm import tqdm
 
+from .files import atomic_dir, is_zarr_group
 from .slides import Annotations, Slide, SlideReader, best_level, read_rgb
 
 __all__ = [
@@ -554,35 +553,11 @@ def write_tissue(
 # --- the container --------------------------------------------------------------------------------
 
 
-@contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """A fresh hidden sibling directory that replaces `path` only if the block completes.
-
-    A partial directory left by a killed run is removed first; a finished `path` is replaced, anything
-    else at `path` (a file, a folder that is no Zarr group) is refused.
-    """
-    if path.exists() and not (
-        path.is_dir() and ((path / ".zgroup").is_file() or (path / "zarr.json").is_file())
-    ):  # a typo such as --out results/ must not delete a folder
+def _check_container(path: Path) -> None:
+    if not is_zarr_group(path):
         raise ValueError(
             f"{path} exists and is not a Zarr container; give a new path (SLIDE.ome.zarr) or remove it"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    old = path.with_name(f".{path.name}.old")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    try:
-        yield tmp
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _annotation_list(annotations: Annotations) -> list[dict[str, Any]]:
@@ -616,7 +591,7 @@ def write_container(
     out = Path(out)
     fmt = _format(settings.ngff)
     images: list[dict[str, Any]] = []
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out, _check_container) as tmp:
         root = zarr.open_group(tmp, mode="w", zarr_format=fmt.zarr_format)
         if settings.tissue:
             info = write_tissue(root.create_group("tissue"), slide.reader, slide.mpp, settings, progress)

@@ -10,9 +10,7 @@ exactly (Chan et al.), so a report over thousands of slides never holds all tile
 from __future__ import annotations
 
 import html
-import os
 import re
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
+from .files import atomic_dir
 from .metrics import total_variation
 from .smoothing import METHODS, SurrogatePaths, smooth
 
@@ -776,15 +775,6 @@ def _check_out(out: Path) -> None:
             )
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Put the finished report in place of ``out`` (a former report is removed only afterwards)."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @dataclass(frozen=True)
 class ReportResult:
     """Where the report went and what it holds (paths relative to ``out``)."""
@@ -803,15 +793,12 @@ def write_report(
 ) -> ReportResult:
     """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically."""
     out = Path(out)
-    _check_out(out)
     collected = collect(tables)
     built = report_tables(collected)
     notes = []
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out, _check_out) as tmp:
         for sub in ("tables", "figures/tv_per_layer", "figures/overview"):
             (tmp / sub).mkdir(parents=True)
         for table in built:
@@ -847,9 +834,6 @@ def write_report(
             _save(fig, tmp / stem, settings.dpi)
             figures["overview"].append((stem, caption))
         (tmp / "index.html").write_text(_index_html(settings, collected, built, figures, notes))
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ReportResult(
         out,
         [f"tables/{t.name}.csv" for t in built],

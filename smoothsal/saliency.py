@@ -35,7 +35,7 @@ from tqdm import tqdm
 from . import __version__
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
 from .evaluation import TARGETS, tile_labels
-from .files import atomic_path
+from .files import atomic_path, is_zarr_group, replace_dir
 from .metrics import (
     majority_label,
     masked_prediction_difference,
@@ -205,9 +205,7 @@ def read_tile_table(tiles: Path, slide: Path) -> pd.DataFrame:
 def check_out(out: Path) -> None:
     """``--out`` is replaced at the end: refuse anything there that is not a Zarr store (a typo such as
     ``--out results/`` must not delete a folder)."""
-    if not out.exists():
-        return
-    if not out.is_dir() or not ((out / ".zgroup").is_file() or (out / "zarr.json").is_file()):
+    if out.exists() and not is_zarr_group(out):
         raise ValueError(
             f"{out} exists and is not a saliency store; give a new path ending in {{method}}.zarr, or remove it"
         )
@@ -570,13 +568,7 @@ def _finish(state: _State, options: RunOptions, meta: dict, columns: list[str], 
     else:
         table = pd.DataFrame({c: pd.Series(dtype=_empty_dtype(c)) for c in columns})
     zarr.consolidate_metadata(zarr.open_group(state.store, mode="r+", zarr_format=2).store)
-    out = options.out
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(state.store, out)
+    replace_dir(state.store, options.out)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"smoothsal": json.dumps(meta)})
     with atomic_path(options.table) as tmp:

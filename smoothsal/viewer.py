@@ -35,6 +35,8 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from .files import atomic_dir
+
 __all__ = [
     "COLORMAPS",
     "HOST",
@@ -521,14 +523,8 @@ def export(container: str | Path, out: str | Path, progress: bool = True) -> Exp
 
     c = Container(container)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
-        raise ValueError(
-            f"{out} exists and is not an earlier export; remove it or give another --export folder"
-        )
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, _check_export) as tmp:
+        tmp.mkdir()
         for name in STATIC_FILES:
             shutil.copyfile(STATIC_DIR / name, tmp / name)
         (tmp / "manifest.json").write_bytes(_json(c.manifest()))
@@ -547,16 +543,14 @@ def export(container: str | Path, out: str | Path, progress: bool = True) -> Exp
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(body)
             written, size = written + 1, size + len(body)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ExportSummary(out, written, size)
+
+
+def _check_export(out: Path) -> None:
+    if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file()):
+        raise ValueError(
+            f"{out} exists and is not an earlier export; remove it or give another --export folder"
+        )
 
 
 # --- napari -----------------------------------------------------------------------------------------
