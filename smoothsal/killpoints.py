@@ -1,0 +1,50 @@
+"""A test-only kill switch: ``kill_point(name)`` SIGKILLs this process at the N-th time it is reached
+when the environment says ``SMOOTHSAL_KILL_AT="name=N"`` (several as ``a=2,b=5``).
+
+The resume tests need a real, uncatchable interruption at a known moment (after a checkpoint, mid-way
+through the saliency batches or the stitched blocks); an environment variable gives them that without
+threading debug parameters through public signatures. Without the variable a kill point does nothing.
+
+Kill points: ``surrogate.step`` (after each optimiser step, every process), ``saliency.batch`` (after a
+batch is recorded), ``heatmaps.block`` (after a stitched block is written).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from collections import Counter
+
+from .errors import BadOption
+
+__all__ = ["ENV", "kill_point"]
+
+ENV = "SMOOTHSAL_KILL_AT"
+_hits: Counter[str] = Counter()
+
+
+@functools.cache
+def _limits(spec: str) -> dict[str, int]:
+    limits = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, count = item.partition("=")
+        if not name or not count.strip().isdigit() or int(count) < 1:
+            raise BadOption(
+                f"{ENV}={spec!r}: cannot read {item!r}; write NAME=N (N >= 1), e.g. saliency.batch=2"
+            )
+        limits[name.strip()] = int(count)
+    return limits
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process at the N-th call with ``name`` if ``SMOOTHSAL_KILL_AT`` asks for it."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    limit = _limits(spec).get(name)
+    if limit is None:
+        return
+    _hits[name] += 1
+    if _hits[name] >= limit:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,51 @@
+"""The user-facing error family: builtin bases, one-line messages, and errors raised in DataLoader
+worker processes coming back as themselves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from smoothsal import errors
+
+
+class Failing(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 2:
+            raise errors.BadSlide("/data/a.svs: tile data at level 0, (0, 0) cannot be read; re-copy it")
+        return torch.zeros(1)
+
+
+def test_every_class_is_a_smoothsal_error_and_the_builtin_it_stands_for():
+    for cls in (errors.BadOption, errors.BadSlide, errors.BadAnnotation, errors.BadCheckpoint,
+                errors.BadTable, errors.BadStore):  # fmt: skip
+        assert issubclass(cls, errors.BadInput) and issubclass(cls, ValueError)
+        assert issubclass(cls, errors.SmoothsalError)
+    assert issubclass(errors.MissingInput, FileNotFoundError)
+    assert issubclass(errors.BadOutput, OSError) and not issubclass(errors.BadOutput, ValueError)
+    assert not issubclass(ValueError, errors.SmoothsalError)
+
+
+def test_one_line_joins_a_multi_line_message():
+    assert (
+        errors.one_line(OSError("Not a JPEG file:\n  starts with 0x12"))
+        == "Not a JPEG file: starts with 0x12"
+    )
+    assert errors.one_line(KeyError()) == "KeyError"
+
+
+def test_an_error_from_a_worker_process_comes_back_with_its_own_message():
+    loader = DataLoader(Failing(), batch_size=1, num_workers=1)
+    with pytest.raises(errors.BadSlide) as caught:
+        list(loader)
+    wrapped = caught.value
+    assert str(wrapped).startswith("Caught BadSlide in DataLoader worker process 0")  # torch's wrapping
+    original = errors.from_worker(wrapped)
+    assert type(original) is errors.BadSlide
+    assert str(original) == "/data/a.svs: tile data at level 0, (0, 0) cannot be read; re-copy it"
+    plain = errors.BadTable("t.parquet: no tiles")
+    assert errors.from_worker(plain) is plain
