@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import _module_stack, _ReluUses, in_channels, layer_map
+from .errors import BadOption
+from .hooks import Hooks
+from .models import ReluUses, in_channels, layer_map, module_stack
 
 __all__ = ["ATTRIBUTIONS", "SmoothGrad", "attribute", "target_scalar"]
 
@@ -43,9 +45,9 @@ class SmoothGrad:
 
     def __post_init__(self) -> None:
         if self.samples < 1:
-            raise ValueError(f"SmoothGrad samples must be >= 1, got {self.samples}")
+            raise BadOption(f"SmoothGrad samples must be >= 1, got {self.samples}")
         if self.stdev < 0:
-            raise ValueError(f"SmoothGrad stdev must be >= 0, got {self.stdev}")
+            raise BadOption(f"SmoothGrad stdev must be >= 0, got {self.stdev}")
 
 
 # --- the ReLU that knows both derivatives -----------------------------------------------------
@@ -108,29 +110,25 @@ def _run_baseline(model: nn.Module, zero: torch.Tensor, layers: list[str]) -> _B
     relu_inputs: dict[nn.Module, torch.Tensor] = {}
     layer_outputs: dict[str, torch.Tensor] = {}
     order: list[nn.Module] = []
-    with ExitStack() as stack:
+    with Hooks() as hooks, module_stack(model) as modules, ReluUses(modules) as uses, torch.no_grad():
         for module in model.modules():
-            stack.callback(module.register_forward_hook(lambda m, i, o: order.append(m)).remove)
+            hooks.forward(module, lambda m, i, o: order.append(m))
             if isinstance(module, nn.ReLU):
-                hook = lambda m, i, o: relu_inputs.__setitem__(m, i[0].detach())
-                stack.callback(module.register_forward_hook(hook).remove)
+                hooks.forward(module, lambda m, i, o: relu_inputs.__setitem__(m, i[0].detach()))
         for name in layers:
             hook = lambda m, i, o, n=name: layer_outputs.__setitem__(n, o.detach())
-            stack.callback(model.get_submodule(name).register_forward_hook(hook).remove)
-        modules = stack.enter_context(_module_stack(model))
-        uses = stack.enter_context(_ReluUses(modules))
-        stack.enter_context(torch.no_grad())
+            hooks.forward(model.get_submodule(name), hook)
         model(zero)
     _check_canonical(model, uses)
     return _Baseline(relu_inputs, layer_outputs, order)
 
 
-def _check_canonical(model: nn.Module, uses: _ReluUses) -> None:
+def _check_canonical(model: nn.Module, uses: ReluUses) -> None:
     names = {m: n for n, m in model.named_modules()}
     reused = [names[m] for m, n in uses.module_calls.items() if n > 1]
     functional = [names[m] or type(m).__name__ for m in uses.functional_in]
     if reused or functional:
-        raise ValueError(
+        raise BadOption(
             f"{type(model).__name__} is not in canonical form (ReLU modules run more than once: "
             f"{reused or 'none'}; F.relu called in: {functional or 'none'}); "
             "pass it through smoothsal.canonicalise(model, example) or load it with load_model"
@@ -144,7 +142,7 @@ def _check_rules(model: nn.Module, baseline: _Baseline, layers: list[str]) -> No
     # forward hooks fire on exit, so a container's own position is after its children
     after = [m for m in baseline.order[first + 1 :] if isinstance(m, _OTHER_NONLINEAR)]
     if after:
-        raise ValueError(
+        raise BadOption(
             f"{type(after[0]).__name__} {names[after[0]]!r} runs after layer {layers[0]!r}; "
             "one-pass DeepLift supports ReLU only there (use attributions=('gradient',))"
         )
@@ -156,7 +154,7 @@ def _check_rules(model: nn.Module, baseline: _Baseline, layers: list[str]) -> No
 def _check_input(model: nn.Module, x: torch.Tensor) -> None:
     channels = in_channels(model)
     if x.ndim != 4 or x.shape[1] != channels:
-        raise ValueError(
+        raise BadOption(
             f"input of shape {tuple(x.shape)} does not fit the model; "
             f"allowed: [B, {channels}, H, W] (B tiles of {channels} channels)"
         )
@@ -167,7 +165,7 @@ def _as_target(target: int | Sequence[int] | torch.Tensor, batch: int) -> torch.
     if t.numel() == 1:
         t = t.expand(batch)
     if t.numel() != batch:
-        raise ValueError(f"target has {t.numel()} entries for {batch} tiles; give one per tile")
+        raise BadOption(f"target has {t.numel()} entries for {batch} tiles; give one per tile")
     return t
 
 
@@ -175,7 +173,7 @@ def target_scalar(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample target logit: ``output[b, target[b]]``, summed over pixels for segmentation."""
     classes = output.shape[1]
     if int(target.min()) < 0 or int(target.max()) >= classes:
-        raise ValueError(
+        raise BadOption(
             f"target {target.tolist()} out of range for a model with {classes} output classes; "
             f"allowed: 0..{classes - 1}"
         )
@@ -219,11 +217,11 @@ def _instrumented(
         for module in model.modules():
             if isinstance(module, nn.ReLU):
                 stack.enter_context(_two_rule_forward(module, baseline.relu_inputs[module], mode))
+        hooks = stack.enter_context(Hooks())
         for name in layers:
             module = model.get_submodule(name)
-            stack.callback(module.register_forward_pre_hook(start_graph).remove)
-            hook = lambda m, i, o, n=name: collect(m, i, o, n)
-            stack.callback(module.register_forward_hook(hook).remove)
+            hooks.forward_pre(module, start_graph)
+            hooks.forward(module, lambda m, i, o, n=name: collect(m, i, o, n))
         stack.enter_context(torch.no_grad())
         yield outputs
 
@@ -259,10 +257,10 @@ def attribute(
     """
     unknown = [a for a in attributions if a not in ATTRIBUTIONS]
     if unknown or not attributions:
-        raise ValueError(f"unknown attributions {unknown}; allowed: {', '.join(ATTRIBUTIONS)}")
+        raise BadOption(f"unknown attributions {unknown}; allowed: {', '.join(ATTRIBUTIONS)}")
     _check_input(model, x)
     if model.training:
-        raise ValueError("model is in training mode; call model.eval() (BatchNorm must be frozen)")
+        raise BadOption("model is in training mode; call model.eval() (BatchNorm must be frozen)")
     keys = layer_map(model, layers)
     resolved = list(dict.fromkeys(keys.values()))
     target = _as_target(target, x.shape[0]).to(x.device)
@@ -307,7 +305,7 @@ def _tile_generators(seeds: Sequence[int] | None, x: torch.Tensor) -> list[torch
         return None
     seeds = [int(s) for s in seeds]
     if len(seeds) != x.shape[0]:
-        raise ValueError(f"noise_seeds has {len(seeds)} entries for {x.shape[0]} tiles; give one per tile")
+        raise BadOption(f"noise_seeds has {len(seeds)} entries for {x.shape[0]} tiles; give one per tile")
     return [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
 
 

@@ -1,4 +1,5 @@
-"""Build and load the supported models; canonicalise ReLUs; name the resolution stages.
+"""Build and load the supported models; their input normalisation; canonicalise ReLUs; name the
+resolution stages; read and write torch files.
 
 Canonical form matters for DeepLift: Captum (and our one-pass DeepLift) attach state to each ReLU
 module, so a ReLU module that runs twice, or a functional ``F.relu``, gives wrong attributions.
@@ -7,9 +8,11 @@ module, so a ReLU module that runs twice, or a functional ``F.relu``, gives wron
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,15 +21,30 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import BadCheckpoint, BadOption, MissingInput, one_line
+from .files import atomic_path
+from .hooks import Hooks
+
 __all__ = [
     "ARCHITECTURES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Normalize",
+    "ReluUses",
     "canonicalise",
+    "check_arch",
+    "check_input_size",
+    "file_sha256",
     "in_channels",
+    "layer_map",
     "load_model",
     "load_torch_file",
+    "module_stack",
     "resolve_layer",
     "resolve_layers",
+    "save_torch_file",
     "stage_blocks",
+    "weights_sha256",
 ]
 
 # --- registry ---------------------------------------------------------------------------------
@@ -70,16 +88,44 @@ _CHECKPOINT_CONTAINERS = ("state_dict", "model", "model_state_dict", "network", 
 _KEY_PREFIXES = ("module.", "model.", "net.", "network.", "_orig_mod.")
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """Tile RGB in [0, 1] → the model's input units: (x − mean) / std per channel (picklable)."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise BadOption(
+                f"normalisation needs one positive std per mean, got {self.mean} / {self.std}; fix --mean/--std"
+            )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return (x - mean) / std
+
+
+def check_arch(arch: str) -> None:
+    """Raise a one-line error naming the allowed architectures unless ``arch`` is registered."""
+    if arch not in ARCHITECTURES:
+        raise BadOption(f"unknown arch {arch!r}; allowed: {', '.join(sorted(ARCHITECTURES))}")
+
+
 def load_model(arch: str, *, num_classes: int, checkpoint: str | Path | None = None, **kw) -> nn.Module:
     """A registered architecture in eval mode and canonical form, optionally with trained weights.
 
     ``checkpoint`` may be a plain state dict, a MONAI bundle ``model.pt``, or a Lightning/trainer
     checkpoint holding the state dict under ``state_dict``/``model`` with a ``model.``-style prefix.
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(sorted(ARCHITECTURES))}")
+    check_arch(arch)
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise BadOption(f"num_classes must be >= 1, got {num_classes}; fix --num-classes")
     model = ARCHITECTURES[arch](num_classes=num_classes, **kw)
     if checkpoint is not None:
         _load_state(model, Path(checkpoint), arch)
@@ -92,11 +138,24 @@ def _load_state(model: nn.Module, path: Path, arch: str) -> None:
     obj = load_torch_file(path, "checkpoint")
     state = _unwrap_state(obj)
     if state is None:
-        raise ValueError(f"checkpoint {path} holds no state dict (keys: {list(obj)[:10]})")
+        keys = list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+        raise BadCheckpoint(
+            f"checkpoint {path} holds no state dict (keys: {keys}); save it with torch.save(model.state_dict())"
+        )
     state = _strip_prefixes(state, set(model.state_dict()))
+    expected = model.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        shapes = ", ".join(
+            f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})" for k in wrong[:3]
+        )
+        raise BadCheckpoint(
+            f"checkpoint {path} does not fit arch {arch!r}: tensors of other shapes: {shapes}; "
+            "check --num-classes (the last layer's outputs) and --arch"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
+        raise BadCheckpoint(
             f"checkpoint {path} does not fit arch {arch!r}: "
             f"missing keys {_preview(result.missing_keys)}, "
             f"unexpected keys {_preview(result.unexpected_keys)}; "
@@ -135,19 +194,64 @@ def in_channels(model: nn.Module) -> int:
     """The channel count a CNN takes: its first Conv2d's input channels."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None:
-        raise ValueError(f"{type(model).__name__} has no Conv2d; smoothsal needs a CNN")
+        raise BadOption(f"{type(model).__name__} has no Conv2d; smoothsal needs a CNN")
     return conv.in_channels
+
+
+def check_input_size(model: nn.Module, size: int, arch: str, option: str = "--tile-size") -> None:
+    """Raise a one-line error when ``model`` cannot take a ``size``-px tile (one probe forward).
+
+    Some heads need a minimum input (the MONAI bundle pools a fixed 7×7 window): torch's own complaint
+    would come deep from a forward pass; this names the size, the arch and the option to change.
+    """
+    param = next(model.parameters())
+    probe = torch.zeros(1, in_channels(model), size, size, dtype=param.dtype, device=param.device)
+    try:
+        with torch.no_grad():
+            model(probe)
+    except RuntimeError as err:
+        raise BadOption(
+            f"a {size}-px tile is too small for arch {arch!r} ({one_line(err)}); use a larger {option}"
+        ) from None
+
+
+# --- torch files ------------------------------------------------------------------------------
 
 
 def load_torch_file(path: Path, what: str, fix: str = "save it with torch.save(state_dict)") -> object:
     """``torch.load`` (weights only) with one-line errors naming the file."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise MissingInput(f"{what} {path} does not exist; check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # torch.load raises anything from pickle, zipfile and its own checks
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{what} {path} could not be read as a torch file ({first}); {fix}") from err
+        raise BadCheckpoint(f"{what} {path} could not be read as a torch file ({first}); {fix}") from err
+
+
+def save_torch_file(obj: object, path: str | Path) -> None:
+    """``torch.save`` to a temporary file renamed into place: a kill never leaves a torn file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (model checkpoints: a surrogate belongs to one set of weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(checkpoint: str | Path | None) -> str:
+    """``random-init`` without a checkpoint (seeded random weights), else the file's sha256."""
+    if checkpoint is None:
+        return "random-init"
+    if not Path(checkpoint).is_file():
+        raise MissingInput(f"model checkpoint {checkpoint} does not exist; check --checkpoint")
+    return file_sha256(checkpoint)
 
 
 # --- canonical ReLUs --------------------------------------------------------------------------
@@ -155,8 +259,11 @@ def load_torch_file(path: Path, what: str, fix: str = "save it with torch.save(s
 _FUNCTIONAL_RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
 
-class _ReluUses(TorchFunctionMode):
-    """Records which module runs each ReLU: a ReLU module itself, or (functional) its caller."""
+class ReluUses(TorchFunctionMode):
+    """Records which module runs each ReLU: a ReLU module itself, or (functional) its caller.
+
+    ``stack`` is the live module stack of ``module_stack``.
+    """
 
     def __init__(self, stack: list[nn.Module]):
         super().__init__()
@@ -175,9 +282,9 @@ class _ReluUses(TorchFunctionMode):
 
 
 @contextmanager
-def _module_stack(model: nn.Module) -> Iterator[list[nn.Module]]:
+def module_stack(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """While active, the modules whose forward is running, outermost first (for ``ReluUses``)."""
     stack: list[nn.Module] = []
-    handles = []
 
     def enter(module: nn.Module, _inputs: object) -> None:
         stack.append(module)
@@ -185,14 +292,11 @@ def _module_stack(model: nn.Module) -> Iterator[list[nn.Module]]:
     def leave(_module: nn.Module, _inputs: object, _output: object) -> None:
         stack.pop()
 
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(enter))
-        handles.append(module.register_forward_hook(leave))
-    try:
+    with Hooks() as hooks:
+        for module in model.modules():
+            hooks.forward_pre(module, enter)
+            hooks.forward(module, leave)
         yield stack
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -239,8 +343,8 @@ def _split_functional_relus(module: nn.Module) -> nn.Module:
     """Rewrite ``module`` (torch.fx) so that each functional ReLU call is its own nn.ReLU."""
     try:
         graph = _LeafTracer().trace(module)
-    except Exception as err:
-        raise ValueError(
+    except Exception as err:  # torch.fx raises anything a forward does on proxies
+        raise BadOption(
             f"{type(module).__name__} calls F.relu/torch.relu and cannot be traced to give each "
             f"use its own nn.ReLU ({err}); use nn.ReLU modules in the model instead"
         ) from err
@@ -278,7 +382,7 @@ def canonicalise(model: nn.Module, example: torch.Tensor) -> nn.Module:
     reuse a ReLU or call it functionally are rewritten (with torch.fx), the rest stay as they are.
     """
     model = copy.deepcopy(model)
-    with _module_stack(model) as stack, _ReluUses(stack) as uses, torch.no_grad():
+    with module_stack(model) as stack, ReluUses(stack) as uses, torch.no_grad():
         model(example)
     owners: dict[int, nn.Module] = {}
     for relu, n in uses.module_calls.items():
@@ -345,7 +449,7 @@ def resolve_layer(model: nn.Module, name: str) -> str:
     if name and name in modules:
         return name
     aliases = ", ".join(stages) if stages else "none for this model"
-    raise ValueError(
+    raise BadOption(
         f"unknown layer {name!r} for {type(model).__name__}; allowed: a module name "
         f"(e.g. {_example_names(modules)}), the aliases {aliases}, or {BLOCKS_ALIAS!r}"
     )
@@ -359,12 +463,14 @@ def layer_map(model: nn.Module, names: str | Sequence[str]) -> dict[str, str]:
         if name == BLOCKS_ALIAS:
             stages = stage_blocks(model)
             if not stages:
-                raise ValueError(f"{type(model).__name__} has no known stages for {BLOCKS_ALIAS!r}")
+                raise BadOption(
+                    f"{type(model).__name__} has no known stages for {BLOCKS_ALIAS!r}; name the layers instead"
+                )
             out |= {b: b for blocks in stages.values() for b in blocks}
         else:
             out[name] = resolve_layer(model, name)
     if not out:
-        raise ValueError("no layers given; name at least one (e.g. layer1)")
+        raise BadOption("no layers given; name at least one (e.g. --layers layer1)")
     return out
 
 

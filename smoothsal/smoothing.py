@@ -1,4 +1,5 @@
-"""The paper's three ways to remove checkerboard noise from stride-2 convolutions.
+"""The paper's three ways to remove checkerboard noise from stride-2 convolutions, and the registry of
+smoothing methods (name, label, colour, builder) that every stage, table and figure uses.
 
 ``smooth(model, method)`` returns a smoothed copy; the given model is never changed. Smoothed
 convs are ``nn.Conv2d`` subclasses (or a surrogate path) installed under the same qualified name,
@@ -8,7 +9,7 @@ so layer names and state-dict keys stay as they were.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import BadCheckpoint, BadOption
+from .hooks import Hooks
 from .models import in_channels
 
 __all__ = [
@@ -24,15 +27,17 @@ __all__ = [
     "BackwardHookConv2d",
     "ConvSpec",
     "ForwardHookConv2d",
+    "Method",
     "SurrogatePath",
     "SurrogatePaths",
     "capture_conv_io",
+    "check_methods",
     "default_example",
     "downsampling_convs",
+    "method_info",
     "smooth",
 ]
 
-METHODS = ("original", "backward_hook", "forward_hook", "surrogate")
 SHIFTS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
@@ -67,13 +72,11 @@ def downsampling_convs(model: nn.Module, example: torch.Tensor | None = None) ->
         if module.stride != (1, 1) and name not in order:
             order.append(name)
 
-    handles = [m.register_forward_hook(record) for m in names if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks() as hooks, torch.no_grad():
+        for module in names:
+            if isinstance(module, nn.Conv2d):
+                hooks.forward(module, record)
+        model(example)
     return order[1:]
 
 
@@ -92,24 +95,27 @@ class _RollMeanGrad(torch.autograd.Function):
         return _roll_mean(grad)
 
 
-class BackwardHookConv2d(nn.Conv2d):
+class _Recast(nn.Conv2d):
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> nn.Conv2d:
+        """A shallow copy of ``conv`` (same weights) that runs as this class."""
+        new = copy.copy(conv)
+        new.__class__ = cls
+        return new
+
+
+class BackwardHookConv2d(_Recast):
     """Same forward; every input pixel receives a gradient from every weight (roll-mean)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(_RollMeanGrad.apply(x))
 
 
-class ForwardHookConv2d(nn.Conv2d):
+class ForwardHookConv2d(_Recast):
     """The conv applied to the four rolled inputs, averaged (conv is affine: roll-mean first)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(_roll_mean(x))
-
-
-def _recast(conv: nn.Conv2d, cls: type[nn.Conv2d]) -> nn.Conv2d:
-    new = copy.copy(conv)
-    new.__class__ = cls
-    return new
 
 
 # --- bilinear surrogate -----------------------------------------------------------------------
@@ -129,7 +135,7 @@ class ConvSpec:
     @classmethod
     def of(cls, conv: nn.Conv2d) -> ConvSpec:
         if isinstance(conv.padding, str):
-            raise ValueError(f"string padding {conv.padding!r} on a downsampling conv is not supported")
+            raise BadOption(f"string padding {conv.padding!r} on a downsampling conv is not supported")
         return cls(
             conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
             tuple(conv.padding), tuple(conv.dilation),
@@ -182,7 +188,7 @@ class SurrogatePaths(nn.Module):
         """Fresh paths for every downsampling conv of ``model``."""
         names = downsampling_convs(model, example)
         if not names:
-            raise ValueError(f"{type(model).__name__} has no downsampling convs to replace")
+            raise BadOption(f"{type(model).__name__} has no downsampling convs to replace")
         return cls({n: ConvSpec.of(model.get_submodule(n)) for n in names})
 
     @property
@@ -203,7 +209,7 @@ class SurrogatePaths(nn.Module):
             conv = modules.get(name)
             if not isinstance(conv, nn.Conv2d) or ConvSpec.of(conv) != spec:
                 found = ConvSpec.of(conv) if isinstance(conv, nn.Conv2d) else type(conv).__name__
-                raise ValueError(
+                raise BadCheckpoint(
                     f"surrogate path {name!r} ({spec}) does not fit {type(model).__name__} "
                     f"(found {found}); train a surrogate for this model"
                 )
@@ -215,18 +221,82 @@ def capture_conv_io(
 ) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """While active, each forward of ``model`` stores (input, output) of the named convs."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for name in names:
+    with Hooks() as hooks:
+        for name in names:
 
-        def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
-            captured[name] = (inputs[0].detach(), output.detach())
+            def hook(_m: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
+                captured[name] = (inputs[0].detach(), output.detach())
 
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
+            hooks.forward(model.get_submodule(name), hook)
         yield captured
-    finally:
-        for h in handles:
-            h.remove()
+
+
+# --- the method registry ---------------------------------------------------------------------
+
+# How a method replaces one downsampling conv: (qualified name, conv, trained paths) → its stand-in.
+Replace = Callable[[str, nn.Conv2d, "SurrogatePaths | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One smoothing method: its name, how tables and figures show it, and how ``smooth`` builds it."""
+
+    name: str
+    label: str  # display name (tables, figure titles)
+    colour: str  # matplotlib colour of its line in figures
+    replace: Replace | None  # None: the model unchanged
+    needs_surrogate: bool = False
+
+    def build(
+        self, model: nn.Module, surrogate: SurrogatePaths | None = None, example: torch.Tensor | None = None
+    ) -> nn.Module:
+        """A smoothed eval-mode copy of ``model`` (``surrogate``: the trained paths of this model)."""
+        if self.replace is None:
+            return copy.deepcopy(model).eval()
+        if surrogate is not None:
+            surrogate.check_fits(model)
+            names = surrogate.conv_names
+        else:
+            names = downsampling_convs(model, example)
+        smoothed = copy.deepcopy(model)
+        for name in names:
+            parent, _, attr = name.rpartition(".")
+            setattr(
+                smoothed.get_submodule(parent),
+                attr,
+                self.replace(name, smoothed.get_submodule(name), surrogate),
+            )
+        return smoothed.eval()
+
+
+def _surrogate_path(name: str, _conv: nn.Conv2d, surrogate: SurrogatePaths | None) -> nn.Module:
+    return copy.deepcopy(surrogate.path(name))  # type: ignore[union-attr]
+
+
+# In the paper's column order (its Table 4): the original, then the three ways to smooth it.
+_REGISTRY = (
+    Method("original", "Original", "tab:gray", None),
+    Method("surrogate", "Bilinear surrogate", "tab:blue", _surrogate_path, needs_surrogate=True),
+    Method("backward_hook", "Backward hook", "tab:orange", lambda _n, conv, _s: BackwardHookConv2d.of(conv)),
+    Method("forward_hook", "Forward hook", "tab:green", lambda _n, conv, _s: ForwardHookConv2d.of(conv)),
+)
+METHODS = tuple(m.name for m in _REGISTRY)
+_BY_NAME = {m.name: m for m in _REGISTRY}
+
+
+def check_methods(names: str | tuple[str, ...] | list[str]) -> None:
+    """Raise a one-line error naming the allowed methods unless every name is one."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [m for m in names if m not in _BY_NAME]
+    if unknown:
+        what = f"method {unknown[0]!r}" if len(unknown) == 1 else f"methods {unknown}"
+        raise BadOption(f"unknown {what}; allowed: {', '.join(METHODS)}")
+
+
+def method_info(name: str) -> Method:
+    """The registered method ``name`` (a one-line error naming the allowed ones otherwise)."""
+    check_methods(name)
+    return _BY_NAME[name]
 
 
 # --- the entry point --------------------------------------------------------------------------
@@ -243,26 +313,7 @@ def smooth(
 
     ``original`` returns an unchanged copy; ``surrogate`` needs the trained paths.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown smoothing method {method!r}; allowed: {', '.join(METHODS)}")
-    if (method == "surrogate") != (surrogate is not None):
-        raise ValueError("pass surrogate=SurrogatePaths exactly when method='surrogate'")
-    if method == "original":
-        return copy.deepcopy(model).eval()
-    if surrogate is not None:
-        surrogate.check_fits(model)
-        names = surrogate.conv_names
-    else:
-        names = downsampling_convs(model, example)
-    smoothed = copy.deepcopy(model)
-    for name in names:
-        conv = smoothed.get_submodule(name)
-        if method == "backward_hook":
-            new: nn.Module = _recast(conv, BackwardHookConv2d)
-        elif method == "forward_hook":
-            new = _recast(conv, ForwardHookConv2d)
-        else:
-            new = copy.deepcopy(surrogate.path(name))  # type: ignore[union-attr]
-        parent, _, attr = name.rpartition(".")
-        setattr(smoothed.get_submodule(parent), attr, new)
-    return smoothed.eval()
+    info = method_info(method)
+    if info.needs_surrogate != (surrogate is not None):
+        raise BadOption("pass surrogate=SurrogatePaths exactly when method='surrogate'")
+    return info.build(model, surrogate, example)

@@ -39,7 +39,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .files import atomic_path, partial_paths
-from .models import in_channels, load_model, load_torch_file
+from .models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalize,
+    file_sha256,
+    in_channels,
+    load_model,
+    load_torch_file,
+    save_torch_file,
+)
 from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
 
 __all__ = [
@@ -158,26 +167,6 @@ def _epoch_batches(batches: Iterable[object] | EpochBatches, epoch: int, skip: i
 
 # --- settings -------------------------------------------------------------------------------------
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Normalize:
-    """Tile RGB in [0, 1] → the model's input units: (x − mean) / std per channel (picklable)."""
-
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ValueError(f"normalisation needs one positive std per mean, got {self.mean} / {self.std}")
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
-        return (x - mean) / std
-
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -223,15 +212,6 @@ class TrainSettings:
     def from_dict(cls, d: dict[str, object]) -> TrainSettings:
         d = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (model checkpoints: a surrogate belongs to one set of weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 TILE_KEY_COLUMNS = ("slide_id", "x", "y", "w", "h", "level", "tile_size")
@@ -311,10 +291,7 @@ def _spec_from(d: dict[str, object]) -> ConvSpec:
     return ConvSpec(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in d.items()})
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """``torch.save`` to a temporary file renamed into place: a kill never leaves a torn file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+atomic_torch_save = save_torch_file
 
 
 def save_surrogate(path: str | Path, paths: SurrogatePaths, meta: SurrogateMeta) -> None:

@@ -10,7 +10,9 @@ from PIL import Image
 from torch import nn
 
 import smoothsal as ss
+from smoothsal.hooks import Hooks
 
+ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 TISSUE_TILES = (
@@ -28,13 +30,10 @@ def module_calls(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     def count(name: str) -> None:
         counts[name] = counts.get(name, 0) + 1
 
-    handles = [m.register_forward_hook(lambda *_, n=n: count(n)) for n, m in model.named_modules()]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks() as hooks, torch.no_grad():
+        for n, m in model.named_modules():
+            hooks.forward(m, lambda *_, n=n: count(n))
+        model(example)
     return counts
 
 

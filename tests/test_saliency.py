@@ -278,7 +278,7 @@ def test_surrogate_method(slide: Path, tiles: Path, tmp_path: Path):
         ("other_arch", "surrogate {surrogate} was trained for arch 'resnet34', not 'resnet18'"),
         ("no_surrogate", "method 'surrogate' needs a trained surrogate: pass --surrogate FILE"),
         ("layer", "unknown layer 'layer9' for ResNet; allowed"),
-        ("method", "unknown method 'smooth'; allowed: original, backward_hook, forward_hook, surrogate"),
+        ("method", "unknown method 'smooth'; allowed: original, surrogate, backward_hook, forward_hook"),
         ("attribution", "unknown attributions ['saliency']; allowed: gradient, deeplift"),
         ("missing_tiles", "tile table {tiles} does not exist"),
     ],

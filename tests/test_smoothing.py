@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ROOT, real_tiles
 from helpers import model as build_model
-from helpers import real_tiles
 from torch import nn
 
 import smoothsal as ss
@@ -82,7 +82,7 @@ def test_forward_hook_is_the_mean_of_four_rolled_convs():
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
     x = torch.randn(2, 4, 15, 17)
     expected = torch.stack([conv(torch.roll(x, s, (2, 3))) for s in SHIFTS]).mean(0)
-    recast = ss.smoothing._recast(conv, ss.smoothing.ForwardHookConv2d)
+    recast = ss.smoothing.ForwardHookConv2d.of(conv)
     assert torch.allclose(recast(x), expected, atol=1e-6)
 
 
@@ -93,7 +93,7 @@ def test_backward_hook_gradient_is_the_roll_mean():
     (conv(x) * weights).sum().backward()
     plain = x.grad.clone()
     x.grad = None
-    (ss.smoothing._recast(conv, ss.smoothing.BackwardHookConv2d)(x) * weights).sum().backward()
+    (ss.smoothing.BackwardHookConv2d.of(conv)(x) * weights).sum().backward()
     expected = torch.stack([torch.roll(plain, s, (2, 3)) for s in SHIFTS]).mean(0)
     assert torch.allclose(x.grad, expected, atol=1e-6)
 
@@ -107,7 +107,9 @@ def test_surrogate_output_size_equals_the_conv(size):
 
 def test_unknown_method_and_missing_surrogate_are_clear_errors():
     net = build_model("resnet18")
-    with pytest.raises(ValueError, match="allowed: original, backward_hook"):
+    with pytest.raises(
+        ValueError, match="unknown method 'blur'; allowed: original, surrogate, backward_hook, forward_hook"
+    ):
         ss.smooth(net, "blur")
     with pytest.raises(ValueError, match="surrogate"):
         ss.smooth(net, "surrogate")
@@ -169,3 +171,29 @@ def test_train_surrogate_refuses_a_one_shot_iterator():
     net = build_model("resnet18")
     with pytest.raises(ValueError, match="one-shot iterator"):
         ss.train_surrogate(net, (torch.randn(2, 3, 32, 32) for _ in range(3)), epochs=2)
+
+
+def test_the_method_registry_is_the_config_schemas_list():
+    """Every stage, table and figure takes names, labels and colours from one registry; the workflow's
+    config accepts exactly these methods, in this order."""
+    import yaml
+    from matplotlib.colors import is_color_like
+
+    from smoothsal.smoothing import method_info
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert list(ss.METHODS) == schema["properties"]["methods"]["items"]["enum"]
+    infos = [method_info(m) for m in ss.METHODS]
+    assert [i.name for i in infos] == list(ss.METHODS) and len({i.label for i in infos}) == len(infos)
+    assert all(is_color_like(i.colour) for i in infos) and len({i.colour for i in infos}) == len(infos)
+    net = build_model("resnet18")
+    paths = ss.SurrogatePaths.for_model(net)
+    for info in infos:
+        built = info.build(net, paths if info.needs_surrogate else None)
+        kinds = {type(built.get_submodule(n)).__name__ for n in ss.downsampling_convs(net)}
+        assert kinds == {
+            "original": {"Conv2d"}, "surrogate": {"SurrogatePath"},
+            "backward_hook": {"BackwardHookConv2d"}, "forward_hook": {"ForwardHookConv2d"},
+        }[info.name]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown methods \\['a', 'b'\\]; allowed: original"):
+        ss.smoothing.check_methods(["a", "original", "b"])
