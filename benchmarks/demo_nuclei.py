@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import zarr
 
 from smoothsal.demo import read_nuclei_mask
-from smoothsal.slides import TileDataset, hsv_saturation
+from smoothsal.tiles import TileDataset
+from smoothsal.tissue import hsv_saturation
 
 
 def tile_masks(table: pd.DataFrame, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,8 @@ import resource
 import tempfile
 from pathlib import Path
 
-from smoothsal import saliency, slides
+from smoothsal import grid, saliency, slides, tiling
+from smoothsal.tiles import write_tile_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 
@@ -29,11 +30,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, slides.open_slide(args.slide) as slide:
-        table = slides.tile_slide(
-            slide, slides.TileGridSettings(tile_size=args.size, max_tiles=args.tiles)
+        table = tiling.tile_slide(
+            slide, grid.TileGridSettings(tile_size=args.size, max_tiles=args.tiles)
         ).table
         tiles = Path(tmp) / "tiles.parquet"
-        slides.write_table(table, tiles)
+        write_tile_table(table, tiles)
         settings = saliency.SaliencySettings(
             "resnet18", 2, args.method, ("layer1", "layer2", "layer3"), smoothgrad_samples=args.samples
         )

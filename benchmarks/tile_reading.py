@@ -1,4 +1,4 @@
-"""Tile-reading throughput (tiles/s) of `smoothsal.slides.TileDataset` on the real test slides.
+"""Tile-reading throughput (tiles/s) of `smoothsal.tiles.TileDataset` on the real test slides.
 
 For each slide and target resolution, the whole tile grid (min tissue 0, so every tile is read) is
 read through the Dataset directly (with OpenSlide's tile cache, and without it: every read decodes
@@ -39,7 +39,7 @@ from pathlib import Path
 import openslide
 import torch
 
-from smoothsal import slides
+from smoothsal import grid, slides, tiles, tiling
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = (  # slide, mpp override, target µm/px
@@ -79,14 +79,14 @@ def benchmark(data: Path, workers: int, min_seconds: float, repeats: int, batch_
     for name, mpp, target in CASES:
         with slides.open_slide(data / "slides" / name, mpp) as slide:
             start = time.perf_counter()
-            tiling = slides.tile_slide(slide, slides.TileGridSettings(target_mpp=target, min_tissue=0.0))
+            tiled = tiling.tile_slide(slide, grid.TileGridSettings(target_mpp=target, min_tissue=0.0))
             stage_s = time.perf_counter() - start
-            table = tiling.table
+            table = tiled.table
             level = int(table.level.iloc[0])
             read_px = slides.read_size(int(table.w.iloc[0]), slide.downsamples[level])
-        dataset = slides.TileDataset(table)
+        dataset = tiles.TileDataset(table)
         direct = _throughput(lambda d=dataset: (d[i] for i in range(len(d))), min_seconds, repeats)
-        uncached = slides.TileDataset(table, opener=_open_uncached)
+        uncached = tiles.TileDataset(table, opener=_open_uncached)
         cold = _throughput(lambda d=uncached: (d[i] for i in range(len(d))), min_seconds, repeats)
         row = {
             "slide": name, "target_mpp": target, "level": level, "read_px": read_px,

@@ -91,34 +91,27 @@ def _add_tiles(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tiles(args: argparse.Namespace) -> None:
-    from smoothsal import slides
+    from smoothsal import annotations, grid, tiling, tissue
 
-    grid = slides.TileGridSettings(
-        tile_size=args.tile_size,
-        stride=args.stride,
-        target_mpp=args.target_mpp,
-        level=args.level,
-        min_tissue=args.min_tissue,
-        roi=tuple(args.roi) if args.roi else None,
-        max_tiles=args.max_tiles,
-        seed=args.seed,
-    )
-    mask = slides.TissueMaskSettings(
-        mask_mpp=args.mask_mpp,
-        min_saturation=args.min_saturation,
-        closing_um=args.closing_um,
-        min_object_um2=args.min_object_um2,
-        min_hole_um2=args.min_hole_um2,
-    )
-    class_map = slides.parse_class_map(args.class_map) if args.class_map else slides.DEFAULT_CLASS_MAP
-    labels = slides.LabelSettings(args.label_threshold, max(1, slides.n_classes(class_map)))
-    annotations = slides.read_annotations(args.annotations, class_map) if args.annotations else None
-    with slides.open_slide(args.slide, args.mpp, args.slide_id) as slide:
-        tiling = slides.tile_slide(slide, grid, mask, annotations, labels)
+    settings = tiling.TilingSettings(
+        grid=grid.TileGridSettings(
+            tile_size=args.tile_size, stride=args.stride, target_mpp=args.target_mpp, level=args.level,
+            min_tissue=args.min_tissue, roi=tuple(args.roi) if args.roi else None, max_tiles=args.max_tiles,
+            seed=args.seed,
+        ),
+        mask=tissue.TissueMaskSettings(
+            mask_mpp=args.mask_mpp, min_saturation=args.min_saturation, closing_um=args.closing_um,
+            min_object_um2=args.min_object_um2, min_hole_um2=args.min_hole_um2,
+        ),
+        labels=tiling.LabelSettings(args.label_threshold),
+    )  # fmt: skip
+    class_map = annotations.parse_class_map(args.class_map) if args.class_map else None
+    tiled = tiling.make_tiles(
+        args.slide, args.out, settings, annotations=args.annotations, class_map=class_map, mpp=args.mpp,
+        slide_id=args.slide_id, overview=args.overview,
+    )  # fmt: skip
     overview = args.overview or args.out.with_suffix(".png")
-    slides.plot_overview(tiling, overview, title=f"{args.slide.name}: {len(tiling.table)} tiles")
-    slides.write_table(tiling.table, args.out)  # last: the table marks a finished slide
-    print(f"{args.slide}: {len(tiling.table)} tiles → {args.out} (overview {overview})")
+    print(f"{args.slide}: {len(tiled.table)} tiles → {args.out} (overview {overview})")
 
 
 # --- train-surrogate / evaluate (smoothsal.training) ---------------------------------------------
@@ -264,7 +257,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     import torch
 
     from smoothsal import evaluation, training
-    from smoothsal.slides import TileDataset
+    from smoothsal.tiles import TileDataset, tile_labels
 
     table = training.read_tile_tables(args.tiles)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -274,14 +267,14 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     )  # fmt: skip
     methods = [m for m in args.methods if m != "surrogate" or surrogate is not None]
     result = evaluation.evaluate(
-        model, TileDataset(table, transform=norm), evaluation.tile_labels(table), methods=methods,
+        model, TileDataset(table, transform=norm), tile_labels(table), methods=methods,
         surrogate=surrogate, target=args.target, batch_size=args.batch_size, workers=args.workers or 0,
     )  # fmt: skip
     evaluation.write_summary(result.summary, args.out, args.markdown or args.out.with_suffix(".md"))
     if args.per_tile:
-        from smoothsal.slides import write_table
+        from smoothsal.tiles import write_tile_table
 
-        write_table(evaluation.per_tile_table(table, result), args.per_tile)
+        write_tile_table(evaluation.per_tile_table(table, result), args.per_tile)
     print(evaluation.to_markdown(result.summary), end="")
 
 
@@ -442,12 +435,12 @@ def _add_heatmaps(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_heatmaps(args: argparse.Namespace) -> None:
-    from smoothsal import heatmaps, slides
+    from smoothsal import annotations, heatmaps
 
     settings = heatmaps.HeatmapSettings(
         tissue_mpp=args.tissue_mpp, blend=args.blend, ngff=args.ngff, chunk=args.chunk, tissue=args.tissue
     )
-    class_map = slides.parse_class_map(args.class_map) if args.class_map else None
+    class_map = annotations.parse_class_map(args.class_map) if args.class_map else None
     out = heatmaps.make_heatmaps(
         args.slide, args.saliency, args.tiles, args.out, settings, mpp=args.mpp, annotations=args.annotations,
         class_map=class_map, progress=args.progress, stop_after_blocks=args.stop_after_blocks,
@@ -607,13 +600,13 @@ def _add_train_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train_model(args: argparse.Namespace) -> None:
-    from smoothsal import slides, training
+    from smoothsal import annotations, training
 
     settings = training.ModelSettings(
         arch=args.arch, num_classes=args.num_classes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, mean=tuple(args.mean or training.IMAGENET_MEAN), std=tuple(args.std or training.IMAGENET_STD),
     )  # fmt: skip
-    class_map = slides.parse_class_map(args.class_map) if args.class_map else None
+    class_map = annotations.parse_class_map(args.class_map) if args.class_map else None
     result = training.run_model_training(
         settings, args.tiles, args.out, annotations=args.annotations, class_map=class_map,
         progress=args.progress,

@@ -30,7 +30,6 @@ __all__ = [
     "predict",
     "smoothed_models",
     "summarise",
-    "tile_labels",
     "to_markdown",
     "write_summary",
 ]
@@ -45,14 +44,6 @@ class EvalResult:
 
     summary: pd.DataFrame
     tiles: pd.DataFrame
-
-
-def tile_labels(table: pd.DataFrame) -> torch.Tensor:
-    """The table's ``label`` column as long, −1 where a tile has no label (or there is no column)."""
-    if "label" not in table:
-        return torch.full((len(table),), -1, dtype=torch.long)
-    labels = pd.to_numeric(table["label"], errors="coerce").fillna(-1).to_numpy(np.int64)
-    return torch.from_numpy(labels)
 
 
 def smoothed_models(

@@ -42,8 +42,10 @@ import zarr
 from skimage.transform import downscale_local_mean
 from tqdm import tqdm
 
+from .annotations import Annotations, check_annotations_within, read_annotations
 from .files import atomic_dir, is_zarr_group
-from .slides import Annotations, Slide, SlideReader, best_level, read_rgb
+from .slides import Slide, SlideReader, best_level, open_slide, read_rgb
+from .tiles import read_tile_table, tiles_sha256
 
 __all__ = [
     "BLENDS",
@@ -148,8 +150,6 @@ def check_inputs(
     slide: Slide, table: pd.DataFrame, tiles_path: str | Path, stores: Sequence[SaliencyStore]
 ) -> None:
     """Raise one-line errors naming the files when the slide, tile table and stores do not belong together."""
-    from .training import tiles_sha256
-
     tiles_path = Path(tiles_path)
     if table.empty:
         raise ValueError(f"{tiles_path}: the tile table has no tiles; nothing to stitch")
@@ -157,12 +157,6 @@ def check_inputs(
     if len(ids) != 1:
         raise ValueError(
             f"{tiles_path}: tiles of several slides ({', '.join(ids[:3])}); give one slide's table"
-        )
-    table_slide = Path(str(table["slide_path"].iloc[0])).name
-    if table_slide != slide.path.name:
-        raise ValueError(
-            f"{slide.path}: the tiles in {tiles_path} were made from {table_slide}, not this slide; give "
-            "the slide the tiles were made from"
         )
     mpp = float(table["slide_mpp"].iloc[0])
     if not math.isclose(mpp, slide.mpp, rel_tol=1e-3):
@@ -516,10 +510,10 @@ def tissue_geometry(reader: SlideReader, slide_mpp: float, tissue_mpp: float) ->
 
 
 def write_tissue(
-    group: zarr.Group, reader: SlideReader, slide_mpp: float, settings: HeatmapSettings,
-    progress: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    group: zarr.Group, slide: Slide, settings: HeatmapSettings, progress: bool = False
+) -> dict[str, Any]:
     """The slide as an RGB uint8 pyramid at ~`settings.tissue_mpp`, read one output chunk at a time."""
+    reader, slide_mpp = slide.reader, slide.mpp
     level, factor, downsample = tissue_geometry(reader, slide_mpp, settings.tissue_mpp)
     lw, lh = reader.level_dimensions[level]
     shape = (3, math.ceil(lh / factor), math.ceil(lw / factor))
@@ -530,7 +524,7 @@ def write_tissue(
     for r, q in tqdm(blocks, desc="tissue", disable=not progress, leave=False):
         x, y = q * c * factor, r * c * factor  # level-`level` px
         size = (min(c * factor, lw - x), min(c * factor, lh - y))
-        rgb = read_rgb(reader, round(x * level_ds), round(y * level_ds), level, size)
+        rgb = read_rgb(reader, round(x * level_ds), round(y * level_ds), level, size, slide.path)
         if factor > 1:
             rgb = np.rint(downscale_local_mean(rgb, (factor, factor, 1), cval=255)).astype(np.uint8)
         arr[:, r * c : r * c + rgb.shape[0], q * c : q * c + rgb.shape[1]] = np.moveaxis(rgb, -1, 0)
@@ -586,7 +580,6 @@ def write_container(
     """Write the container for checked inputs (see `check_inputs`); `slide.reader` supplies the tissue
     image (any `SlideReader`), skipped when `settings.tissue` is false. Returns `out`."""
     from . import __version__
-    from .training import tiles_sha256
 
     out = Path(out)
     fmt = _format(settings.ngff)
@@ -594,7 +587,7 @@ def write_container(
     with atomic_dir(out, _check_container) as tmp:
         root = zarr.open_group(tmp, mode="w", zarr_format=fmt.zarr_format)
         if settings.tissue:
-            info = write_tissue(root.create_group("tissue"), slide.reader, slide.mpp, settings, progress)
+            info = write_tissue(root.create_group("tissue"), slide, settings, progress)
             images.append({"path": "tissue", "kind": "tissue", "pixel_size_um": info["pixel_size_um"]})
         for store in stores:
             for attribution in store.attributions:
@@ -648,17 +641,8 @@ def make_heatmaps(
 ) -> Path:
     """The `heatmaps` stage for one slide: read and check inputs, write the container atomically, then
     export the images named in `ome_tiff` ((image path, file) pairs) as pyramidal OME-TIFFs."""
-    from .slides import check_annotations_within, open_slide, read_annotations
-
     tiles = Path(tiles)
-    if not tiles.is_file():
-        raise FileNotFoundError(f"{tiles}: tile table not found; make it with `smoothsal tiles`")
-    try:
-        table = pd.read_parquet(tiles)
-    except (OSError, ValueError) as err:  # pyarrow's errors are both
-        raise ValueError(
-            f"{tiles}: not a readable Parquet tile table ({err}); make it with `smoothsal tiles`"
-        ) from None
+    table = read_tile_table(tiles, slide_path)
     stores = [open_saliency(p) for p in saliency]
     ann = read_annotations(annotations, class_map) if annotations else None
     with open_slide(slide_path, mpp) as slide:

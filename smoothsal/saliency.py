@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
-from .evaluation import TARGETS, tile_labels
+from .evaluation import TARGETS
 from .files import atomic_path, is_zarr_group, replace_dir
 from .metrics import (
     majority_label,
@@ -44,9 +44,9 @@ from .metrics import (
     total_variation,
 )
 from .models import layer_map
-from .slides import TileDataset, open_reader
 from .smoothing import METHODS, smooth
-from .training import _default_workers, file_sha256, load_with_surrogate, tiles_sha256
+from .tiles import TileDataset, default_workers, labels_sha256, majority_classes, read_tile_table, tile_labels
+from .training import file_sha256, load_with_surrogate, tiles_sha256
 
 __all__ = [
     "TASKS",
@@ -56,7 +56,6 @@ __all__ = [
     "check_out",
     "checkpoint_sha256",
     "partial_dir",
-    "read_tile_table",
     "run_saliency",
     "surrogate_sha256",
     "table_columns",
@@ -154,52 +153,6 @@ class SaliencyResult:
 
 
 # --- inputs ---------------------------------------------------------------------------------------
-
-
-def read_tile_table(tiles: Path, slide: Path) -> pd.DataFrame:
-    """The tile table of ``slide``; one-line errors for a missing, unreadable or other slide's table.
-
-    A table whose ``slide_path`` no longer exists but names a file of the same name (data moved)
-    is pointed at ``slide``.
-    """
-    if not slide.is_file():
-        raise FileNotFoundError(f"slide {slide} does not exist")
-    if not tiles.is_file():
-        raise FileNotFoundError(f"tile table {tiles} does not exist; make it with `smoothsal tiles {slide}`")
-    try:
-        table = pd.read_parquet(tiles)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"could not read tile table {tiles} ({first}); make it with `smoothsal tiles`"
-        ) from err
-    missing = [
-        c for c in ("slide_id", "slide_path", "x", "y", "w", "h", "level", "tile_size") if c not in table
-    ]
-    if missing:
-        raise ValueError(f"tile table {tiles} lacks columns {missing}; make it with `smoothsal tiles`")
-    table = table.reset_index(drop=True)
-    if table.empty:
-        return table
-    ids, paths = table["slide_id"].unique().tolist(), table["slide_path"].unique().tolist()
-    if len(ids) != 1 or len(paths) != 1:
-        raise ValueError(
-            f"tile table {tiles} holds tiles of several slides ({', '.join(map(str, ids[:3]))}); "
-            f"give the table of {slide.name} alone"
-        )
-    open_reader(slide).close()  # an unreadable slide fails here, naming the file
-    table_slide = Path(paths[0])
-    same = table_slide.exists() and os.path.samefile(table_slide, slide)
-    moved = not table_slide.exists() and table_slide.name == slide.name
-    if not (same or moved):
-        raise ValueError(
-            f"tile table {tiles} belongs to slide {ids[0]!r} ({table_slide}), not {slide}; "
-            f"give the tile table made by `smoothsal tiles {slide}`"
-        )
-    sizes = table["tile_size"].unique().tolist()
-    if len(sizes) != 1:
-        raise ValueError(f"tile table {tiles} mixes tile sizes {sizes}; tile the slide with one --tile-size")
-    return table.assign(slide_path=str(slide))
 
 
 def check_out(out: Path) -> None:
@@ -379,11 +332,6 @@ def _prediction_columns(
     }
 
 
-def _majority(rows: pd.DataFrame) -> np.ndarray:
-    """The tiles' majority_class; −1 where missing (a slide without annotations)."""
-    return pd.to_numeric(rows["majority_class"], errors="coerce").fillna(-1).to_numpy(np.int64, copy=True)
-
-
 def _pixels(p: torch.Tensor) -> torch.Tensor:
     """[B, K, H, W] → [B·H·W, K]."""
     return p.permute(0, 2, 3, 1).reshape(-1, p.shape[1])
@@ -398,7 +346,7 @@ def _batch(
 ) -> tuple[dict[tuple[str, str], np.ndarray], pd.DataFrame]:
     """One batch: channel-summed maps per (attribution, layer) and the batch's table rows."""
     labels = tile_labels(rows)
-    majority = torch.as_tensor(_majority(rows)) if settings.task == "segmentation" else None
+    majority = majority_classes(rows) if settings.task == "segmentation" else None
     with torch.no_grad():
         original = models.original(x).float()
         out = original if settings.method == "original" else models.method(x).float()
@@ -500,16 +448,6 @@ def _done(batches: Sequence[Sequence[int]]) -> int:
             break
         done = max(done, stop)
     return done
-
-
-def _targets_sha256(table: pd.DataFrame) -> str:
-    """Hash of the columns that decide each tile's target (``tiles_sha256`` covers only the grid):
-    re-labelled tiles on the same grid must not resume batches computed for the old targets."""
-    columns = [c for c in ("label", "majority_class") if c in table]
-    frame = table[columns].apply(pd.to_numeric, errors="coerce").fillna(-1).astype(np.int64)
-    digest = hashlib.sha256(",".join(columns).encode())
-    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _start(
@@ -625,13 +563,13 @@ def run_saliency(
         "tiles_sha256": tiles_sha256(table), "n_tiles": n,
     }  # fmt: skip
     state = _State.of(options.out)
-    group, done = _start(state, meta, n, models.shapes if n else {}, tile_size, _targets_sha256(table))
+    group, done = _start(state, meta, n, models.shapes if n else {}, tile_size, labels_sha256(table))
     if done:
         log.warning("saliency: resuming %s at tile %d of %d", options.out, done, n)
     arrays = {(a, layer): group[f"{a}/{layer}"] for a in settings.attributions for layer in layers}
     rows = table.assign(tile=np.arange(n, dtype=np.int64))
     dataset = Subset(TileDataset(rows, transform=norm), range(done, n))
-    workers = _default_workers(1) if options.workers is None else options.workers
+    workers = default_workers(1) if options.workers is None else options.workers
     loader = DataLoader(
         dataset, batch_size=options.batch_size, num_workers=workers if len(dataset) else 0,
         pin_memory=device.type == "cuda",

@@ -50,6 +50,7 @@ from .models import (
     save_torch_file,
 )
 from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
+from .tiles import TileDataset, default_workers, read_tile_table, read_tile_tables, tiles_sha256
 
 __all__ = [
     "EpochBatches",
@@ -212,43 +213,6 @@ class TrainSettings:
     def from_dict(cls, d: dict[str, object]) -> TrainSettings:
         d = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-TILE_KEY_COLUMNS = ("slide_id", "x", "y", "w", "h", "level", "tile_size")
-
-
-def tiles_sha256(table: pd.DataFrame) -> str:
-    """Hash of which tiles, in which order (slide paths left out: moving the data changes nothing)."""
-    missing = [c for c in TILE_KEY_COLUMNS if c not in table]
-    if missing:
-        raise ValueError(f"tile table lacks columns {missing}; make it with `smoothsal tiles`")
-    keys = pd.util.hash_pandas_object(table[list(TILE_KEY_COLUMNS)], index=False).to_numpy()
-    return hashlib.sha256(keys.tobytes()).hexdigest()
-
-
-def read_tile_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """The tiles of all given tables, in the given order; one tile size (they are batched)."""
-    from .slides import read_tables
-
-    if not paths:
-        raise ValueError("no tile tables given; pass --tiles TABLE.parquet [...]")
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"tile table {p} does not exist; make it with `smoothsal tiles`")
-    try:
-        table = read_tables(paths)
-    except (OSError, ValueError) as err:  # pyarrow's errors are both
-        first = str(err).strip().splitlines()[0]
-        raise ValueError(
-            f"could not read the tile tables {', '.join(map(str, paths))} ({first}); "
-            "make them with `smoothsal tiles`"
-        ) from err
-    if table.empty:
-        raise ValueError(f"the tile tables {', '.join(map(str, paths))} hold no tiles")
-    sizes = sorted(table["tile_size"].unique().tolist())
-    if len(sizes) != 1:
-        raise ValueError(f"the tile tables mix tile sizes {sizes}; tile all slides with one --tile-size")
-    return table
 
 
 # --- surrogate files ------------------------------------------------------------------------------
@@ -527,11 +491,6 @@ def per_rank_batch_size(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
-def _default_workers(world: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(4, cores // world - 1))
-
-
 class _Checkpointer:
     """The ``on_step`` of a run: loss bookkeeping, checkpoints, log, progress bar, debug kill."""
 
@@ -659,9 +618,6 @@ def run_training(
     Checkpoints go to ``options.state_path`` (every epoch and every ``checkpoint_every`` steps) and a
     run with ``options.resume`` continues from there with the same result as an uninterrupted run.
     """
-    from .models import load_model
-    from .slides import TileDataset
-
     start = time.perf_counter()
     d = _Dist.start()
     try:
@@ -679,7 +635,7 @@ def run_training(
             dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=settings.seed
         )
         sampler = _ResumableSampler(base)
-        workers = _default_workers(d.world) if options.workers is None else options.workers
+        workers = default_workers(d.world) if options.workers is None else options.workers
         loader = DataLoader(
             dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
             pin_memory=d.device.type == "cuda",
@@ -791,7 +747,7 @@ def training_tiles(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All tiles in memory as uint8 [N, 3, S, S] with their targets: the table's `label` (tiles with
     label < 0 or none are left out) or the annotation mask [N, S, S] of each tile's slide."""
-    from .slides import TileDataset, tile_label_mask
+    from .annotations import tile_label_mask
 
     if task == "classification":
         if "label" not in table:
@@ -951,8 +907,8 @@ def run_model_training(
 ) -> ModelResult:
     """`smoothsal train-model`: read the tiles (and, for a segmenter, one annotation file per tile
     table, same order), train, write the checkpoint."""
+    from .annotations import read_annotations
     from .models import ARCHITECTURES
-    from .slides import read_annotations
 
     if settings.arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {settings.arch!r}; allowed: {', '.join(sorted(ARCHITECTURES))}")
@@ -971,7 +927,7 @@ def run_model_training(
         by_slide = {}
         for t, a in zip(tables, annotations, strict=True):
             ann = read_annotations(a, class_map)
-            for sid in pd.read_parquet(t, columns=["slide_id"])["slide_id"].unique():
+            for sid in read_tile_table(t)["slide_id"].unique():
                 by_slide[sid] = ann
     images, targets = training_tiles(table, task, by_slide, settings.num_classes)
     result = train_model(settings, images, targets, task=task, progress=progress)

@@ -72,3 +72,63 @@ def real_tiles(tiles_dir: Path, size: int, per_tile: int = 1) -> torch.Tensor:
                 crops.append(t[:, i * step : i * step + size, j * step : j * step + size])
     x = torch.stack(crops)
     return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+CMU, CMU_PYRAMID, TCGA = (
+    "CMU-1-Small-Region.svs",
+    "CMU-1-Small-Region-pyramid.tiff",
+    "TCGA-CR-7395-01A-01-TS1.svs",
+)
+SYNTHETIC_SIZE, SYNTHETIC_MPP = 2048, 0.5  # the synthetic slide: a 224-px grid of 9 × 9 tiles at level 0
+
+
+class RecordingReader:
+    """A real OpenSlide handle that records every read_region (level, size): a spy, not a mock."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.reads: list[tuple[int, tuple[int, int]]] = []
+
+    def read_region(self, location, level, size):
+        self.reads.append((level, tuple(size)))
+        return self.inner.read_region(location, level, size)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def square(x0, y0, x1, y1=None):
+    y1 = x1 if y1 is None else y1
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+
+
+def feature_collection(items):
+    return {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": rings if isinstance(rings[0][0], list) else [rings],
+                },
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": name, "color": [255, 0, 0]},
+                },
+            }
+            for name, rings in items
+        ],
+    }
+
+
+def asap_xml(polygons):
+    annotations = "".join(
+        f'<Annotation Name="A{i}" Type="Polygon" PartOfGroup="{group}"><Coordinates>'
+        + "".join(f'<Coordinate Order="{k}" X="{x}" Y="{y}"/>' for k, (x, y) in enumerate(points))
+        + "</Coordinates></Annotation>"
+        for i, (group, points) in enumerate(polygons)
+    )
+    return (
+        f'<?xml version="1.0"?><ASAP_Annotations><Annotations>{annotations}</Annotations></ASAP_Annotations>'
+    )

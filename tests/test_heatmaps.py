@@ -24,7 +24,10 @@ from ome_zarr.reader import Multiscales, Reader
 
 from smoothsal import heatmaps, slides
 from smoothsal.cli import main
+from smoothsal.grid import TileGridSettings
 from smoothsal.metrics import total_variation
+from smoothsal.tiles import write_tile_table
+from smoothsal.tiling import tile_slide
 from smoothsal.training import tiles_sha256
 
 # ome-zarr-py warns about its own deprecated Scaler when its writer is imported
@@ -40,8 +43,8 @@ LAYERS = {"layer1": 4, "layer2": 8}  # name → stride
 def make_tiles(slide_path: Path, out: Path, **grid: object) -> pd.DataFrame:
     """A real tile table of the slide (as `smoothsal tiles` writes it)."""
     with slides.open_slide(slide_path) as slide:
-        table = slides.tile_slide(slide, slides.TileGridSettings(**grid)).table
-    slides.write_table(table, out)
+        table = tile_slide(slide, TileGridSettings(**grid)).table
+    write_tile_table(table, out)
     return table
 
 

@@ -20,7 +20,7 @@ import zarr
 import smoothsal as ss
 from smoothsal import cli, saliency
 from smoothsal.metrics import masked_prediction_difference, prediction_difference, probabilities
-from smoothsal.slides import TileDataset
+from smoothsal.tiles import TileDataset
 from smoothsal.training import (
     SurrogateMeta,
     TrainSettings,

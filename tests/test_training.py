@@ -19,7 +19,11 @@ import pytest
 import torch
 
 from smoothsal import load_model, metrics, slides, smooth
+from smoothsal.annotations import read_annotations
 from smoothsal.cli import main
+from smoothsal.grid import TileGridSettings
+from smoothsal.tiles import TileDataset, write_tile_table
+from smoothsal.tiling import tile_slide
 from smoothsal.training import Normalize, load_surrogate, read_surrogate
 
 EPOCHS, BATCH, TILES = 3, 8, 32
@@ -39,12 +43,12 @@ def tiles(slides_dir: Path, work: Path) -> Path:
     feature = {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
                "geometry": {"type": "Polygon", "coordinates": [polygon]}}  # fmt: skip
     annotation.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
-    grid = slides.TileGridSettings(tile_size=64, target_mpp=2.0, max_tiles=TILES, seed=0)
+    grid = TileGridSettings(tile_size=64, target_mpp=2.0, max_tiles=TILES, seed=0)
     with slides.open_slide(slides_dir / "CMU-1-Small-Region.svs") as slide:
-        tiling = slides.tile_slide(slide, grid, annotations=slides.read_annotations(annotation))
+        tiling = tile_slide(slide, grid, annotations=read_annotations(annotation))
     assert len(tiling.table) == TILES and set(tiling.table["label"].tolist()) == {0, 1}
     path = work / "tiles.parquet"
-    slides.write_table(tiling.table, path)
+    write_tile_table(tiling.table, path)
     return path
 
 
@@ -234,7 +238,7 @@ def test_evaluate_writes_the_papers_tables(
     # the same numbers computed here, independently of the evaluate stage
     tile_table = pd.read_parquet(tiles)
     model = load_model("resnet18", num_classes=2, checkpoint=model_checkpoint)
-    x = torch.stack([slides.TileDataset(tile_table, transform=Normalize())[i][0] for i in range(TILES)])
+    x = torch.stack([TileDataset(tile_table, transform=Normalize())[i][0] for i in range(TILES)])
     labels = torch.tensor(tile_table["label"].astype(int).to_numpy())
     paths = read_surrogate(ddp_run)[0]
     with torch.no_grad():

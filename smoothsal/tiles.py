@@ -1,0 +1,259 @@
+"""The tile table: one row per tile (level-0 box, pyramid level, tile size, labels), written by
+`smoothsal tiles` and read by every later stage, only through this module.
+
+Columns (in this order, then the label columns of `tiling.label_tiles`): see ``TABLE_COLUMNS``. The
+tiles' hash (``tiles_sha256``) ties every later output to the table it was computed on; ``TileDataset``
+reads the tiles for a model, one ``read_region`` each, in DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import BadTable, MissingInput, SmoothsalError, from_worker, one_line
+from .files import atomic_path
+from .slides import SlideReader, open_reader, read_tile
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "TABLE_COLUMNS",
+    "TILE_KEY_COLUMNS",
+    "TileDataset",
+    "TileLoader",
+    "default_workers",
+    "labels_sha256",
+    "load_tile",
+    "majority_classes",
+    "read_tile_table",
+    "read_tile_tables",
+    "tile_labels",
+    "tiles_sha256",
+    "write_tile_table",
+]
+
+TABLE_COLUMNS = (
+    "slide_id", "slide_path", "col", "row", "x", "y", "w", "h", "level", "tile_size", "mpp",
+    "slide_mpp", "tissue_fraction",
+)  # fmt: skip
+REQUIRED_COLUMNS = ("slide_id", "slide_path", "x", "y", "w", "h", "level", "tile_size")
+TILE_KEY_COLUMNS = ("slide_id", "x", "y", "w", "h", "level", "tile_size")  # what `tiles_sha256` covers
+FIX = "make it with `smoothsal tiles`"
+
+
+# --- writing and reading --------------------------------------------------------------------------
+
+
+def write_tile_table(table: pd.DataFrame, path: str | Path) -> None:
+    """Write Parquet atomically: a temporary file renamed at the end (a killed job leaves no table)."""
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise MissingInput(f"tile table {path} does not exist; {FIX}")
+    try:
+        table = pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise BadTable(f"could not read tile table {path} ({one_line(err)}); {FIX}") from err
+    missing = [c for c in REQUIRED_COLUMNS if c not in table]
+    if missing:
+        raise BadTable(f"tile table {path} lacks columns {missing}; {FIX}")
+    return table.reset_index(drop=True)
+
+
+def read_tile_table(path: str | Path, slide: str | Path | None = None) -> pd.DataFrame:
+    """One tile table, checked; with ``slide``, it must be that slide's table (one slide, one tile size).
+
+    A table whose ``slide_path`` no longer exists but names a file of the same name (data moved) is
+    pointed at ``slide``; ``slide`` itself must open (an unreadable slide fails here, naming it).
+    """
+    path = Path(path)
+    if slide is not None and not Path(slide).is_file():
+        raise MissingInput(f"slide {slide} does not exist; check the path")
+    table = _read(path)
+    if slide is None or table.empty:
+        return table
+    slide = Path(slide)
+    ids, paths = table["slide_id"].unique().tolist(), table["slide_path"].unique().tolist()
+    if len(ids) != 1 or len(paths) != 1:
+        raise BadTable(
+            f"tile table {path} holds tiles of several slides ({', '.join(map(str, ids[:3]))}); "
+            f"give the table of {slide.name} alone"
+        )
+    open_reader(slide).close()
+    made_from = Path(paths[0])
+    same = made_from.exists() and os.path.samefile(made_from, slide)
+    moved = not made_from.exists() and made_from.name == slide.name
+    if not (same or moved):
+        raise BadTable(
+            f"tile table {path} belongs to slide {ids[0]!r} (made from {made_from}), not this slide {slide}; "
+            f"give the tile table made by `smoothsal tiles {slide}`"
+        )
+    sizes = table["tile_size"].unique().tolist()
+    if len(sizes) != 1:
+        raise BadTable(f"tile table {path} mixes tile sizes {sizes}; tile the slide with one --tile-size")
+    return table.assign(slide_path=str(slide))
+
+
+def read_tile_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """The tiles of all given tables, in the given order; one tile size (they are batched)."""
+    if not paths:
+        raise BadTable("no tile tables given; pass --tiles TABLE.parquet [...]")
+    table = pd.concat([_read(Path(p)) for p in paths], ignore_index=True)
+    names = ", ".join(map(str, paths))
+    if table.empty:
+        raise BadTable(
+            f"the tile tables {names} hold no tiles; tile slides with tissue, or lower --min-tissue"
+        )
+    sizes = sorted(table["tile_size"].unique().tolist())
+    if len(sizes) != 1:
+        raise BadTable(
+            f"the tile tables {names} mix tile sizes {sizes}; tile all slides with one --tile-size"
+        )
+    return table
+
+
+# --- what the table says about its tiles ----------------------------------------------------------
+
+
+def tiles_sha256(table: pd.DataFrame) -> str:
+    """Hash of which tiles, in which order (slide paths left out: moving the data changes nothing)."""
+    missing = [c for c in TILE_KEY_COLUMNS if c not in table]
+    if missing:
+        raise BadTable(f"tile table lacks columns {missing}; {FIX}")
+    keys = pd.util.hash_pandas_object(table[list(TILE_KEY_COLUMNS)], index=False).to_numpy()
+    return hashlib.sha256(keys.tobytes()).hexdigest()
+
+
+def labels_sha256(table: pd.DataFrame) -> str:
+    """Hash of the columns that decide each tile's target (``tiles_sha256`` covers only the grid):
+    re-labelled tiles on the same grid must not resume work computed for the old targets."""
+    columns = [c for c in ("label", "majority_class") if c in table]
+    frame = table[columns].apply(pd.to_numeric, errors="coerce").fillna(-1).astype(np.int64)
+    digest = hashlib.sha256(",".join(columns).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _int_column(table: pd.DataFrame, column: str) -> torch.Tensor:
+    if column not in table:
+        return torch.full((len(table),), -1, dtype=torch.long)
+    values = pd.to_numeric(table[column], errors="coerce").fillna(-1).to_numpy(np.int64, copy=True)
+    return torch.from_numpy(values)
+
+
+def tile_labels(table: pd.DataFrame) -> torch.Tensor:
+    """The table's ``label`` column as long, −1 where a tile has no label (or there is no column)."""
+    return _int_column(table, "label")
+
+
+def majority_classes(table: pd.DataFrame) -> torch.Tensor:
+    """The table's ``majority_class`` (segmentation target) as long, −1 where missing."""
+    return _int_column(table, "majority_class")
+
+
+# --- reading tiles for a model --------------------------------------------------------------------
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Tiles of a tile table (one or many slides) as float tensors [3, H, W], RGB in [0, 1].
+
+    Each tile is one `read_region` at the table's level, resized only when that level is not exactly
+    the tile size. Each process (DataLoader worker) opens each slide once, lazily; handles are never
+    shared across a fork. `__getitem__(i)` returns `(image, i)`, i = row position in the table.
+    `transform` (e.g. normalisation) is applied to the [0, 1] tensor; `opener` opens a slide path.
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        max_open: int = 16,
+        opener: Callable[[str], SlideReader] = open_reader,
+    ) -> None:
+        self.table = table.reset_index(drop=True)
+        self.transform = transform
+        self.max_open = max_open
+        self.opener = opener
+        self._columns = {
+            c: self.table[c].to_numpy() for c in ("slide_path", "x", "y", "w", "level", "tile_size")
+        }
+        self._handles: OrderedDict[str, SlideReader] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        c = self._columns
+        path = str(c["slide_path"][i])
+        rgb = read_tile(
+            self._reader(path), c["x"][i], c["y"][i], int(c["w"][i]), int(c["level"][i]),
+            int(c["tile_size"][i]), path,
+        )  # fmt: skip
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+        return (self.transform(image) if self.transform else image), int(i)
+
+    def _reader(self, path: str) -> SlideReader:
+        """This process's handle for `path`, opened on first use (at most `max_open` kept open)."""
+        if self._pid != os.getpid():  # forked worker: the parent's handles are not ours
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        if path not in self._handles:
+            self._handles[path] = self.opener(path)
+            if len(self._handles) > self.max_open:
+                self._handles.popitem(last=False)[1].close()
+        self._handles.move_to_end(path)
+        return self._handles[path]
+
+    def __getstate__(self) -> dict[str, Any]:  # spawn workers: send the table, not the handles
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = OrderedDict(), -1
+        return state
+
+
+class TileLoader(DataLoader):
+    """A DataLoader whose user-facing errors raised in worker processes (a slide with corrupt tile data)
+    arrive as themselves, one line naming the slide, instead of torch's wrapped worker traceback."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except SmoothsalError as err:
+                raise from_worker(err) from None
+            yield batch
+
+
+def default_workers(processes: int = 1) -> int:
+    """DataLoader workers per process: min(4, cores per process − 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores // processes - 1))
+
+
+def load_tile(row: Mapping[str, Any] | pd.Series, reader: SlideReader | None = None) -> np.ndarray:
+    """One tile of a table row as RGB uint8 (for plotting and checks; the Dataset is the fast path)."""
+    own = reader is None
+    reader = reader or open_reader(row["slide_path"])
+    try:
+        return read_tile(
+            reader, int(row["x"]), int(row["y"]), int(row["w"]), int(row["level"]), int(row["tile_size"]),
+            row["slide_path"],
+        )  # fmt: skip
+    finally:
+        if own:
+            reader.close()
