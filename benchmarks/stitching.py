@@ -23,7 +23,7 @@ Seen on the 2-core CPU dev container (no GPU; other sessions' jobs running besid
 | 100000 × 200000 | 19935 | 25000×12500 / 25000×12500 / 12500×6250 / 6250×3125 | 13 | 205 | 107 | 622 | 840 | 367 |
 
 Peak RSS is the same for a 4× larger slide (+20 MB): ~0.62 GB is the Python/torch import (torch comes in
-with the tile-table hash of smoothsal.training), ~0.2 GB the work: one output chunk at a time, a bounded
+with the tile table module smoothsal.tiles), ~0.2 GB the work: one output chunk at a time, a bounded
 cache of saliency-store chunks (64 MB) and one tissue read (1024² px). CPU time grows with the area
 (×3.8 for ×4); most of it is the tissue image here (the synthetic reader draws all 1.25 Gpx of level 1).
 """
@@ -112,7 +112,7 @@ def synthesise(workdir: Path, width: int, height: int) -> None:
     """Tile table + saliency store for a width×height slide, written under `workdir`."""
     import zarr
 
-    from smoothsal.training import tiles_sha256
+    from smoothsal.tiles import tiles_sha256
 
     blobs = Blobs(width, height)
     xs, ys = np.meshgrid(np.arange(0, width - SIZE0 + 1, SIZE0), np.arange(0, height - SIZE0 + 1, SIZE0))
@@ -152,7 +152,7 @@ def stitch(workdir: Path, blend: str) -> dict:
     from smoothsal.slides import Slide
 
     spec = json.loads((workdir / "slide.json").read_text())
-    import smoothsal.training  # noqa: F401  (torch, via the tile-table hash: part of the baseline)
+    import smoothsal.tiles  # noqa: F401  (torch, via the tile Dataset: part of the baseline)
 
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start, cpu = time.perf_counter(), time.process_time()

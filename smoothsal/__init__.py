@@ -11,7 +11,7 @@ from .metrics import (
 )
 from .models import ARCHITECTURES, canonicalise, load_model, resolve_layer, resolve_layers
 from .smoothing import METHODS, SurrogatePaths, downsampling_convs, smooth
-from .training import train_surrogate
+from .surrogate import train_surrogate
 
 __version__ = "0.1.0"
 

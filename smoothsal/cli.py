@@ -178,50 +178,26 @@ def _add_train_surrogate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on rank 0"
     )
-    p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # debug: SIGKILL itself (tests)
     p.set_defaults(func=_run_train_surrogate)
 
 
-def _train_settings(args: argparse.Namespace, table: object) -> object:
-    from smoothsal import training
-
-    norm = training.Normalize(
-        tuple(args.mean or training.IMAGENET_MEAN), tuple(args.std or training.IMAGENET_STD)
-    )
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise FileNotFoundError(f"model checkpoint {args.checkpoint} does not exist")
-    return training.TrainSettings(
-        arch=args.arch,
-        num_classes=args.num_classes,
-        model_sha256=training.file_sha256(args.checkpoint) if args.checkpoint else "random-init",
-        tiles_sha256=training.tiles_sha256(table),
-        n_tiles=len(table),
-        tile_size=int(table["tile_size"].iloc[0]),
-        mean=norm.mean,
-        std=norm.std,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        amp=args.amp,
-    )
-
-
 def _run_train_surrogate(args: argparse.Namespace) -> None:
-    from smoothsal import training
+    from smoothsal import surrogate_run
 
-    table = training.read_tile_tables(args.tiles)
-    options = training.RunOptions(
+    options = surrogate_run.RunOptions(
         out=args.out, state=args.state, log=args.log, checkpoint_every=args.checkpoint_every,
         resume=args.resume, workers=args.workers, progress=args.progress,
-        stop_after_steps=args.stop_after_steps,
     )  # fmt: skip
-    result = training.run_training(_train_settings(args, table), table, options, checkpoint=args.checkpoint)
+    result = surrogate_run.train_from_tables(
+        args.tiles, options, checkpoint=args.checkpoint, mean=args.mean, std=args.std, arch=args.arch,
+        num_classes=args.num_classes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, amp=args.amp,
+    )  # fmt: skip
     if result.rank == 0:
         last = result.losses[-1]["l1_total"] if result.losses else float("nan")
         gpu = f", peak GPU MB {[round(m) for m in result.peak_gpu_mb]}" if result.peak_gpu_mb else ""
         print(
-            f"{args.out}: {len(table)} tiles, {result.world} process(es), final L1 {last:.4g}, "
+            f"{args.out}: {result.tiles} tiles, {result.world} process(es), final L1 {last:.4g}, "
             f"{result.seconds:.1f} s, peak RSS MB {[round(m) for m in result.peak_rss_mb]}{gpu}"
             + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
         )
@@ -256,12 +232,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> None:
     import torch
 
-    from smoothsal import evaluation, training
-    from smoothsal.tiles import TileDataset, tile_labels
+    from smoothsal import evaluation
+    from smoothsal.surrogate import load_with_surrogate
+    from smoothsal.tiles import TileDataset, read_tile_tables, tile_labels
 
-    table = training.read_tile_tables(args.tiles)
+    table = read_tile_tables(args.tiles)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, surrogate, norm = training.load_with_surrogate(
+    model, surrogate, norm = load_with_surrogate(
         args.arch, num_classes=args.num_classes, checkpoint=args.checkpoint, surrogate=args.surrogate,
         mean=args.mean, std=args.std, device=device,
     )  # fmt: skip
@@ -311,7 +288,7 @@ def _run_compare(args: argparse.Namespace) -> None:
 
     from smoothsal import report
     from smoothsal.attribution import SmoothGrad
-    from smoothsal.training import load_with_surrogate
+    from smoothsal.surrogate import load_with_surrogate
 
     try:
         image = Image.open(args.tile).convert("RGB").resize((args.size, args.size))
@@ -369,7 +346,6 @@ def _add_saliency(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--out", type=Path, required=True, help="saliency store to write ({method}.zarr directory)")
     p.add_argument("--table", type=Path, required=True, help="per-tile table to write ({method}.parquet)")
-    p.add_argument("--stop-after-batches", type=int, help=argparse.SUPPRESS)  # debug: SIGKILL itself (tests)
     # fmt: on
     p.set_defaults(func=_run_saliency)
 
@@ -381,13 +357,11 @@ def _run_saliency(args: argparse.Namespace) -> None:
         arch=args.arch, num_classes=args.num_classes, method=args.method, layers=tuple(args.layers),
         attributions=tuple(args.attributions), smoothgrad_samples=args.smoothgrad_samples,
         smoothgrad_stdev=args.smoothgrad_stdev, seed=args.seed, target=args.target, task=args.task,
-        dataset=args.dataset, model_sha256=saliency.checkpoint_sha256(args.checkpoint),
-        surrogate_sha256=saliency.surrogate_sha256(args.surrogate),
-        mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
+        dataset=args.dataset, mean=tuple(args.mean) if args.mean else None, std=tuple(args.std) if args.std else None,
     )  # fmt: skip
     options = saliency.RunOptions(
         out=args.out, table=args.table, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        progress=args.progress, stop_after_batches=args.stop_after_batches,
+        progress=args.progress,
     )  # fmt: skip
     result = saliency.run_saliency(
         args.slide, args.tiles, settings, options, checkpoint=args.checkpoint, surrogate=args.surrogate
@@ -429,7 +403,6 @@ def _add_heatmaps(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--out", type=Path, required=True, help="container to write (SLIDE.ome.zarr directory)")
     p.add_argument("--ome-tiff", nargs=2, action="append", default=[], metavar=("IMAGE", "FILE"), help="also export IMAGE (e.g. heatmaps/original/gradient/layer2, or tissue) as a pyramidal OME-TIFF FILE for QuPath; repeatable")
-    p.add_argument("--stop-after-blocks", type=int, help=argparse.SUPPRESS)  # debug: SIGKILL itself (tests)
     # fmt: on
     p.set_defaults(func=_run_heatmaps)
 
@@ -443,7 +416,7 @@ def _run_heatmaps(args: argparse.Namespace) -> None:
     class_map = annotations.parse_class_map(args.class_map) if args.class_map else None
     out = heatmaps.make_heatmaps(
         args.slide, args.saliency, args.tiles, args.out, settings, mpp=args.mpp, annotations=args.annotations,
-        class_map=class_map, progress=args.progress, stop_after_blocks=args.stop_after_blocks,
+        class_map=class_map, progress=args.progress,
         ome_tiff=[tuple(pair) for pair in args.ome_tiff],
     )  # fmt: skip
     images = heatmaps.read_container(out).images
@@ -600,14 +573,15 @@ def _add_train_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train_model(args: argparse.Namespace) -> None:
-    from smoothsal import annotations, training
+    from smoothsal import annotations, demo_models
+    from smoothsal.models import IMAGENET_MEAN, IMAGENET_STD
 
-    settings = training.ModelSettings(
+    settings = demo_models.ModelSettings(
         arch=args.arch, num_classes=args.num_classes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, mean=tuple(args.mean or training.IMAGENET_MEAN), std=tuple(args.std or training.IMAGENET_STD),
+        seed=args.seed, mean=tuple(args.mean or IMAGENET_MEAN), std=tuple(args.std or IMAGENET_STD),
     )  # fmt: skip
     class_map = annotations.parse_class_map(args.class_map) if args.class_map else None
-    result = training.run_model_training(
+    result = demo_models.run_model_training(
         settings, args.tiles, args.out, annotations=args.annotations, class_map=class_map,
         progress=args.progress,
     )  # fmt: skip

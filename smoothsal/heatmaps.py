@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,6 +42,7 @@ from tqdm import tqdm
 
 from .annotations import Annotations, check_annotations_within, read_annotations
 from .files import atomic_dir, is_zarr_group
+from .killpoints import kill_point
 from .slides import Slide, SlideReader, best_level, open_slide, read_rgb
 from .tiles import read_tile_table, tiles_sha256
 
@@ -442,7 +441,6 @@ def _axes(channels: bool) -> list[dict[str, str]]:
 def write_heatmap(
     group: zarr.Group, store_array: zarr.Array, placement: Placement, slide_mpp: float,
     settings: HeatmapSettings, name: str, attrs: Mapping[str, Any], progress: bool = False,
-    stop_after_blocks: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Stitch one (method, attribution, layer) into `group` as an NGFF multiscales image."""
     c = settings.chunk
@@ -452,14 +450,13 @@ def write_heatmap(
     blocks = _blocks_of_tiles(placement, c)
     written: set[tuple[int, int]] = set()
     H, W = placement.shape
-    for n, ((r, q), tiles) in enumerate(tqdm(blocks.items(), desc=name, disable=not progress, leave=False)):
+    for (r, q), tiles in tqdm(blocks.items(), desc=name, disable=not progress, leave=False):
         box = (r * c, q * c, min((r + 1) * c, H), min((q + 1) * c, W))
         level0[box[0] : box[2], box[1] : box[3]] = stitch_block(
             maps, placement, tiles, box, settings.blend, weights
         )
         written.add((r, q))
-        if stop_after_blocks is not None and n + 1 >= stop_after_blocks:
-            os.kill(os.getpid(), signal.SIGKILL)  # a real, uncatchable interruption (tests)
+        kill_point("heatmaps.block")  # tests: a real, uncatchable interruption after N blocks
     shapes = _pyramid(group, level0, written, settings, "float", ("y", "x"))
     pixel_um = slide_mpp * placement.downsample
     coarsest = np.asarray(group[str(len(shapes) - 1)][...])
@@ -575,7 +572,6 @@ def write_container(
     annotations: Annotations | None = None,
     extra_settings: Mapping[str, Any] | None = None,
     progress: bool = False,
-    stop_after_blocks: int | None = None,
 ) -> Path:
     """Write the container for checked inputs (see `check_inputs`); `slide.reader` supplies the tissue
     image (any `SlideReader`), skipped when `settings.tissue` is false. Returns `out`."""
@@ -598,8 +594,7 @@ def write_container(
                     attrs = {"kind": "heatmap", "method": store.method, "attribution": attribution, "layer": layer,
                              "stride": arr.attrs.get("stride"), "saliency": str(store.path)}  # fmt: skip
                     info = write_heatmap(
-                        root.require_group(path), arr, placement, slide.mpp, settings, path, attrs,
-                        progress, stop_after_blocks,
+                        root.require_group(path), arr, placement, slide.mpp, settings, path, attrs, progress,
                     )  # fmt: skip
                     images.append({"path": path, **{k: info[k] for k in ("kind", "method", "attribution", "layer")},
                                    "pixel_size_um": info["pixel_size_um"]})  # fmt: skip
@@ -636,7 +631,6 @@ def make_heatmaps(
     annotations: str | Path | None = None,
     class_map: Mapping[str, int] | None = None,
     progress: bool = True,
-    stop_after_blocks: int | None = None,
     ome_tiff: Sequence[tuple[str, str | Path]] = (),
 ) -> Path:
     """The `heatmaps` stage for one slide: read and check inputs, write the container atomically, then
@@ -659,7 +653,7 @@ def make_heatmaps(
                 )
         extra = {"tiles_path": str(tiles), "mpp_override": mpp,
                  "annotations_path": str(annotations) if annotations else None}  # fmt: skip
-        write_container(out, slide, table, stores, settings, ann, extra, progress, stop_after_blocks)
+        write_container(out, slide, table, stores, settings, ann, extra, progress)
     for image, path in ome_tiff:
         export_ome_tiff(out, image, path)
     return Path(out)

@@ -38,6 +38,7 @@ __all__ = [
     "in_channels",
     "layer_map",
     "load_model",
+    "load_torch_dict",
     "load_torch_file",
     "module_stack",
     "resolve_layer",
@@ -228,6 +229,14 @@ def load_torch_file(path: Path, what: str, fix: str = "save it with torch.save(s
     except Exception as err:  # torch.load raises anything from pickle, zipfile and its own checks
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BadCheckpoint(f"{what} {path} could not be read as a torch file ({first}); {fix}") from err
+
+
+def load_torch_dict(path: Path, what: str, fix: str) -> dict:
+    """``load_torch_file`` of a file that must hold a dict (a smoothsal surrogate, model or state file)."""
+    obj = load_torch_file(path, what, fix)
+    if not isinstance(obj, dict):
+        raise BadCheckpoint(f"{path} is not a {what} (it holds a {type(obj).__name__}); {fix}")
+    return obj
 
 
 def save_torch_file(obj: object, path: str | Path) -> None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -34,8 +32,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
+from .errors import BadOption
 from .evaluation import TARGETS
 from .files import atomic_path, is_zarr_group, replace_dir
+from .killpoints import kill_point
 from .metrics import (
     majority_label,
     masked_prediction_difference,
@@ -43,10 +43,18 @@ from .metrics import (
     probabilities,
     total_variation,
 )
-from .models import layer_map
+from .models import layer_map, weights_sha256
 from .smoothing import METHODS, smooth
-from .tiles import TileDataset, default_workers, labels_sha256, majority_classes, read_tile_table, tile_labels
-from .training import file_sha256, load_with_surrogate, tiles_sha256
+from .surrogate import load_with_surrogate, surrogate_sha256
+from .tiles import (
+    TileDataset,
+    default_workers,
+    labels_sha256,
+    majority_classes,
+    read_tile_table,
+    tile_labels,
+    tiles_sha256,
+)
 
 __all__ = [
     "TASKS",
@@ -54,10 +62,8 @@ __all__ = [
     "SaliencyResult",
     "SaliencySettings",
     "check_out",
-    "checkpoint_sha256",
     "partial_dir",
     "run_saliency",
-    "surrogate_sha256",
     "table_columns",
     "tile_seed",
 ]
@@ -106,8 +112,6 @@ class SaliencySettings:
             raise ValueError(f"unknown task {self.task!r}; allowed: {', '.join(TASKS)}")
         if self.smoothgrad_samples < 0 or self.smoothgrad_stdev < 0:
             raise ValueError("SmoothGrad samples and stdev must be >= 0 (samples 0 = SmoothGrad off)")
-        if self.method == "surrogate" and self.surrogate_sha256 is None:
-            raise ValueError("method 'surrogate' needs a trained surrogate: pass --surrogate FILE")
 
     @property
     def smoothgrad(self) -> SmoothGrad | None:
@@ -131,7 +135,6 @@ class RunOptions:
     device: str = "auto"
     progress: bool = True
     max_batch: int = 32  # inputs per attribution forward/backward (bounds memory)
-    stop_after_batches: int | None = None  # debug: SIGKILL this process after N batches (tests)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -537,8 +540,10 @@ def run_saliency(
     """Saliency store + per-tile table of one slide under one method (resumable; see module doc)."""
     began = time.perf_counter()
     # the files' own hashes, whatever the caller put in: they guard resume and are the store's provenance
+    if settings.method == "surrogate" and surrogate is None:
+        raise BadOption("method 'surrogate' needs a trained surrogate: pass --surrogate FILE")
     settings = replace(
-        settings, model_sha256=checkpoint_sha256(checkpoint), surrogate_sha256=surrogate_sha256(surrogate)
+        settings, model_sha256=weights_sha256(checkpoint), surrogate_sha256=surrogate_sha256(surrogate)
     )
     check_out(options.out)
     table = read_tile_table(tiles, slide)
@@ -575,7 +580,7 @@ def run_saliency(
         pin_memory=device.type == "cuda",
     )  # fmt: skip
     progress = state.read_progress()
-    batches, loop_began = 0, time.perf_counter()
+    loop_began = time.perf_counter()
     with tqdm(
         total=n, initial=done, unit="tile", desc=f"saliency {settings.method} {slide_id}",
         disable=not options.progress, dynamic_ncols=True,
@@ -591,9 +596,7 @@ def run_saliency(
             state.write_progress(progress)  # the batch counts as done from here on
             _compact_rows(state.rows)
             bar.update(stop - start)
-            batches += 1
-            if options.stop_after_batches is not None and batches >= options.stop_after_batches:
-                os.kill(os.getpid(), signal.SIGKILL)  # a real, uncatchable interruption (tests)
+            kill_point("saliency.batch")  # tests: a real, uncatchable interruption after N batches
     loop_seconds = time.perf_counter() - loop_began
     _finish(state, options, meta, table_columns(settings, layers), n)
     return SaliencyResult(n, n - done, done, time.perf_counter() - began, loop_seconds, device.type)
@@ -611,21 +614,3 @@ def _check_labels(settings: SaliencySettings, table: pd.DataFrame, tiles: Path) 
             f"tile table {tiles} has {column} up to {int(values.max())} but the model has {k} classes; "
             "check --num-classes"
         )
-
-
-def checkpoint_sha256(path: Path | None) -> str:
-    """``random-init`` without a checkpoint, else the file's sha256 (a missing file: a clear error)."""
-    if path is None:
-        return "random-init"
-    if not path.is_file():
-        raise FileNotFoundError(f"model checkpoint {path} does not exist")
-    return file_sha256(path)
-
-
-def surrogate_sha256(path: Path | None) -> str | None:
-    """None without a surrogate, else the file's sha256."""
-    if path is None:
-        return None
-    if not path.is_file():
-        raise FileNotFoundError(f"surrogate {path} does not exist; train it with `smoothsal train-surrogate`")
-    return file_sha256(path)

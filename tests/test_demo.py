@@ -15,9 +15,9 @@ from smoothsal import demo, load_model
 from smoothsal.annotations import read_annotations
 from smoothsal.cli import main
 from smoothsal.evaluation import predict
+from smoothsal.models import Normalize
 from smoothsal.tiles import TileDataset
 from smoothsal.tissue import hsv_saturation
-from smoothsal.training import Normalize
 
 SIZE = 1024  # level-0 px per side: ~30 tiles of 64 px at 1 µm/px
 SLIDES = ("tumor_001", "normal_001", "digi_001")

@@ -26,9 +26,8 @@ from smoothsal import heatmaps, slides
 from smoothsal.cli import main
 from smoothsal.grid import TileGridSettings
 from smoothsal.metrics import total_variation
-from smoothsal.tiles import write_tile_table
+from smoothsal.tiles import tiles_sha256, write_tile_table
 from smoothsal.tiling import tile_slide
-from smoothsal.training import tiles_sha256
 
 # ome-zarr-py warns about its own deprecated Scaler when its writer is imported
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")
@@ -311,7 +310,7 @@ def test_killed_job_leaves_no_container_and_a_rerun_completes_it(cmu, grid, tmp_
            "--tiles", str(tiles), "--chunk", "256", "--out", str(out), "--no-progress"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     killed = subprocess.run(
-        [*cmd, "--stop-after-blocks", "2"], check=False, env=env, capture_output=True, text=True
+        cmd, check=False, env=dict(env, SMOOTHSAL_KILL_AT="heatmaps.block=2"), capture_output=True, text=True
     )
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()

@@ -4,6 +4,7 @@ store and table read back and checked against `attribute` and the metrics run di
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -20,14 +21,15 @@ import zarr
 import smoothsal as ss
 from smoothsal import cli, saliency
 from smoothsal.metrics import masked_prediction_difference, prediction_difference, probabilities
-from smoothsal.tiles import TileDataset
-from smoothsal.training import (
+from smoothsal.models import weights_sha256
+from smoothsal.surrogate import (
     SurrogateMeta,
     TrainSettings,
     load_with_surrogate,
     model_fingerprint,
     save_surrogate,
 )
+from smoothsal.tiles import TileDataset
 
 LAYERS = ("layer1", "layer2", "layer3")
 SAMPLES = 2
@@ -157,10 +159,11 @@ def test_killed_job_resumes_with_the_results_of_an_uninterrupted_run_whatever_th
     merged every 2 batches): the same store and table as batches of 5 in a worker, uninterrupted."""
     args = saliency_args(slide, tiles, tmp_path, "forward_hook", "--workers", "0")
     killed = subprocess.run(
-        [sys.executable, "-m", "smoothsal.cli", *args, "--batch-size", "3", "--stop-after-batches", "2"],
+        [sys.executable, "-m", "smoothsal.cli", *args, "--batch-size", "3"],
         capture_output=True,
         text=True,
         check=False,
+        env=dict(os.environ, SMOOTHSAL_KILL_AT="saliency.batch=2"),
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     out, table = tmp_path / "forward_hook.zarr", tmp_path / "forward_hook.parquet"
@@ -320,9 +323,8 @@ def test_relabelled_tiles_on_the_same_grid_do_not_resume_batches_of_the_old_targ
     pd.read_parquet(tiles).assign(label=pd.array([1] * 12, dtype="Int64")).to_parquet(new)
     extra = ("--smoothgrad-samples", "0", "--workers", "0", "--batch-size", "3")
     killed = subprocess.run(
-        [sys.executable, "-m", "smoothsal.cli", *saliency_args(slide, old, tmp_path, "original", *extra),
-         "--stop-after-batches", "1"],
-        capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "smoothsal.cli", *saliency_args(slide, old, tmp_path, "original", *extra)],
+        capture_output=True, text=True, check=False, env=dict(os.environ, SMOOTHSAL_KILL_AT="saliency.batch=1"),
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     rc, stdout, _ = run(saliency_args(slide, new, tmp_path, "original", *extra), capsys)
@@ -342,7 +344,7 @@ def test_library_run_records_the_checkpoint_it_loads(slide: Path, tiles: Path, t
     options = saliency.RunOptions(tmp_path / "o.zarr", tmp_path / "o.parquet", workers=0, progress=False)
     saliency.run_saliency(slide, three, settings, options, checkpoint=checkpoint)
     meta, _ = read_store(tmp_path / "o.zarr")
-    assert meta["settings"]["model_sha256"] == saliency.checkpoint_sha256(checkpoint) != "random-init"
+    assert meta["settings"]["model_sha256"] == weights_sha256(checkpoint) != "random-init"
 
 
 def test_segmentation_tiles_without_annotation_target_the_originals_predicted_majority(

@@ -8,6 +8,7 @@ One tiny setting throughout: resnet18 (2 classes, seeded random weights saved as
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,9 +23,11 @@ from smoothsal import load_model, metrics, slides, smooth
 from smoothsal.annotations import read_annotations
 from smoothsal.cli import main
 from smoothsal.grid import TileGridSettings
+from smoothsal.models import Normalize, save_torch_file
+from smoothsal.surrogate import Resume, TrainSettings, load_surrogate, read_surrogate, train_surrogate
+from smoothsal.surrogate_run import STATE_FORMAT, per_rank_batch_size
 from smoothsal.tiles import TileDataset, write_tile_table
 from smoothsal.tiling import tile_slide
-from smoothsal.training import Normalize, load_surrogate, read_surrogate
 
 EPOCHS, BATCH, TILES = 3, 8, 32
 STEPS_PER_EPOCH = TILES // BATCH
@@ -63,9 +66,10 @@ def model_checkpoint(work: Path) -> Path:
 
 
 def _train(
-    tiles: Path, model: Path, out: Path, nproc: int | None, *extra: str
+    tiles: Path, model: Path, out: Path, nproc: int | None, *extra: str, kill_at: str = ""
 ) -> subprocess.CompletedProcess:
-    """`smoothsal train-surrogate` as a real command: under torchrun with `nproc` processes, or plain."""
+    """`smoothsal train-surrogate` as a real command: under torchrun with `nproc` processes, or plain;
+    ``kill_at``: SMOOTHSAL_KILL_AT for every process."""
     launch = [sys.executable, "-m", "smoothsal.cli"]
     if nproc is not None:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -73,7 +77,8 @@ def _train(
     args = ["train-surrogate", "--arch", "resnet18", "--num-classes", "2", "--checkpoint", str(model),
             "--tiles", str(tiles), "--out", str(out), "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
             "--workers", "0", "--checkpoint-every", "2", "--no-progress", *extra]  # fmt: skip
-    return subprocess.run([*launch, *args], check=False, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, SMOOTHSAL_KILL_AT=kill_at)
+    return subprocess.run([*launch, *args], check=False, capture_output=True, text=True, timeout=300, env=env)
 
 
 def _ok(run: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -128,12 +133,14 @@ def test_killed_run_resumes_to_the_same_weights(
 ) -> None:
     out = work / "killed" / "surrogate.pt"
     state = out.with_name("surrogate.state.pt")
-    killed = _train(tiles, model_checkpoint, out, 2, "--stop-after-steps", "7")  # SIGKILLs itself
+    killed = _train(
+        tiles, model_checkpoint, out, 2, kill_at="surrogate.step=7"
+    )  # each process SIGKILLs itself
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr
     assert not out.exists() and state.is_file()
     saved = torch.load(state, weights_only=True)
     assert (saved["epoch"], saved["step"], saved["global_step"]) == (1, 2, 6)  # mid-epoch; step 7 lost
-    assert not list(out.parent.glob(".*tmp*"))  # no torn temporary files
+    assert not list(out.parent.glob(".*.partial-*"))  # no torn temporary files (files.atomic_path's names)
 
     resumed = _ok(_train(tiles, model_checkpoint, out, 2))  # --resume is the default
     assert "resumed at step 6" in resumed.stdout
@@ -181,15 +188,13 @@ def test_changed_settings_refuse_to_resume(
     base = ["train-surrogate", "--arch", "resnet18", "--num-classes", "2", "--checkpoint",
             str(model_checkpoint), "--tiles", str(tiles), "--out", str(out), "--epochs", "1",
             "--batch-size", "8", "--workers", "0", "--no-progress"]  # fmt: skip
-    from smoothsal.training import STATE_FORMAT, TrainSettings, atomic_torch_save
-
     settings = read_surrogate(ddp_run)[1].settings.as_dict() | {"lr": 0.5}  # a state of another run
     fake = {
         "format": STATE_FORMAT,
         "settings": settings,
         "settings_hash": TrainSettings.from_dict(settings).hash,
     }
-    atomic_torch_save(fake, out.with_name("surrogate.state.pt"))
+    save_torch_file(fake, out.with_name("surrogate.state.pt"))
     assert main(base) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("smoothsal train-surrogate: error: training state") and "--no-resume" in err
@@ -255,7 +260,7 @@ def test_evaluate_writes_the_papers_tables(
 
 
 def test_train_surrogate_skips_done_steps_when_resuming() -> None:
-    """`start_step` continues mid-epoch; an `EpochBatches` callable is asked to skip, not the loop."""
+    """`Resume` continues mid-epoch; an `EpochBatches` callable is asked to skip, not the loop."""
     model = load_model("resnet18", num_classes=2)
     torch.manual_seed(0)
     data = [torch.randn(2, 3, 32, 32) for _ in range(2)]
@@ -265,21 +270,17 @@ def test_train_surrogate_skips_done_steps_when_resuming() -> None:
         asked.append((epoch, skip))
         return data[skip:]
 
-    from smoothsal.training import train_surrogate
-
     def record(epoch: int, step: int, losses: dict[str, float]) -> None:
         seen.append((epoch, step))
 
-    paths = train_surrogate(model, batches, epochs=3, start_epoch=1, start_step=1, on_step=record)
+    paths = train_surrogate(model, batches, epochs=3, resume=Resume(epoch=1, step=1), on_step=record)
     assert asked[-2:] == [(1, 1), (2, 0)] and seen == [(1, 1), (2, 0), (2, 1)]
     seen.clear()  # a plain iterable: the done batches are drawn and dropped
-    train_surrogate(model, data, epochs=2, paths=paths, start_epoch=1, start_step=1, on_step=record)
+    train_surrogate(model, data, epochs=2, resume=Resume(1, 1, paths), on_step=record)
     assert seen == [(1, 1)]
 
 
 def test_settings_and_batch_split_errors() -> None:
-    from smoothsal.training import TrainSettings, per_rank_batch_size
-
     assert per_rank_batch_size(512, 2) == 256 and per_rank_batch_size(512, 8) == 64
     with pytest.raises(ValueError, match="multiple of 3"):
         per_rank_batch_size(512, 3)

@@ -25,7 +25,7 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 
 import smoothsal as ss
-from smoothsal.training import read_surrogate
+from smoothsal.surrogate import read_surrogate
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
