@@ -292,7 +292,8 @@ def test_settings_and_batch_split_errors() -> None:
 
 
 def test_summarise_by_hand() -> None:
-    from smoothsal.evaluation import summarise, tile_labels
+    from smoothsal.evaluation import summarise
+    from smoothsal.tiles import tile_labels
 
     labels = tile_labels(pd.DataFrame({"label": pd.array([0, 1, pd.NA], dtype="Int64")}))
     assert labels.tolist() == [0, 1, -1]
