@@ -110,9 +110,8 @@ class SyntheticReader:
 
 def synthesise(workdir: Path, width: int, height: int) -> None:
     """Tile table + saliency store for a width×height slide, written under `workdir`."""
-    import zarr
-
-    from smoothsal.tiles import tiles_sha256
+    from smoothsal.store import StoreWriter
+    from smoothsal.tiles import tiles_sha256, write_tile_table
 
     blobs = Blobs(width, height)
     xs, ys = np.meshgrid(np.arange(0, width - SIZE0 + 1, SIZE0), np.arange(0, height - SIZE0 + 1, SIZE0))
@@ -128,28 +127,33 @@ def synthesise(workdir: Path, width: int, height: int) -> None:
         "level": np.zeros(n, np.int32), "tile_size": np.full(n, TILE, np.int32),
         "mpp": np.full(n, TILE_MPP), "slide_mpp": np.full(n, MPP), "tissue_fraction": np.ones(n),
     })  # fmt: skip
-    table.to_parquet(workdir / "tiles.parquet", index=False)
-    group = zarr.open_group(workdir / "original.zarr", mode="w", zarr_format=2)
-    group.attrs["smoothsal"] = {
+    write_tile_table(table, workdir / "tiles.parquet")
+    meta = {
         "version": "benchmark", "slide_id": "synthetic", "slide_path": str(workdir / "synthetic.tif"),
         "method": "original", "layers": list(LAYERS), "attributions": ["gradient"], "settings": {},
         "tiles_sha256": tiles_sha256(table), "n_tiles": n,
     }  # fmt: skip
+    writer = StoreWriter(workdir / "original.zarr", workdir / "original.parquet", meta)
+    writer.open({layer: (TILE // stride, TILE // stride) for layer, stride in LAYERS.items()}, TILE)
     rng = np.random.default_rng(0)
-    for layer, stride in LAYERS.items():
-        h = TILE // stride
-        arr = group.create_array(f"gradient/{layer}", shape=(n, h, h), chunks=(64, h, h), dtype="float32")
-        arr.attrs.update({"layer": layer, "attribution": "gradient", "stride": stride})
-        for start in range(0, n, 64 * 16):
-            stop = min(n, start + 64 * 16)
-            arr[start:stop] = rng.standard_normal((stop - start, h, h), dtype=np.float32)
+    for start in range(0, n, 64 * 16):
+        stop = min(n, start + 64 * 16)
+        maps = {
+            ("gradient", layer): rng.standard_normal((stop - start, TILE // s, TILE // s), dtype=np.float32)
+            for layer, s in LAYERS.items()
+        }
+        writer.write_batch(start, stop, maps, pd.DataFrame({"tile": np.arange(start, stop)}))
+    writer.finish()
     (workdir / "slide.json").write_text(json.dumps({"width": width, "height": height, "n_tiles": n}))
 
 
 def stitch(workdir: Path, blend: str) -> dict:
     """Run the heatmaps stage on the synthetic inputs; wall time and this process's peak RSS."""
     from smoothsal import heatmaps
+    from smoothsal.container import open_container
     from smoothsal.slides import Slide
+    from smoothsal.store import open_store
+    from smoothsal.tiles import read_tile_table
 
     spec = json.loads((workdir / "slide.json").read_text())
     import smoothsal.tiles  # noqa: F401  (torch, via the tile Dataset: part of the baseline)
@@ -160,15 +164,14 @@ def stitch(workdir: Path, blend: str) -> dict:
     slide = Slide(
         workdir / "synthetic.tif", SyntheticReader(spec["width"], spec["height"], blobs), MPP, "synthetic"
     )
-    table = pd.read_parquet(workdir / "tiles.parquet")
-    stores = [heatmaps.open_saliency(workdir / "original.zarr")]
+    table = read_tile_table(workdir / "tiles.parquet")
+    stores = [open_store(workdir / "original.zarr")]
     heatmaps.check_inputs(slide, table, workdir / "tiles.parquet", stores)
     out = heatmaps.write_container(
         workdir / "synthetic.ome.zarr", slide, table, stores, heatmaps.HeatmapSettings(blend=blend)
     )
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    container = heatmaps.read_container(out)
-    shapes = {i["path"]: container.level(i["path"]).shape for i in container.images}
+    shapes = {i.path: i.levels[0].shape for i in open_container(out).images}
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {
         "seconds": seconds,

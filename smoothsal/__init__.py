@@ -1,5 +1,7 @@
 """smoothsal: smooth hidden-layer saliency maps for whole-slide images (Smooth Deep Saliency)."""
 
+__version__ = "0.1.0"  # first: modules read it while the package is imported
+
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
 from .metrics import (
     accuracy,
@@ -12,8 +14,6 @@ from .metrics import (
 from .models import ARCHITECTURES, canonicalise, load_model, resolve_layer, resolve_layers
 from .smoothing import METHODS, SurrogatePaths, downsampling_convs, smooth
 from .surrogate import train_surrogate
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",

@@ -28,6 +28,7 @@ from skimage.filters import gaussian
 from skimage.measure import points_in_poly
 from skimage.transform import resize
 
+from .errors import BadOption, MissingInput
 from .files import atomic_path
 
 __all__ = [
@@ -154,7 +155,10 @@ def plan_layout(spec: SlideSpec, size: int, seed: int) -> Layout:
         if inside and apart:
             tumours.append(blob)
     if len(tumours) < spec.tumours:
-        raise RuntimeError(f"could not place {spec.tumours} tumour regions on {spec.name}")
+        raise BadOption(
+            f"could not place {spec.tumours} tumour regions on {spec.name} at --size {size}; "
+            "give a larger --size or another --seed"
+        )
     return Layout(size, tissue, tuple(tumours))
 
 
@@ -381,7 +385,7 @@ def read_nuclei_mask(slide_path: str | Path) -> np.ndarray:
     """The ground-truth nucleus mask (bool, level-0 px) written beside a demo slide."""
     path = nuclei_mask_path(slide_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no nucleus mask; regenerate the demo with `smoothsal demo-data`")
+        raise MissingInput(f"{path}: no nucleus mask; regenerate the demo with `smoothsal demo-data`")
     return np.asarray(Image.open(path).convert("1"), dtype=bool)
 
 
@@ -399,7 +403,7 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         if self.size < MIN_LEVEL_SIDE or self.size % TIFF_TILE:
-            raise ValueError(
+            raise BadOption(
                 f"--size must be a multiple of {TIFF_TILE} px and at least {MIN_LEVEL_SIDE}, got {self.size}"
             )
 
@@ -433,7 +437,7 @@ def select_slides(names: Sequence[str] | None) -> tuple[SlideSpec, ...]:
     known = {s.name for s in DEMO_SLIDES}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown demo slides {unknown}; choose from {', '.join(sorted(known))}")
+        raise BadOption(f"unknown demo slides {unknown}; choose from {', '.join(sorted(known))}")
     return tuple(s for s in DEMO_SLIDES if s.name in set(names))
 
 

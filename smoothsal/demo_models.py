@@ -28,6 +28,7 @@ from .models import (
     IMAGENET_STD,
     Normalize,
     check_arch,
+    check_input_size,
     in_channels,
     save_torch_file,
 )
@@ -249,9 +250,12 @@ def run_model_training(
     check_arch(settings.arch)
     table = read_tile_tables(tables)
     torch.manual_seed(settings.seed)
-    task = model_task(
-        ARCHITECTURES[settings.arch](num_classes=settings.num_classes), int(table["tile_size"].iloc[0])
+    probe, tile_size = (
+        ARCHITECTURES[settings.arch](num_classes=settings.num_classes),
+        int(table["tile_size"].iloc[0]),
     )
+    check_input_size(probe, tile_size, settings.arch)
+    task = model_task(probe, tile_size)
     by_slide = None
     if task == "segmentation":
         if not annotations or len(annotations) != len(tables):

@@ -1,9 +1,10 @@
-"""How much each smoothing method changes the model's predictions: the paper's Tables 2 and 3.
+"""`smoothsal evaluate`: how much each smoothing method changes the model's predictions (the paper's
+Tables 2 and 3).
 
 On labelled validation tiles: accuracy of ``original`` / ``surrogate`` / ``forward_hook`` (and
-``backward_hook``, whose forward equals the original), and the prediction difference of each method
-against the original (DESIGN.md §1; ×100, mean ± std over tiles). Classification only for now:
-the target class is the tile's label (or the original's predicted class where a tile has no label).
+``backward_hook``, whose forward equals the original), agreement with the original, and the prediction
+difference of each method against the original (DESIGN.md §1; ×100, mean ± std over tiles). The
+per-tile measures are those of `smoothsal saliency` (`predictions`). Classification models only.
 """
 
 from __future__ import annotations
@@ -16,26 +17,50 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from . import __version__
+from .errors import BadOption
 from .files import atomic_path
-from .metrics import accuracy, prediction_difference, probabilities
-from .smoothing import METHODS, SurrogatePaths, smooth
+from .models import check_input_size
+from .predictions import TARGETS, check_target, choose_targets, class_logits, prediction_columns
+from .smoothing import SurrogatePaths, check_methods, smooth
+from .store import write_results
+from .surrogate import ModelSpec
+from .tiles import TileDataset, TileLoader, read_tile_tables, tile_labels
 
 __all__ = [
+    "DEFAULT_METHODS",
     "TARGETS",
     "EvalResult",
+    "EvalSettings",
     "evaluate",
     "per_tile_table",
     "predict",
+    "run_evaluation",
     "smoothed_models",
     "summarise",
     "to_markdown",
     "write_summary",
 ]
 
-TARGETS = ("label", "predicted")  # the target class: ground truth (predicted where unlabelled), or predicted
 DEFAULT_METHODS = ("original", "surrogate", "forward_hook")
+TILE_KEYS = ("slide_id", "x", "y", "w", "level", "tile_size")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What `smoothsal evaluate` compares (``surrogate`` is left out without a surrogate file)."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    target: str = "label"
+    batch_size: int = 64  # tiles per forward pass (does not change results)
+
+    def __post_init__(self) -> None:
+        check_methods(self.methods)
+        check_target(self.target)
+        if self.batch_size < 1:
+            raise BadOption(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -50,11 +75,9 @@ def smoothed_models(
     model: nn.Module, methods: Sequence[str], surrogate: SurrogatePaths | None, example: torch.Tensor
 ) -> dict[str, nn.Module]:
     """The model under each method (``surrogate`` needs trained paths)."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; allowed: {', '.join(METHODS)}")
+    check_methods(methods)
     if "surrogate" in methods and surrogate is None:
-        raise ValueError("method 'surrogate' needs a trained surrogate: pass --surrogate FILE")
+        raise BadOption("method 'surrogate' needs a trained surrogate: pass --surrogate FILE")
     return {
         m: smooth(model, m, surrogate=surrogate if m == "surrogate" else None, example=example)
         for m in methods
@@ -67,34 +90,13 @@ def predict(
 ) -> dict[str, torch.Tensor]:
     """Logits ``[N, C]`` of every model on every tile (one read of each tile), on CPU."""
     device = next(next(iter(models.values())).parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = TileLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     out: dict[str, list[torch.Tensor]] = {m: [] for m in models}
     for batch in loader:
         x = (batch[0] if isinstance(batch, list | tuple) else batch).to(device)
         for name, model in models.items():
-            logits = model(x)
-            if logits.ndim == 4 and logits.shape[2:] == (1, 1):  # conv heads (MONAI bundle): [B, C, 1, 1]
-                logits = logits.flatten(1)
-            if logits.ndim != 2:
-                raise ValueError(
-                    f"the model gives outputs of shape {tuple(logits.shape)}; evaluate handles "
-                    "classification ([B, C] logits) only so far (segmentation Dice needs label masks)"
-                )
-            out[name].append(logits.float().cpu())
+            out[name].append(class_logits(model(x)).float().cpu())
     return {m: torch.cat(v) for m, v in out.items()}
-
-
-def _targets(original: torch.Tensor, labels: torch.Tensor, target: str) -> torch.Tensor:
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; allowed: {', '.join(TARGETS)}")
-    if original.shape[1] == 1:
-        return torch.zeros(len(original), dtype=torch.long)  # one logit: its probability is the target
-    predicted = original.argmax(dim=1)
-    return torch.where(labels >= 0, labels, predicted) if target == "label" else predicted
-
-
-def _predicted(logits: torch.Tensor) -> torch.Tensor:
-    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
 
 
 def summarise(
@@ -105,30 +107,27 @@ def summarise(
     Standard deviations are over tiles (population std, ddof = 0).
     """
     if "original" not in logits:
-        raise ValueError("the prediction difference is measured against 'original': include it")
+        raise BadOption("the prediction difference is measured against 'original': include it")
     original = logits["original"]
     if labels.numel() and labels.max() >= original.shape[1] and original.shape[1] > 1:
-        raise ValueError(
+        raise BadOption(
             f"tile labels go up to {int(labels.max())} but the model has {original.shape[1]} classes; "
             "check --num-classes"
         )
-    targets = _targets(original, labels, target)
-    p_original = probabilities(original)
-    labelled = labels >= 0
+    targets = choose_targets(original, labels, target)
+    reference = prediction_columns("classification", original, original, labels, targets)["pred"]
+    labelled = labels.numpy() >= 0
     rows, tiles = [], {"label": labels.numpy(), "target": targets.numpy()}
     for method, out in logits.items():
-        pd_all, pd_target = (
-            v.numpy() * 100 for v in prediction_difference(p_original, probabilities(out), targets)
-        )
+        cols = prediction_columns("classification", original, out, labels, targets)
+        pd_all, pd_target = cols["pd_all"] * 100, cols["pd_target"] * 100
         rows.append(
             {
                 "method": method,
                 "tiles": len(out),
                 "labelled": int(labelled.sum()),
-                "accuracy": 100 * accuracy(out[labelled], labels[labelled])
-                if labelled.any()
-                else float("nan"),
-                "agreement": 100 * float((_predicted(out) == _predicted(original)).float().mean()),
+                "accuracy": 100 * float(cols["correct"][labelled].mean()) if labelled.any() else float("nan"),
+                "agreement": 100 * float((cols["pred"] == reference).mean()),
                 "pd_all_mean": float(pd_all.mean()),
                 "pd_all_std": float(pd_all.std()),
                 "pd_target_mean": float(pd_target.mean()),
@@ -136,7 +135,7 @@ def summarise(
             }
         )
         tiles |= {
-            f"{method}_pred": _predicted(out).numpy(),
+            f"{method}_pred": cols["pred"],
             f"{method}_pd_all": pd_all,
             f"{method}_pd_target": pd_target,
         }
@@ -159,9 +158,6 @@ def evaluate(
     example = dataset[0][0][None].to(next(model.parameters()).device)
     models = smoothed_models(model.eval(), methods, surrogate, example)
     return summarise(predict(models, dataset, batch_size=batch_size, workers=workers), labels, target=target)
-
-
-TILE_KEYS = ("slide_id", "x", "y", "w", "level", "tile_size")
 
 
 def per_tile_table(table: pd.DataFrame, result: EvalResult) -> pd.DataFrame:
@@ -199,3 +195,31 @@ def write_summary(summary: pd.DataFrame, csv: str | Path, markdown: str | Path |
             continue
         with atomic_path(path) as tmp:
             tmp.write_text(text)
+
+
+def run_evaluation(
+    tables: Sequence[str | Path],
+    model: ModelSpec,
+    out: str | Path,
+    settings: EvalSettings = EvalSettings(),
+    *,
+    markdown: str | Path | None = None,
+    per_tile: str | Path | None = None,
+    workers: int = 0,
+) -> EvalResult:
+    """The `evaluate` stage: read the tiles, load the model (and surrogate), compare, write the summary
+    (CSV, and markdown: default OUT with .md) and optionally the per-tile table (Parquet)."""
+    table = read_tile_tables(tables)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    network, surrogate, norm = model.load(device)
+    check_input_size(network, int(table["tile_size"].iloc[0]), model.arch)
+    methods = [m for m in settings.methods if m != "surrogate" or surrogate is not None]
+    result = evaluate(
+        network, TileDataset(table, transform=norm), tile_labels(table), methods=methods, surrogate=surrogate,
+        target=settings.target, batch_size=settings.batch_size, workers=workers,
+    )  # fmt: skip
+    write_summary(result.summary, out, markdown or Path(out).with_suffix(".md"))
+    if per_tile:
+        meta = {"kind": "evaluate", "version": __version__, "arch": model.arch, "methods": methods}
+        write_results(per_tile_table(table, result), per_tile, meta)
+    return result

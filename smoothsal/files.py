@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import BadOutput, SmoothsalError, one_line
+
 __all__ = ["atomic_dir", "atomic_path", "is_zarr_group", "partial_paths", "replace_dir"]
 
 _MARK = ".partial-"
@@ -18,14 +20,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path``; it becomes ``path`` only if the block completes."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a file path inside it, e.g. {path / 'out'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise BadOutput(f"{path} is a directory; give a file path inside it, e.g. {path / 'out'}")
+    with _writable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{_MARK}{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _writable(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _writable(path: Path) -> Iterator[None]:
+    """The OS refusing to write ``path`` (permissions, a full disk, a read-only file system) is bad output."""
+    try:
+        yield
+    except SmoothsalError:
+        raise
+    except OSError as err:
+        raise BadOutput(
+            f"{path}: cannot be written ({one_line(err)}); give an --out you may write to"
+        ) from err
 
 
 def partial_paths(path: str | Path) -> list[Path]:
@@ -61,11 +78,13 @@ def atomic_dir(path: str | Path, check_existing: Callable[[Path], None]) -> Iter
     path = Path(path)
     if path.exists():
         check_existing(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _writable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        yield tmp
-        replace_dir(tmp, path)
+        with _writable(path):
+            yield tmp
+            replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

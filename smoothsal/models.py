@@ -207,13 +207,16 @@ def check_input_size(model: nn.Module, size: int, arch: str, option: str = "--ti
     """
     param = next(model.parameters())
     probe = torch.zeros(1, in_channels(model), size, size, dtype=param.dtype, device=param.device)
+    was_training = model.training
     try:
         with torch.no_grad():
-            model(probe)
-    except RuntimeError as err:
+            model.eval()(probe)
+    except RuntimeError as err:  # torch's shape checks (e.g. "Output size is too small")
         raise BadOption(
             f"a {size}-px tile is too small for arch {arch!r} ({one_line(err)}); use a larger {option}"
         ) from None
+    finally:
+        model.train(was_training)
 
 
 # --- torch files ------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from .tiles import tiles_sha256
 __all__ = [
     "SURROGATE_FORMAT",
     "EpochBatches",
+    "ModelSpec",
     "Resume",
     "StepCallback",
     "SurrogateMeta",
@@ -347,6 +348,26 @@ def load_surrogate(
                 f"{checkpoint} is {sha[:12]}; retrain the surrogate for these weights"
             )
     return paths
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model a stage runs: architecture, classes, weights (None: the seeded random init),
+    surrogate, input normalisation (None: the surrogate's, else ImageNet's)."""
+
+    arch: str
+    num_classes: int
+    checkpoint: Path | None = None
+    surrogate: Path | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def load(self, device: torch.device | str = "cpu") -> tuple[nn.Module, SurrogatePaths | None, Normalize]:
+        """``load_with_surrogate`` of this model."""
+        return load_with_surrogate(
+            self.arch, num_classes=self.num_classes, checkpoint=self.checkpoint, surrogate=self.surrogate,
+            mean=self.mean, std=self.std, device=device,
+        )  # fmt: skip
 
 
 def load_with_surrogate(

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .errors import BadCheckpoint, BadOption
 from .files import atomic_path, partial_paths
 from .killpoints import kill_point
-from .models import in_channels, load_model, load_torch_dict, save_torch_file
+from .models import check_input_size, in_channels, load_model, load_torch_dict, save_torch_file
 from .smoothing import SurrogatePaths
 from .surrogate import (
     Resume,
@@ -276,6 +276,7 @@ def run_training(
         torch.manual_seed(settings.seed)  # a random-init model (no checkpoint) is the same everywhere
         model = load_model(settings.arch, num_classes=settings.num_classes, checkpoint=checkpoint)
         model = model.to(d.device).requires_grad_(False).eval()
+        check_input_size(model, settings.tile_size, settings.arch)
         torch.manual_seed(settings.seed)
         example = torch.zeros(1, in_channels(model), settings.tile_size, settings.tile_size, device=d.device)
         paths = SurrogatePaths.for_model(model, example).to(d.device)

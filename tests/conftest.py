@@ -1,14 +1,32 @@
-"""Shared fixtures: where the real test data lives."""
+"""Shared fixtures: where the real test data lives, the real slides opened once, and the command line
+(run one way: the `cli` fixture)."""
 
 from __future__ import annotations
 
+import io
 import os
+import signal
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
-from helpers import CMU, CMU_PYRAMID, SYNTHETIC_MPP, SYNTHETIC_SIZE
+from helpers import (
+    CMU,
+    CMU_PYRAMID,
+    DEMO_SIZE,
+    DEMO_SLIDES,
+    SURROGATE_TILES,
+    SYNTHETIC_MPP,
+    SYNTHETIC_SIZE,
+    demo_data,
+    tile,
+    train_args,
+)
 from skimage.transform import downscale_local_mean
 
 from smoothsal import slides, tissue
@@ -66,3 +84,137 @@ def synthetic_slide(tmp_path_factory) -> Path:
             tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib", resolution=(res, res),
                       resolutionunit="CENTIMETER", subfiletype=int(i > 0), metadata=None)  # fmt: skip
     return path
+
+
+# --- the command line, run one way ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one `smoothsal` command did: exit status, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+class Cli:
+    """`cli("tiles", slide, "--out", table)` runs `smoothsal tiles …` in this process (``expect``: the exit
+    status it must give, None: any) and returns what it printed. ``process`` and ``popen`` run it as a
+    real process, for what needs one: a SIGKILL (``kill_at`` sets SMOOTHSAL_KILL_AT), torchrun
+    (``nproc``), a server, several commands at once."""
+
+    def __call__(self, *args: object, expect: int | None = 0) -> Run:
+        from smoothsal.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main([str(a) for a in args])
+        run = Run(code, out.getvalue(), err.getvalue())
+        assert expect is None or code == expect, f"exit {code}, expected {expect}: {run.err[-2000:]}"
+        return run
+
+    def command(self, *args: object, nproc: int | None = None) -> list[str]:
+        launch = [sys.executable, "-m", "smoothsal.cli"]
+        if nproc is not None:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                      str(nproc), "-m", "smoothsal.cli"]  # fmt: skip
+        return [*launch, *map(str, args)]
+
+    def env(self, kill_at: str = "") -> dict[str, str]:
+        """This checkout's smoothsal in the child, and its kill switch (empty: none)."""
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        return dict(os.environ, PYTHONPATH=path, SMOOTHSAL_KILL_AT=kill_at, PYTHONFAULTHANDLER="1")
+
+    def process(
+        self, *args: object, kill_at: str = "", nproc: int | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.command(*args, nproc=nproc), check=False, capture_output=True, text=True, timeout=timeout,
+            env=self.env(kill_at),
+        )  # fmt: skip
+
+    def popen(self, *args: object, **kwargs: object) -> subprocess.Popen:
+        """A running command; Ctrl-C (SIGINT) reaches it whatever this process blocks or ignores."""
+        kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True} | kwargs
+        return subprocess.Popen(self.command(*args), env=self.env(), preexec_fn=_sigint_default, **kwargs)  # noqa: PLW1509 (no threads fork here)
+
+
+def _sigint_default() -> None:
+    """In a child before exec: SIGINT unblocked and default, so Python there turns it into Ctrl-C (a
+    signal mask or an ignored SIGINT of the test process, e.g. under pytest-xdist, is inherited)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="session")
+def cli() -> Cli:
+    return Cli()
+
+
+# --- the surrogate runs that test_surrogate, test_surrogate_run, test_evaluation, test_compare share ---
+
+
+@pytest.fixture(scope="session")
+def surrogate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("surrogate")
+
+
+@pytest.fixture(scope="session")
+def surrogate_tiles(slides_dir: Path, surrogate_dir: Path) -> Path:
+    """32 labelled 64-px tiles of a real slide; "tumour" = a polygon over its left half."""
+    import json
+
+    from smoothsal.annotations import read_annotations
+    from smoothsal.grid import TileGridSettings
+    from smoothsal.tiles import write_tile_table
+    from smoothsal.tiling import tile_slide
+
+    annotation = surrogate_dir / "left-half.geojson"
+    polygon = [[0, 0], [1100, 0], [1100, 2967], [0, 2967], [0, 0]]
+    feature = {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+               "geometry": {"type": "Polygon", "coordinates": [polygon]}}  # fmt: skip
+    annotation.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    grid = TileGridSettings(tile_size=64, target_mpp=2.0, max_tiles=SURROGATE_TILES, seed=0)
+    with slides.open_slide(slides_dir / CMU) as slide:
+        tiling = tile_slide(slide, grid, annotations=read_annotations(annotation))
+    assert len(tiling.table) == SURROGATE_TILES and set(tiling.table["label"].tolist()) == {0, 1}
+    path = surrogate_dir / "tiles.parquet"
+    write_tile_table(tiling.table, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def surrogate_model(surrogate_dir: Path) -> Path:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = surrogate_dir / "model.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ddp_surrogate(cli: Cli, surrogate_tiles: Path, surrogate_model: Path, surrogate_dir: Path) -> Path:
+    """An uninterrupted 2-process run (torchrun, gloo): the reference for the other tests."""
+    out = surrogate_dir / "ddp" / "surrogate.pt"
+    run = cli.process(*train_args(surrogate_tiles, surrogate_model, out), nproc=2, timeout=300)
+    assert run.returncode == 0 and "2 process(es)" in run.stdout, run.stdout + run.stderr
+    return out
+
+
+# --- the demo slides at reduced size ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_dir(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    demo_data(cli, out, "--size", str(DEMO_SIZE), "--slides", *DEMO_SLIDES)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_tiles(cli: Cli, demo_dir: Path) -> dict[str, Path]:
+    """Tile tables of the three demo slides, made by `smoothsal tiles` with their annotations."""
+    return {name: tile(cli, demo_dir, name) for name in DEMO_SLIDES}

@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 import smoothsal as ss
+from smoothsal import demo
 from smoothsal.hooks import Hooks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +133,41 @@ def asap_xml(polygons):
     return (
         f'<?xml version="1.0"?><ASAP_Annotations><Annotations>{annotations}</Annotations></ASAP_Annotations>'
     )
+
+
+# One tiny setting throughout: resnet18 (2 classes, seeded random weights saved as a checkpoint),
+# 32 tiles of 64 px from CMU-1-Small-Region.svs, global batch 8 (4 per process), 3 epochs = 12 steps.
+SURROGATE_EPOCHS, SURROGATE_BATCH, SURROGATE_TILES = 3, 8, 32
+
+
+def train_args(tiles: Path, model: Path, out: Path, *extra: object) -> list[object]:
+    """`smoothsal train-surrogate` in the tiny setting."""
+    return ["train-surrogate", "--arch", "resnet18", "--num-classes", "2", "--checkpoint", model,
+            "--tiles", tiles, "--out", out, "--epochs", SURROGATE_EPOCHS, "--batch-size", SURROGATE_BATCH,
+            "--workers", "0", "--checkpoint-every", "2", "--no-progress", *extra]  # fmt: skip
+
+
+# --- the demo slides at reduced size (test_demo, test_demo_models) ----------------------------------
+
+DEMO_SIZE = 1024  # level-0 px per side: ~30 tiles of 64 px at 1 µm/px
+DEMO_SLIDES = ("tumor_001", "normal_001", "digi_001")
+DEMO_TILE_ARGS = ["--tile-size", "64", "--target-mpp", "1.0"]
+DEMO_CLASS_MAP = "Tumor=1,Stroma=2"
+
+
+def spec(name: str) -> demo.SlideSpec:
+    return next(s for s in demo.DEMO_SLIDES if s.name == name)
+
+
+def demo_data(cli, out: Path, *args: str, expect: int = 0) -> str:
+    """`smoothsal demo-data --out OUT ARGS`; its stderr."""
+    return cli("demo-data", "--out", out, "--no-progress", *args, expect=expect).err
+
+
+def tile(cli, out: Path, name: str) -> Path:
+    """`smoothsal tiles` of a demo slide under `out`, with its annotations → the table's path."""
+    slide, annotation, _ = demo.slide_paths(out, spec(name))
+    table = out / "tiles" / f"{name}.parquet"
+    extra = ["--class-map", DEMO_CLASS_MAP] if name.startswith("digi") else []
+    cli("tiles", slide, "--annotations", annotation, "--out", table, *DEMO_TILE_ARGS, *extra)
+    return table

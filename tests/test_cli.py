@@ -1,60 +1,280 @@
-"""Bad input at the command line: one line naming the file and the fix, exit status 1."""
+"""The command line (smoothsal.cli): bad input is one line naming the file and the fix, exit status 1; a
+bug shows its traceback; the defaults come from the settings dataclasses (and equal the config schema's);
+a slide with corrupt tile data fails every command with one line naming it."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pandas as pd
 import pytest
+import yaml
+from helpers import CMU, ROOT
 
-from smoothsal.cli import main
+from smoothsal import (
+    attribution,
+    demo,
+    demo_models,
+    evaluation,
+    heatmaps,
+    report,
+    saliency,
+    surrogate,
+    tiling,
+)
+from smoothsal.cli import build_parser
+from smoothsal.cli.common import default
+from smoothsal.compare import CompareSettings
+from smoothsal.errors import BadSlide
+from smoothsal.grid import TileGridSettings
+from smoothsal.models import IMAGENET_MEAN, IMAGENET_STD
+from smoothsal.smoothing import METHODS
+from smoothsal.store import StoreWriter
+from smoothsal.surrogate_run import RunOptions as TrainRunOptions
+from smoothsal.tiles import load_tile, read_tile_table, tiles_sha256, write_tile_table
+from smoothsal.tissue import TissueMaskSettings
+
+# --- one line for bad input, a traceback for a bug ------------------------------------------------
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    code = main(args)
-    return code, capsys.readouterr().err
-
-
-def test_output_path_that_is_a_directory(slides_dir, tmp_path, capsys):
-    code, err = run(["tiles", str(slides_dir / "CMU-1-Small-Region.svs"), "--out", str(tmp_path)], capsys)
-    assert code == 1 and err.count("\n") == 1
+def test_output_path_that_is_a_directory(cli, slides_dir, tmp_path):
+    err = cli("tiles", slides_dir / CMU, "--out", tmp_path, expect=1).err
+    assert err.count("\n") == 1 and err.startswith("smoothsal tiles: error: ")
     assert f"{tmp_path} is a directory; give a file path inside it" in err
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
-def test_corrupt_checkpoint(tiles_dir, tmp_path, capsys):
+def test_corrupt_checkpoint(cli, tiles_dir, tmp_path):
     bad = tmp_path / "weights.pt"
     bad.write_bytes(b"not a torch file")
-    args = [
-        "compare",
-        str(tiles_dir / "no-tissue.png"),
-        "--checkpoint",
-        str(bad),
-        "--out",
-        str(tmp_path / "f.png"),
-    ]
-    code, err = run(args, capsys)
-    assert code == 1 and err.count("\n") == 1
+    err = cli(
+        "compare", tiles_dir / "no-tissue.png", "--checkpoint", bad, "--out", tmp_path / "f.png", expect=1
+    ).err
+    assert err.count("\n") == 1
     assert f"checkpoint {bad} could not be read as a torch file" in err and "torch.save" in err
 
 
-def test_input_the_model_cannot_take_is_one_line(tiles_dir, tmp_path, capsys):
-    """The bundle's head pools 7×7: a 64-px tile is too small; torch's complaint comes as one line."""
-    args = ["compare", str(tiles_dir / "no-tissue.png"), "--arch", "monai_fc_resnet18", "--num-classes", "1",
-            "--size", "64", "--samples", "1", "--out", str(tmp_path / "f.png")]  # fmt: skip
-    code, err = run(args, capsys)
-    assert code == 1 and err.count("\n") == 1
-    assert "Output size is too small" in err and "SMOOTHSAL_DEBUG=1" in err
+def test_a_tile_too_small_for_the_model_is_one_line_naming_the_option(cli, tiles_dir, tmp_path):
+    """The bundle's head pools 7×7: a 64-px tile is too small; said before any forward pass fails."""
+    err = cli("compare", tiles_dir / "no-tissue.png", "--arch", "monai_fc_resnet18", "--num-classes", "1",
+              "--size", "64", "--samples", "1", "--out", tmp_path / "f.png", expect=1).err  # fmt: skip
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "a 64-px tile is too small for arch 'monai_fc_resnet18'" in err and "use a larger --size" in err
+    assert "Output size is too small" in err  # torch's own reason, kept
+    assert not (tmp_path / "f.png").exists()
 
 
 @pytest.mark.parametrize(
     "option,message",
     [(["--mask-mpp", "0"], "--mask-mpp 8"), (["--max-tiles", "-1"], "--max-tiles must be >= 0")],
 )
-def test_tiles_settings_out_of_range(slides_dir, tmp_path, capsys, option, message):
-    args = [
-        "tiles",
-        str(slides_dir / "CMU-1-Small-Region.svs"),
-        "--out",
-        str(tmp_path / "t.parquet"),
-        *option,
-    ]
-    code, err = run(args, capsys)
-    assert code == 1 and message in err
+def test_tiles_settings_out_of_range(cli, slides_dir, tmp_path, option, message):
+    err = cli("tiles", slides_dir / CMU, "--out", tmp_path / "t.parquet", *option, expect=1).err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_bug_inside_a_stage_shows_its_traceback(cli, slides_dir, tmp_path, monkeypatch):
+    """Only user-facing errors become one line: anything else (here an IndexError inside the tiles
+    stage) propagates with its traceback, in the process and from the real command."""
+
+    def broken(*args, **kwargs):
+        raise IndexError("list index out of range (a bug)")
+
+    monkeypatch.setattr(tiling, "label_tiles", broken)
+    with pytest.raises(IndexError, match="a bug"):
+        cli("tiles", slides_dir / CMU, "--out", tmp_path / "t.parquet")
+    assert not (tmp_path / "t.parquet").exists()
+    done = cli.process("train-surrogate", "--arch", "resnet18", "--num-classes", "2", "--tiles",
+                       tmp_path / "none.parquet", "--out", tmp_path / "s.pt", "--batch-size", "0")  # fmt: skip
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+# --- defaults: the settings dataclasses, and the config schema ------------------------------------
+
+
+def parsed(*args: str) -> dict:
+    return vars(build_parser().parse_args(list(args)))
+
+
+def test_every_default_comes_from_a_settings_dataclass():
+    g, m, s, o = TileGridSettings, TissueMaskSettings, saliency.SaliencySettings, saliency.RunOptions
+    t, h, r, e = (
+        surrogate.TrainSettings,
+        heatmaps.HeatmapSettings,
+        report.ReportSettings,
+        evaluation.EvalSettings,
+    )
+    expected = {
+        ("tiles", "s.svs", "--out", "t"): {
+            "tile_size": default(g, "tile_size"), "stride": default(g, "stride"),
+            "target_mpp": default(g, "target_mpp"), "level": default(g, "level"),
+            "min_tissue": default(g, "min_tissue"), "max_tiles": default(g, "max_tiles"), "seed": default(g, "seed"),
+            "label_threshold": default(tiling.LabelSettings, "threshold"), "mask_mpp": default(m, "mask_mpp"),
+            "min_saturation": default(m, "min_saturation"), "closing_um": default(m, "closing_um"),
+            "min_object_um2": default(m, "min_object_um2"), "min_hole_um2": default(m, "min_hole_um2"),
+        },
+        ("train-surrogate", "--arch", "a", "--num-classes", "2", "--tiles", "t", "--out", "o"): {
+            "epochs": default(t, "epochs"), "batch_size": default(t, "batch_size"), "lr": default(t, "lr"),
+            "seed": default(t, "seed"), "amp": default(t, "amp"),
+            "checkpoint_every": default(TrainRunOptions, "checkpoint_every"),
+            "resume": default(TrainRunOptions, "resume"), "progress": default(TrainRunOptions, "progress"),
+        },
+        ("evaluate", "--arch", "a", "--num-classes", "2", "--tiles", "t", "--out", "o"): {
+            "methods": list(default(e, "methods")), "target": default(e, "target"),
+            "batch_size": default(e, "batch_size"),
+        },
+        ("compare", "t.png", "--out", "o"): {
+            "layer": default(CompareSettings, "layer"), "target": default(CompareSettings, "target"),
+            "size": default(CompareSettings, "size"), "samples": default(CompareSettings, "samples"),
+            "stdev": default(CompareSettings, "stdev"),
+        },
+        ("saliency", "s", "--arch", "a", "--num-classes", "2", "--tiles", "t", "--method", "original",
+         "--layers", "layer1", "--out", "o", "--table", "t"): {
+            "attributions": list(default(s, "attributions")), "smoothgrad_samples": default(s, "smoothgrad_samples"),
+            "smoothgrad_stdev": default(s, "smoothgrad_stdev"), "seed": default(s, "seed"),
+            "target": default(s, "target"), "task": default(s, "task"), "dataset": default(s, "dataset"),
+            "batch_size": default(o, "batch_size"), "device": default(o, "device"), "progress": default(o, "progress"),
+        },
+        ("heatmaps", "s", "--saliency", "m", "--tiles", "t", "--out", "o"): {
+            "tissue_mpp": default(h, "tissue_mpp"), "tissue": default(h, "tissue"), "blend": default(h, "blend"),
+            "ngff": default(h, "ngff"), "chunk": default(h, "chunk"),
+        },
+        ("report", "--tables", "t", "--out", "o"): {
+            "title": default(r, "title"), "percentile": default(r, "percentile"), "alpha": default(r, "alpha"),
+            "thumbnail_px": default(r, "thumbnail_px"),
+        },
+        ("demo-data", "--out", "o"): {"size": default(demo.DemoSettings, "size"), "seed": default(demo.DemoSettings, "seed")},
+        ("train-model", "--arch", "a", "--num-classes", "2", "--tiles", "t", "--out", "o"): {
+            k: default(demo_models.ModelSettings, k) for k in ("epochs", "batch_size", "lr", "seed")
+        },
+    }  # fmt: skip
+    for args, defaults in expected.items():
+        got = parsed(*args)
+        assert {k: got[k] for k in defaults} == defaults, args[0]
+    # and they are what the settings are when built with no arguments
+    assert default(g, "tile_size") == g().tile_size == 224 and default(s, "smoothgrad_samples") == 20
+
+
+def test_the_config_schemas_defaults_are_the_settings_defaults():
+    """The workflow passes the config's settings to the commands: the schema's defaults (what a config
+    leaves out) must be the library's, or a workflow run and a plain command would differ."""
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    top, dataset = schema["properties"], schema["$defs"]["dataset"]["properties"]
+
+    def defaults(node: dict) -> dict:
+        return {k: v["default"] for k, v in node["properties"].items() if "default" in v}
+
+    g, m, s, o = TileGridSettings, TissueMaskSettings, saliency.SaliencySettings, saliency.RunOptions
+    tiles = {
+        k: default(g, k)
+        for k in ("tile_size", "target_mpp", "level", "stride", "min_tissue", "max_tiles", "seed")
+    }
+    tiles |= {
+        k: default(m, k)
+        for k in ("mask_mpp", "min_saturation", "closing_um", "min_object_um2", "min_hole_um2")
+    }
+    tiles |= {"label_threshold": default(tiling.LabelSettings, "threshold")}
+    assert defaults(dataset["tiles"]) == tiles
+    assert defaults(dataset["surrogate"]) == {
+        k: default(surrogate.TrainSettings, k) for k in ("epochs", "batch_size", "lr", "seed", "amp")
+    }
+    assert defaults(schema["$defs"]["train"]) == {
+        k: default(demo_models.ModelSettings, k) for k in ("epochs", "batch_size", "lr", "seed")
+    }
+    assert defaults(top["smoothgrad"]) == {
+        "samples": default(s, "smoothgrad_samples"),
+        "stdev": default(s, "smoothgrad_stdev"),
+        "seed": default(s, "seed"),
+    }
+    assert defaults(top["saliency"]) == {
+        "batch_size": default(o, "batch_size"),
+        "device": default(o, "device"),
+    }
+    assert defaults(top["heatmaps"]) == {
+        k: default(heatmaps.HeatmapSettings, k) for k in ("blend", "tissue_mpp", "ngff")
+    }
+    assert {k: v for k, v in defaults(top["demo"]).items() if k != "out"} == {
+        k: default(demo.DemoSettings, k) for k in ("size", "seed")
+    }
+    assert dataset["target"]["default"] == default(s, "target") and dataset["task"]["default"] == default(
+        s, "task"
+    )
+    model = dataset["model"]["properties"]
+    assert (tuple(model["mean"]["default"]), tuple(model["std"]["default"])) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert top["methods"]["default"] == list(METHODS) and top["attributions"]["default"] == list(
+        attribution.ATTRIBUTIONS
+    )
+
+
+# --- a slide whose tile data is corrupt -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corrupt(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A copy of CMU-1-Small-Region.svs with 45 % of its bytes, after the header and before the TIFF
+    directories, overwritten with seeded random bytes: OpenSlide opens it, its tiles' JPEGs are damaged.
+    Beside it: a tile table of it (the grid of the intact slide) and a saliency store of those tiles."""
+    d = tmp_path_factory.mktemp("corrupt")
+    good, bad = d / "good" / CMU, d / "bad" / CMU
+    for path in (good, bad):
+        path.parent.mkdir()
+        shutil.copyfile(slides_dir / CMU, path)
+    size = bad.stat().st_size
+    with open(bad, "r+b") as f:
+        f.seek(200_000)  # level 0's tile data runs from byte 16 to 1,275,950; its directory follows
+        f.write(np.random.default_rng(0).integers(0, 256, int(0.45 * size), dtype=np.uint8).tobytes())
+    with openslide.OpenSlide(bad) as reader:
+        assert reader.dimensions == (2220, 2967)  # the header and directory still read
+    with openslide.OpenSlide(bad) as reader, pytest.raises(openslide.OpenSlideError, match="JPEG"):
+        reader.read_region((1000, 1500), 0, (240, 240))
+    table_path = d / "tiles.parquet"
+    write_tile_table(tiling.make_tiles(good, d / "good.parquet", tiling.TilingSettings(
+        TileGridSettings(tile_size=64, target_mpp=2.0, max_tiles=8, seed=0))).table.assign(
+        slide_path=str(bad), label=pd.array([0, 1] * 4, dtype="Int64")), table_path)  # fmt: skip
+    table = read_tile_table(table_path, bad)
+    damaged = 0
+    for _, row in table.iterrows():
+        try:
+            load_tile(row)
+        except BadSlide:
+            damaged += 1
+    assert 0 < damaged < len(table)
+    meta = {"version": "test", "slide_id": str(table["slide_id"].iloc[0]), "slide_path": str(bad),
+            "method": "original", "layers": ["layer1"], "attributions": ["gradient"], "settings": {},
+            "tiles_sha256": tiles_sha256(table), "n_tiles": len(table)}  # fmt: skip
+    writer = StoreWriter(d / "original.zarr", d / "original.parquet", meta)
+    writer.open({"layer1": (16, 16)}, 64)
+    maps = {("gradient", "layer1"): np.ones((len(table), 16, 16), np.float32)}
+    writer.write_batch(0, len(table), maps, pd.DataFrame({"tile": np.arange(len(table))}))
+    writer.finish()
+    return {"slide": bad, "tiles": table_path, "store": d / "original.zarr", "dir": d}
+
+
+def corrupt_commands(c: dict[str, Path]) -> dict[str, list[object]]:
+    model = ["--arch", "resnet18", "--num-classes", "2", "--tiles", c["tiles"], "--workers", "1"]
+    out = c["dir"] / "out"
+    return {
+        "tiles": ["tiles", c["slide"], "--out", out / "t.parquet"],
+        "saliency": ["saliency", c["slide"], *model, "--method", "original", "--layers", "layer1",
+                     "--smoothgrad-samples", "0", "--no-progress", "--out", out / "m.zarr", "--table", out / "m.parquet"],
+        "heatmaps": ["heatmaps", c["slide"], "--saliency", c["store"], "--tiles", c["tiles"], "--no-progress",
+                     "--out", out / "h.ome.zarr"],
+        "train-surrogate": ["train-surrogate", *model, "--epochs", "1", "--batch-size", "4", "--no-progress",
+                            "--out", out / "s.pt"],
+        "evaluate": ["evaluate", *model, "--out", out / "e.csv"],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["tiles", "saliency", "heatmaps", "train-surrogate", "evaluate"])
+def test_corrupt_tile_data_is_one_line_naming_the_slide_in_every_command(cli, corrupt, command):
+    """Tile reads in DataLoader worker processes (saliency, train-surrogate, evaluate: --workers 1)
+    included: the error crosses the worker boundary as itself."""
+    err = cli(*corrupt_commands(corrupt)[command], expect=1).err
+    assert err.count("\n") == 1 and err.startswith(f"smoothsal {command}: error: {corrupt['slide']}: ")
+    assert "cannot be read (Not a JPEG file" in err and "the file is damaged" in err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    out = corrupt["dir"] / "out"  # nothing that looks finished (saliency keeps its hidden work state)
+    assert not out.exists() or not [p.name for p in out.iterdir() if not p.name.startswith(".")]

@@ -8,9 +8,6 @@ exactly; the last test runs the real `tiles` → `saliency` → `heatmaps` chain
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +20,11 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 
 from smoothsal import heatmaps, slides
-from smoothsal.cli import main
+from smoothsal.container import open_container
 from smoothsal.grid import TileGridSettings
 from smoothsal.metrics import total_variation
-from smoothsal.tiles import tiles_sha256, write_tile_table
+from smoothsal.store import StoreWriter
+from smoothsal.tiles import read_tile_table, tiles_sha256, write_tile_table
 from smoothsal.tiling import tile_slide
 
 # ome-zarr-py warns about its own deprecated Scaler when its writer is imported
@@ -51,25 +49,22 @@ def write_store(
     path: Path, table: pd.DataFrame, method: str, maps: dict[tuple[str, str], np.ndarray],
     settings: dict | None = None, **meta: object,
 ) -> Path:  # fmt: skip
-    """A saliency store as `smoothsal saliency` writes it, holding the given [n, h, w] maps."""
-    group = zarr.open_group(path, mode="w", zarr_format=2)
+    """A saliency store holding the given [n, h, w] maps, written by the store's own writer (with its
+    results table beside it) as `smoothsal saliency` writes it."""
     attributions = list(dict.fromkeys(a for a, _ in maps))
     layers = list(dict.fromkeys(layer for _, layer in maps))
-    group.attrs["smoothsal"] = {
+    meta = {
         "version": "0.1.0", "slide_id": str(table["slide_id"].iloc[0]),
         "slide_path": str(table["slide_path"].iloc[0]), "method": method, "layers": layers,
         "attributions": attributions, "settings": {"arch": "resnet18", "num_classes": 2, **(settings or {})},
         "tiles_sha256": tiles_sha256(table), "n_tiles": len(table),
     } | meta  # fmt: skip
-    for (attribution, layer), values in maps.items():
-        n, h, w = values.shape
-        arr = group.create_array(
-            f"{attribution}/{layer}", shape=values.shape, chunks=(min(n, 64), h, w), dtype="float32"
-        )
-        arr[...] = values
-        arr.attrs.update(
-            {"layer": layer, "attribution": attribution, "stride": int(table["tile_size"].iloc[0]) // h}
-        )
+    writer = StoreWriter(path, path.with_suffix(".parquet"), meta)
+    writer.open(
+        {layer: values.shape[1:] for (_, layer), values in maps.items()}, int(table["tile_size"].iloc[0])
+    )
+    writer.write_batch(0, len(table), maps, pd.DataFrame({"tile": np.arange(len(table))}))
+    writer.finish()
     return path
 
 
@@ -237,7 +232,7 @@ def _check_multiscales(
 
 
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
-def test_container_opens_in_ome_zarr_reader_at_the_slides_physical_size(cmu, grid, tmp_path, ngff):
+def test_container_opens_in_ome_zarr_reader_at_the_slides_physical_size(cli, cmu, grid, tmp_path, ngff):
     tiles, table = grid
     stores = [
         write_store(tmp_path / f"{m}.zarr", table, m, random_maps(table, seed=s))
@@ -252,7 +247,7 @@ def test_container_opens_in_ome_zarr_reader_at_the_slides_physical_size(cmu, gri
     args = ["heatmaps", str(cmu), "--saliency", *map(str, stores), "--tiles", str(tiles), "--ngff", ngff,
             "--annotations", str(annotation), "--out", str(out), "--no-progress",
             "--ome-tiff", "heatmaps/backward_hook/gradient/layer1", str(tmp_path / "bh.ome.tif")]  # fmt: skip
-    assert main(args) == 0
+    cli(*args)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial left beside it
 
     meta = zarr.open_group(out, mode="r").attrs["smoothsal"]
@@ -302,24 +297,31 @@ def test_container_opens_in_ome_zarr_reader_at_the_slides_physical_size(cmu, gri
         assert pixels["PhysicalSizeX"] == pytest.approx(table["mpp"].iloc[0] * LAYERS["layer1"])
 
 
-def test_killed_job_leaves_no_container_and_a_rerun_completes_it(cmu, grid, tmp_path):
+def test_killed_job_leaves_no_container_and_a_rerun_completes_it(cli, cmu, grid, tmp_path):
     tiles, table = grid
     store = write_store(tmp_path / "original.zarr", table, "original", random_maps(table))
     out = tmp_path / "s.ome.zarr"
-    cmd = [sys.executable, "-m", "smoothsal.cli", "heatmaps", str(cmu), "--saliency", str(store),
-           "--tiles", str(tiles), "--chunk", "256", "--out", str(out), "--no-progress"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    killed = subprocess.run(
-        cmd, check=False, env=dict(env, SMOOTHSAL_KILL_AT="heatmaps.block=2"), capture_output=True, text=True
-    )
+    cmd = [
+        "heatmaps",
+        cmu,
+        "--saliency",
+        store,
+        "--tiles",
+        tiles,
+        "--chunk",
+        "256",
+        "--out",
+        out,
+        "--no-progress",
+    ]
+    killed = cli.process(*cmd, kill_at="heatmaps.block=2")  # SIGKILLs itself after 2 stitched blocks
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()
     partial = tmp_path / ".s.ome.zarr.partial"
     assert (partial / "tissue" / "0").is_dir()  # it died mid-write
-    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    cli(*cmd)
     assert not partial.exists()
-    meta = heatmaps.read_container(out).meta
+    meta = open_container(out).meta
     assert [i["path"] for i in meta["images"]][-1] == "heatmaps/original/gradient/layer2"
     assert np.isfinite(level(out, "heatmaps/original/gradient/layer2")).any()
 
@@ -368,13 +370,12 @@ BAD = {  # case: (slide, stores, tiles, files the message must name, words it mu
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_gives_one_line_naming_the_files(inputs, tmp_path, capsys, case):
+def test_bad_input_gives_one_line_naming_the_files(cli, inputs, tmp_path, case):
     slide, stores, tiles, named, word = BAD[case]
     out = tmp_path / "x.ome.zarr"
     args = ["heatmaps", str(inputs[slide]), "--saliency", *(str(inputs[s]) for s in stores),
             "--tiles", str(inputs[tiles]), "--out", str(out), "--no-progress"]  # fmt: skip
-    assert main(args) == 1
-    err = capsys.readouterr().err.strip()
+    err = cli(*args, expect=1).err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("smoothsal heatmaps: error:"), err
     for key in named:
         assert str(inputs[key]) in err or inputs[key].name in err, (key, err)
@@ -397,27 +398,33 @@ def heatmap_tv(stitched: np.ndarray, side: int) -> np.ndarray:
     return total_variation(torch.from_numpy(np.stack(windows))[:, None]).numpy()
 
 
-def test_backward_hook_heatmaps_are_smoother_than_original_at_slide_scale(cmu, tmp_path):
+def test_backward_hook_heatmaps_are_smoother_than_original_at_slide_scale(cli, cmu, tmp_path):
     """Real chain: `smoothsal tiles` → `smoothsal saliency` (random-init ResNet18, original and
     backward_hook, gradient, no SmoothGrad) → heatmaps. Paper Table 4: TV(backward_hook) < TV(original)."""
-    run = [sys.executable, "-m", "smoothsal.cli"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     tiles = tmp_path / "tiles.parquet"
-    subprocess.run(
-        [*run, "tiles", str(cmu), "--out", str(tiles), "--tile-size", "128", "--roi", "984", "800", "512", "512",
-         "--min-tissue", "0.5"], env=env, check=True, capture_output=True,
-    )  # fmt: skip
-    assert len(pd.read_parquet(tiles)) == 16  # 4×4 tiles, all tissue
+    cli(
+        "tiles",
+        cmu,
+        "--out",
+        tiles,
+        "--tile-size",
+        "128",
+        "--roi",
+        "984",
+        "800",
+        "512",
+        "512",
+        "--min-tissue",
+        "0.5",
+    )
+    assert len(read_tile_table(tiles)) == 16  # 4×4 tiles, all tissue
     stores = []
     for method in ("original", "backward_hook"):
         stores.append(tmp_path / f"{method}.zarr")
-        subprocess.run(
-            [*run, "saliency", str(cmu), "--tiles", str(tiles), "--arch", "resnet18", "--num-classes", "2",
-             "--method", method, "--layers", "layer1", "layer2", "layer3", "--attributions", "gradient",
-             "--smoothgrad-samples", "0", "--target", "predicted", "--workers", "0", "--no-progress",
-             "--out", str(stores[-1]), "--table", str(tmp_path / f"{method}.parquet")],
-            env=env, check=True, capture_output=True,
-        )  # fmt: skip
+        cli("saliency", cmu, "--tiles", tiles, "--arch", "resnet18", "--num-classes", "2",
+            "--method", method, "--layers", "layer1", "layer2", "layer3", "--attributions", "gradient",
+            "--smoothgrad-samples", "0", "--target", "predicted", "--workers", "0", "--no-progress",
+            "--out", stores[-1], "--table", tmp_path / f"{method}.parquet")  # fmt: skip
     out = heatmaps.make_heatmaps(
         cmu, stores, tiles, tmp_path / "h.ome.zarr", heatmaps.HeatmapSettings(tissue=False), progress=False
     )
@@ -431,7 +438,7 @@ def test_backward_hook_heatmaps_are_smoother_than_original_at_slide_scale(cmu, t
         assert tv["backward_hook"].mean() < tv["original"].mean(), (layer, tv)
 
 
-def test_out_that_is_no_container_is_refused_not_deleted(cmu, grid, tmp_path, capsys):
+def test_out_that_is_no_container_is_refused_not_deleted(cli, cmu, grid, tmp_path):
     """``--out results/`` (the container name forgotten) must not wipe the folder."""
     tiles, table = grid
     store = write_store(tmp_path / "original.zarr", table, "original", random_maps(table))
@@ -440,10 +447,10 @@ def test_out_that_is_no_container_is_refused_not_deleted(cmu, grid, tmp_path, ca
     (folder / "notes.txt").write_text("keep me")
     args = ["heatmaps", str(cmu), "--saliency", str(store), "--tiles", str(tiles), "--no-tissue",
             "--out", str(folder), "--no-progress"]  # fmt: skip
-    assert main(args) == 1
-    err = capsys.readouterr().err.strip()
+    err = cli(*args, expect=1).err.strip()
     assert len(err.splitlines()) == 1 and f"{folder} exists and is not a Zarr container" in err, err
     assert (folder / "notes.txt").read_text() == "keep me"
     out = tmp_path / "s.ome.zarr"  # a container there is replaced as before
     again = [*args[:-2], str(out), "--no-progress"]
-    assert main(again) == 0 and main(again) == 0
+    cli(*again)
+    cli(*again)

@@ -3,22 +3,19 @@ index.html that a real headless Chromium renders with every image loaded."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import zarr
 from ome_zarr.format import FormatV04
 from ome_zarr.writer import write_multiscales_metadata
 
 from smoothsal import report
-from smoothsal.cli import main
+from smoothsal.errors import BadOutput, SmoothsalError
+from smoothsal.store import write_results
 
 ATTRIBUTIONS = ("deeplift", "gradient")
 # Mean TV per method (before noise); gradient/layer1 makes the backward hook the lowest, as in the
@@ -60,11 +57,10 @@ def _tile_table(dataset, arch, slide, method, layers, n, task, seed, labels=None
 
 
 def _write(frame: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    meta = {"slide_id": str(frame["slide_id"].iloc[0]), "method": str(frame["method"].iloc[0])}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"smoothsal": json.dumps(meta)})
-    pq.write_table(table, path)
+    """The results table as the store module writes it (with its metadata)."""
+    write_results(
+        frame, path, {"slide_id": str(frame["slide_id"].iloc[0]), "method": str(frame["method"].iloc[0])}
+    )
     return path
 
 
@@ -149,16 +145,13 @@ def _container(path: Path, slide: str, methods: list[str], layers: list[str], se
 
 
 @pytest.fixture(scope="module")
-def built(table_paths, tmp_path_factory):
+def built(cli, table_paths, tmp_path_factory):
     """The report of every table plus one container, through the real command line."""
     root = tmp_path_factory.mktemp("report")
     container = root / "camelyon16" / "heatmaps" / "tumor_a.ome.zarr"
     values = _container(container, "tumor_a", ["original", "surrogate"], CAMELYON_LAYERS)
     out = root / "report"
-    cmd = ["smoothsal", "report", "--tables", *map(str, table_paths.values()), "--heatmaps", str(container),
-           "--out", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
+    cli("report", "--tables", *table_paths.values(), "--heatmaps", container, "--out", out)
     return out, container, values
 
 
@@ -357,14 +350,12 @@ def test_slide_without_labels_leaves_accuracy_out(table_paths, tmp_path):
     assert "accuracy is left out" in (tmp_path / "report" / "index.html").read_text()
 
 
-def test_table_without_required_columns_is_one_line_naming_the_file(frames, table_paths, tmp_path, capsys):
+def test_table_without_required_columns_is_one_line_naming_the_file(cli, frames, table_paths, tmp_path):
     bad = _write(
         frames["camelyon16", "tumor_a", "surrogate"].drop(columns=["pd_target"]), tmp_path / "bad.parquet"
     )
-    args = ["report", "--tables", str(table_paths["camelyon16", "tumor_a", "original"]), str(bad),
-            "--out", str(tmp_path / "report")]  # fmt: skip
-    assert main(args) == 1
-    err = capsys.readouterr().err
+    err = cli("report", "--tables", table_paths["camelyon16", "tumor_a", "original"], bad,
+              "--out", tmp_path / "report", expect=1).err  # fmt: skip
     assert err.count("\n") == 1
     assert f"{bad}: missing columns pd_target" in err and "smoothsal saliency --table" in err
     assert not (tmp_path / "report").exists()
@@ -372,7 +363,7 @@ def test_table_without_required_columns_is_one_line_naming_the_file(frames, tabl
 
 def test_out_with_other_files_is_refused(table_paths, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds files that are no report"):
+    with pytest.raises(BadOutput, match="holds files that are no report"):
         report.write_report(list(table_paths.values())[:1], tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
@@ -381,10 +372,10 @@ def test_container_that_is_no_heatmap_container_names_the_file(tmp_path):
     plain = tmp_path / "plain.ome.zarr"
     zarr.open_group(plain, mode="w", zarr_format=2)
     for path, message in (
-        (tmp_path / "none.ome.zarr", "not a readable Zarr group"),
+        (tmp_path / "none.ome.zarr", "heatmap container not found"),
         (plain, "no 'smoothsal' root"),
     ):
-        with pytest.raises(ValueError, match=message) as err:
+        with pytest.raises(SmoothsalError, match=message) as err:
             report.read_overview(path)
         assert str(err.value).startswith(f"{path}: ") and "smoothsal heatmaps" in str(err.value)
 

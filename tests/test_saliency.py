@@ -4,22 +4,17 @@ store and table read back and checked against `attribute` and the metrics run di
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import torch
-import zarr
 
 import smoothsal as ss
-from smoothsal import cli, saliency
+from smoothsal import saliency, store
 from smoothsal.metrics import masked_prediction_difference, prediction_difference, probabilities
 from smoothsal.models import weights_sha256
 from smoothsal.surrogate import (
@@ -29,7 +24,7 @@ from smoothsal.surrogate import (
     model_fingerprint,
     save_surrogate,
 )
-from smoothsal.tiles import TileDataset
+from smoothsal.tiles import TileDataset, read_tile_table, write_tile_table
 
 LAYERS = ("layer1", "layer2", "layer3")
 SAMPLES = 2
@@ -41,9 +36,9 @@ def slide(slides_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiles(slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiles(cli, slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiles") / "cmu.parquet"
-    assert cli.main(["tiles", str(slide), "--tile-size", "64", "--max-tiles", "12", "--out", str(out)]) == 0
+    cli("tiles", slide, "--tile-size", "64", "--max-tiles", "12", "--out", out)
     return out
 
 
@@ -57,30 +52,26 @@ def saliency_args(
     ]  # fmt: skip
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture | None = None) -> tuple[int, str, str]:
-    rc = cli.main(args)
-    if capsys is None:
-        return rc, "", ""
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
+def run(cli, args: list[str]) -> tuple[int, str, str]:
+    """The command through the `cli` fixture, whatever its exit status."""
+    done = cli(*args, expect=None)
+    return done.code, done.out, done.err
 
 
 def read_store(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    group = zarr.open_group(path, mode="r")
-    assert group.metadata.zarr_format == 2
-    meta = group.attrs["smoothsal"]
-    maps = {
-        f"{a}/{layer}": group[f"{a}/{layer}"][:] for a in meta["attributions"] for layer in meta["layers"]
-    }
-    return meta, maps
+    opened = store.open_store(path)
+    assert opened.group.metadata.zarr_format == 2
+    maps = {f"{a}/{layer}": opened.array(a, layer)[:] for a in opened.attributions for layer in opened.layers}
+    return opened.meta, maps
 
 
 @pytest.fixture(scope="module")
-def batch5(slide: Path, tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def batch5(cli, slide: Path, tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """forward_hook, batches of 5, one DataLoader worker process."""
     out = tmp_path_factory.mktemp("batch5")
     assert (
-        run(saliency_args(slide, tiles, out, "forward_hook", "--batch-size", "5", "--workers", "1"))[0] == 0
+        run(cli, saliency_args(slide, tiles, out, "forward_hook", "--batch-size", "5", "--workers", "1"))[0]
+        == 0
     )
     return out
 
@@ -101,15 +92,15 @@ def test_maps_tv_and_prediction_difference_equal_the_library_run_directly(
 ):
     meta, maps = read_store(batch5 / "forward_hook.zarr")
     table = pd.read_parquet(batch5 / "forward_hook.parquet")
-    tile_table = pd.read_parquet(tiles)
+    tile_table = read_tile_table(tiles)
     n = len(tile_table)
     # format: root attrs, arrays, table columns and schema metadata as the contract says
     assert meta["slide_id"] == "CMU-1-Small-Region" and meta["method"] == "forward_hook"
     assert meta["layers"] == list(LAYERS) and meta["attributions"] == ["gradient", "deeplift"]
     assert meta["n_tiles"] == n and meta["settings"]["smoothgrad_samples"] == SAMPLES
-    group = zarr.open_group(batch5 / "forward_hook.zarr", mode="r")
+    opened = store.open_store(batch5 / "forward_hook.zarr")
     for layer, side in zip(LAYERS, (16, 8, 4), strict=True):
-        arr = group[f"deeplift/{layer}"]
+        arr = opened.array("deeplift", layer)
         assert arr.shape == (n, side, side) and arr.dtype == np.float32
         assert dict(arr.attrs) == {"layer": layer, "attribution": "deeplift", "stride": 64 / side}
     assert list(table.columns) == [
@@ -117,7 +108,7 @@ def test_maps_tv_and_prediction_difference_equal_the_library_run_directly(
         "logit_0", "logit_1", "prob_0", "prob_1", "pred", "correct", "pd_all", "pd_target", "pd_masked",
         *(f"tv/{a}/{layer}" for a in ("gradient", "deeplift") for layer in LAYERS),
     ]  # fmt: skip
-    assert json.loads(pq.read_schema(batch5 / "forward_hook.parquet").metadata[b"smoothsal"]) == meta
+    assert store.results_meta(batch5 / "forward_hook.parquet") == meta
     assert table["tile"].tolist() == list(range(n))
     assert (table[["x", "y", "w", "h"]].to_numpy() == tile_table[["x", "y", "w", "h"]].to_numpy()).all()
     assert not any(np.isnan(m).any() for m in maps.values())  # every tile written
@@ -153,47 +144,48 @@ def test_maps_tv_and_prediction_difference_equal_the_library_run_directly(
 
 
 def test_killed_job_resumes_with_the_results_of_an_uninterrupted_run_whatever_the_batch_size(
-    batch5: Path, slide: Path, tiles: Path, tmp_path: Path, capsys, caplog, monkeypatch: pytest.MonkeyPatch
+    cli,
+    batch5: Path,
+    slide: Path,
+    tiles: Path,
+    tmp_path: Path,
+    caplog,
+    monkeypatch: pytest.MonkeyPatch,
 ):
     """Killed (SIGKILL) after 2 batches of 3, resumed with batches of 4 in the main process (row files
     merged every 2 batches): the same store and table as batches of 5 in a worker, uninterrupted."""
     args = saliency_args(slide, tiles, tmp_path, "forward_hook", "--workers", "0")
-    killed = subprocess.run(
-        [sys.executable, "-m", "smoothsal.cli", *args, "--batch-size", "3"],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=dict(os.environ, SMOOTHSAL_KILL_AT="saliency.batch=2"),
-    )
+    killed = cli.process(*args, "--batch-size", "3", kill_at="saliency.batch=2")  # SIGKILLs itself
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     out, table = tmp_path / "forward_hook.zarr", tmp_path / "forward_hook.parquet"
     assert not out.exists() and not table.exists()  # nothing that looks complete
-    partial = saliency.partial_dir(out)
+    partial = store.partial_dir(out)
     assert json.loads((partial / "progress.json").read_text())["batches"] == [[0, 6]]  # 2 batches of 3
     kept = tmp_path / "kept"
     shutil.copytree(partial, kept / partial.name)
 
-    monkeypatch.setattr(saliency, "COMPACT_ROWS", 2)
-    rc, stdout, _ = run([*args, "--batch-size", "4"], capsys)
+    monkeypatch.setattr(store, "COMPACT_ROWS", 2)
+    rc, stdout, _ = run(cli, [*args, "--batch-size", "4"])
     assert rc == 0 and "12 tiles (6 computed, resumed at tile 6" in stdout  # tiles 0-5 not recomputed
     assert not partial.exists()
     assert_same_outputs(batch5, tmp_path)
 
     # a partial state from other settings is not resumed: the job starts over and says so
-    rc, stdout, _ = run(
-        saliency_args(slide, tiles, kept, "forward_hook", "--smoothgrad-samples", "0"), capsys
-    )
+    rc, stdout, _ = run(cli, saliency_args(slide, tiles, kept, "forward_hook", "--smoothgrad-samples", "0"))
     assert rc == 0 and "12 computed" in stdout
     assert "other settings or tiles; starting over" in caplog.text
 
 
 def test_backward_hook_keeps_predictions_and_labels_are_targets(
-    slide: Path, tiles: Path, tmp_path: Path, batch5: Path
+    cli, slide: Path, tiles: Path, tmp_path: Path, batch5: Path
 ):
     labelled = tmp_path / "labelled.parquet"
     labels = pd.array([1, 0, 1, None] * 3, dtype="Int64")  # the last of every four unlabelled
-    pd.read_parquet(tiles).assign(label=labels).to_parquet(labelled)
-    assert run(saliency_args(slide, labelled, tmp_path, "backward_hook", "--smoothgrad-samples", "0"))[0] == 0
+    write_tile_table(read_tile_table(tiles).assign(label=labels), labelled)
+    assert (
+        run(cli, saliency_args(slide, labelled, tmp_path, "backward_hook", "--smoothgrad-samples", "0"))[0]
+        == 0
+    )
     table = pd.read_parquet(tmp_path / "backward_hook.parquet")
     assert (table["pd_all"] == 0).all() and (table["pd_target"] == 0).all()
     assert table["pd_masked"].isna().all()  # classification
@@ -207,18 +199,18 @@ def test_backward_hook_keeps_predictions_and_labels_are_targets(
 
 
 def test_segmentation_targets_majority_class_and_masks_prediction_difference(
-    slide: Path, tiles: Path, tmp_path: Path
+    cli, slide: Path, tiles: Path, tmp_path: Path
 ):
-    table = pd.read_parquet(tiles).head(4).assign(majority_class=[0, 1, 2, 1])
+    table = read_tile_table(tiles).head(4).assign(majority_class=[0, 1, 2, 1])
     seg_tiles = tmp_path / "seg.parquet"
-    table.to_parquet(seg_tiles)
+    write_tile_table(table, seg_tiles)
     args = [
         "saliency", str(slide), "--tiles", str(seg_tiles), "--arch", "unet_resnet34", "--num-classes", "3",
         "--task", "segmentation", "--method", "forward_hook", "--layers", "layer1", "layer2",
         "--smoothgrad-samples", "0", "--batch-size", "2", "--workers", "0", "--no-progress",
         "--out", str(tmp_path / "seg.zarr"), "--table", str(tmp_path / "seg.parquet"),
     ]  # fmt: skip
-    assert run(args)[0] == 0
+    assert run(cli, args)[0] == 0
     out = pd.read_parquet(tmp_path / "seg.parquet")
     _, maps = read_store(tmp_path / "seg.zarr")
     assert out["target"].tolist() == [0, 1, 2, 1] and (out["task"] == "segmentation").all()
@@ -240,10 +232,10 @@ def test_segmentation_targets_majority_class_and_masks_prediction_difference(
     assert np.abs(maps["deeplift/layer2"][2] - summed).max() <= 1e-5 * np.abs(summed).max()
 
 
-def test_empty_tile_table_gives_empty_outputs(slide: Path, tiles: Path, tmp_path: Path):
+def test_empty_tile_table_gives_empty_outputs(cli, slide: Path, tiles: Path, tmp_path: Path):
     empty = tmp_path / "empty.parquet"
-    pd.read_parquet(tiles).iloc[:0].to_parquet(empty)
-    assert run(saliency_args(slide, empty, tmp_path, "original"))[0] == 0
+    write_tile_table(read_tile_table(tiles).iloc[:0], empty)
+    assert run(cli, saliency_args(slide, empty, tmp_path, "original"))[0] == 0
     meta, maps = read_store(tmp_path / "original.zarr")
     assert meta["n_tiles"] == 0 and meta["layers"] == list(LAYERS) and len(maps) == 6
     assert all(m.shape[0] == 0 for m in maps.values())
@@ -261,14 +253,14 @@ def fake_surrogate(arch: str, path: Path) -> Path:
     return path
 
 
-def test_surrogate_method(slide: Path, tiles: Path, tmp_path: Path):
+def test_surrogate_method(cli, slide: Path, tiles: Path, tmp_path: Path):
     surrogate = fake_surrogate("resnet18", tmp_path / "s18.pt")
     three = tmp_path / "three.parquet"
-    pd.read_parquet(tiles).head(3).to_parquet(three)
+    write_tile_table(read_tile_table(tiles).head(3), three)
     args = saliency_args(
         slide, three, tmp_path, "surrogate", "--surrogate", str(surrogate), "--smoothgrad-samples", "0"
     )
-    assert run(args)[0] == 0
+    assert run(cli, args)[0] == 0
     meta, _ = read_store(tmp_path / "surrogate.zarr")
     assert meta["settings"]["surrogate_sha256"] and meta["method"] == "surrogate"
     assert (pd.read_parquet(tmp_path / "surrogate.parquet")["pd_all"] > 0).all()
@@ -281,13 +273,14 @@ def test_surrogate_method(slide: Path, tiles: Path, tmp_path: Path):
         ("other_arch", "surrogate {surrogate} was trained for arch 'resnet34', not 'resnet18'"),
         ("no_surrogate", "method 'surrogate' needs a trained surrogate: pass --surrogate FILE"),
         ("layer", "unknown layer 'layer9' for ResNet; allowed"),
+        ("flat_layer", "layer 'fc' gives outputs of shape [2] per tile, not maps [C, h, w]"),
         ("method", "unknown method 'smooth'; allowed: original, surrogate, backward_hook, forward_hook"),
         ("attribution", "unknown attributions ['saliency']; allowed: gradient, deeplift"),
         ("missing_tiles", "tile table {tiles} does not exist"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_file(
-    change: str, message: str, slides_dir: Path, slide: Path, tiles: Path, tmp_path: Path, capsys
+    cli, change: str, message: str, slides_dir: Path, slide: Path, tiles: Path, tmp_path: Path
 ):
     surrogate = tmp_path / "s34.pt"
     method, extra, slide_arg, tiles_arg = "original", [], slide, tiles
@@ -304,9 +297,11 @@ def test_bad_input_is_one_line_naming_the_file(
     args = saliency_args(slide_arg, tiles_arg, tmp_path, method, *extra)
     if change == "layer":
         args[args.index("layer3")] = "layer9"
+    elif change == "flat_layer":
+        args[args.index("layer3")] = "fc"
     elif change == "attribution":
         args += ["--attributions", "saliency"]
-    rc, _, err = run(args, capsys)
+    rc, _, err = run(cli, args)
     assert rc == 1
     assert err.startswith("smoothsal saliency: error: ") and err.count("\n") == 1
     assert message.format(tiles=tiles_arg, surrogate=surrogate) in err
@@ -314,20 +309,17 @@ def test_bad_input_is_one_line_naming_the_file(
 
 
 def test_relabelled_tiles_on_the_same_grid_do_not_resume_batches_of_the_old_targets(
-    slide: Path, tiles: Path, tmp_path: Path, capsys
+    cli, slide: Path, tiles: Path, tmp_path: Path
 ):
     """Re-tiling with new annotations keeps the grid (tiles_sha256) but changes the targets: a partial
     state of the old labels must not be resumed."""
     old, new = tmp_path / "old.parquet", tmp_path / "new.parquet"
-    pd.read_parquet(tiles).assign(label=pd.array([0] * 12, dtype="Int64")).to_parquet(old)
-    pd.read_parquet(tiles).assign(label=pd.array([1] * 12, dtype="Int64")).to_parquet(new)
+    write_tile_table(read_tile_table(tiles).assign(label=pd.array([0] * 12, dtype="Int64")), old)
+    write_tile_table(read_tile_table(tiles).assign(label=pd.array([1] * 12, dtype="Int64")), new)
     extra = ("--smoothgrad-samples", "0", "--workers", "0", "--batch-size", "3")
-    killed = subprocess.run(
-        [sys.executable, "-m", "smoothsal.cli", *saliency_args(slide, old, tmp_path, "original", *extra)],
-        capture_output=True, text=True, check=False, env=dict(os.environ, SMOOTHSAL_KILL_AT="saliency.batch=1"),
-    )  # fmt: skip
+    killed = cli.process(*saliency_args(slide, old, tmp_path, "original", *extra), kill_at="saliency.batch=1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    rc, stdout, _ = run(saliency_args(slide, new, tmp_path, "original", *extra), capsys)
+    rc, stdout, _ = run(cli, saliency_args(slide, new, tmp_path, "original", *extra))
     assert rc == 0 and "12 computed" in stdout
     assert pd.read_parquet(tmp_path / "original.parquet")["target"].tolist() == [1] * 12
 
@@ -339,7 +331,7 @@ def test_library_run_records_the_checkpoint_it_loads(slide: Path, tiles: Path, t
     checkpoint = tmp_path / "model.pt"
     torch.save(ss.load_model("resnet18", num_classes=2).state_dict(), checkpoint)
     three = tmp_path / "three.parquet"
-    pd.read_parquet(tiles).head(3).to_parquet(three)
+    write_tile_table(read_tile_table(tiles).head(3), three)
     settings = saliency.SaliencySettings("resnet18", 2, "original", ("layer1",), smoothgrad_samples=0)
     options = saliency.RunOptions(tmp_path / "o.zarr", tmp_path / "o.parquet", workers=0, progress=False)
     saliency.run_saliency(slide, three, settings, options, checkpoint=checkpoint)
@@ -348,13 +340,13 @@ def test_library_run_records_the_checkpoint_it_loads(slide: Path, tiles: Path, t
 
 
 def test_segmentation_tiles_without_annotation_target_the_originals_predicted_majority(
-    slide: Path, tiles: Path, tmp_path: Path
+    cli, slide: Path, tiles: Path, tmp_path: Path
 ):
     """No annotation (majority_class missing) is no label: the target is the original's predicted
     majority non-background class, as for unlabelled classification tiles, not the background."""
-    table = pd.read_parquet(tiles).head(3).assign(majority_class=pd.array([None, 2, None], dtype="Int64"))
+    table = read_tile_table(tiles).head(3).assign(majority_class=pd.array([None, 2, None], dtype="Int64"))
     seg_tiles = tmp_path / "seg.parquet"
-    table.to_parquet(seg_tiles)
+    write_tile_table(table, seg_tiles)
     model, _, norm = load_with_surrogate("unet_resnet34", num_classes=3)
     with torch.no_grad():  # a model that predicts class 1 (not background) on some pixels
         model.get_submodule("segmentation_head.0").bias.copy_(torch.tensor([0.0, 0.5, -5.0]))
@@ -367,7 +359,7 @@ def test_segmentation_tiles_without_annotation_target_the_originals_predicted_ma
         "--smoothgrad-samples", "0", "--workers", "0", "--no-progress",
         "--out", str(tmp_path / "seg.zarr"), "--table", str(tmp_path / "seg.parquet"),
     ]  # fmt: skip
-    assert run(args)[0] == 0
+    assert run(cli, args)[0] == 0
     out = pd.read_parquet(tmp_path / "seg.parquet")
     x = torch.stack([TileDataset(table, transform=norm)[i][0] for i in range(3)])
     with torch.no_grad():
@@ -377,13 +369,13 @@ def test_segmentation_tiles_without_annotation_target_the_originals_predicted_ma
     assert out["pd_masked"].isna().all()  # method original; no mask where unannotated
 
 
-def test_out_that_is_no_store_is_refused_not_deleted(slide: Path, tiles: Path, tmp_path: Path, capsys):
+def test_out_that_is_no_store_is_refused_not_deleted(cli, slide: Path, tiles: Path, tmp_path: Path):
     """``--out results/`` (the store name forgotten) must not wipe the folder at the end."""
     folder = tmp_path / "results"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
     args = saliency_args(slide, tiles, tmp_path, "original", "--smoothgrad-samples", "0")
     args[args.index("--out") + 1] = str(folder)
-    rc, _, err = run(args, capsys)
+    rc, _, err = run(cli, args)
     assert rc == 1 and err.count("\n") == 1 and f"{folder} exists and is not a saliency store" in err
     assert (folder / "notes.txt").read_text() == "keep me"

@@ -19,7 +19,8 @@ from helpers import (
 )
 from PIL import Image
 
-from smoothsal import annotations, grid, slides, tiles, tiling, tissue
+from smoothsal import annotations, grid, slides, tiles, tiling
+from smoothsal.tiles import read_tile_table
 
 SIZE, MPP = SYNTHETIC_SIZE, SYNTHETIC_MPP  # the synthetic slide: a 224-px grid of 9 × 9 tiles at level 0
 TUMOUR = (448, 448, 1232, 1120)  # x0, y0, x1, y1: tiles (col 2–4, row 2–4) whole, col 5 half (x 1120–1344)
@@ -118,19 +119,10 @@ def test_labels_of_a_long_polygon_clipped_per_tile_equal_the_whole_polygon(annot
     assert partial >= 5  # tiles the boundary crosses, where clipping matters
 
 
-def _smoothsal() -> list[str]:
-    import shutil
-    import sys
-
-    exe = shutil.which("smoothsal")
-    return [exe] if exe else [sys.executable, "-m", "smoothsal.cli"]
-
-
 @pytest.fixture(scope="module")
-def cli_runs(slides_dir, annotations_dir, synthetic_slide, tmp_path_factory):
-    """name → (returncode, stdout, stderr, out path) for each `smoothsal tiles` case."""
-    import subprocess
-
+def tiles_runs(cli, slides_dir, annotations_dir, synthetic_slide, tmp_path_factory):
+    """name → (returncode, stdout, stderr, out path) for each `smoothsal tiles` case, run as real
+    processes, all at once (it keeps the suite fast)."""
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "cut.xml").write_text('<?xml version="1.0"?><ASAP_Annotations><Annotations><Annotation')
     (tmp / "synthetic.xml").write_text(asap_xml([("_0", square(*TUMOUR)), ("_2", square(*HOLE))]))
@@ -155,11 +147,7 @@ def cli_runs(slides_dir, annotations_dir, synthetic_slide, tmp_path_factory):
     procs = {}
     for name, args in cases.items():
         out = tmp / name / "tiles.parquet"
-        cmd = [*_smoothsal(), "tiles", *map(str, args), "--out", str(out)]
-        procs[name] = (
-            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-            out,
-        )
+        procs[name] = (cli.popen("tiles", *args, "--out", out), out)
     results = {}
     for name, (proc, out) in procs.items():
         stdout, stderr = proc.communicate(timeout=120)
@@ -167,26 +155,10 @@ def cli_runs(slides_dir, annotations_dir, synthetic_slide, tmp_path_factory):
     return results
 
 
-def test_cli_defaults_are_the_library_defaults():
-    from smoothsal.cli import _build_parser
-
-    args = _build_parser().parse_args(["tiles", "slide.svs", "--out", "t.parquet"])
-    grid_, mask, labels = grid.TileGridSettings(), tissue.TissueMaskSettings(), tiling.LabelSettings()
-    assert (args.tile_size, args.stride, args.target_mpp, args.level) == (
-        grid_.tile_size, grid_.stride, grid_.target_mpp, grid_.level
-    )  # fmt: skip
-    assert (args.min_tissue, args.max_tiles, args.seed) == (grid_.min_tissue, grid_.max_tiles, grid_.seed)
-    assert (args.mask_mpp, args.min_saturation, args.closing_um) == (
-        mask.mask_mpp, mask.min_saturation, mask.closing_um
-    )  # fmt: skip
-    assert (args.min_object_um2, args.min_hole_um2) == (mask.min_object_um2, mask.min_hole_um2)
-    assert args.label_threshold == labels.threshold
-
-
-def test_cli_writes_table_and_overview(cli_runs):
-    rc, stdout, stderr, out = cli_runs["cmu"]
+def test_command_writes_table_and_overview(tiles_runs):
+    rc, stdout, stderr, out = tiles_runs["cmu"]
     assert rc == 0, stderr
-    table = pd.read_parquet(out)
+    table = read_tile_table(out)
     assert len(table) == 20 and "20 tiles" in stdout
     labels = ["tumor_fraction", "label", "majority_class", "fraction_0", "fraction_1"]
     assert list(table.columns) == [*tiles.TABLE_COLUMNS, *labels]
@@ -196,23 +168,23 @@ def test_cli_writes_table_and_overview(cli_runs):
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiles.parquet", "tiles.png"]
 
 
-def test_cli_labels_from_annotations(cli_runs):
-    rc, _, stderr, out = cli_runs["synthetic"]
+def test_command_labels_from_annotations(tiles_runs):
+    rc, _, stderr, out = tiles_runs["synthetic"]
     assert rc == 0, stderr
-    table = pd.read_parquet(out)
+    table = read_tile_table(out)
     positive = set(zip(*table.loc[table.label == 1, ["col", "row"]].to_numpy().T))
     assert positive == {(c, r) for c in (2, 3, 4) for r in (2, 3, 4)} - {(3, 3)}  # half tiles < 0.6
     assert _fractions_by_tile(table, "tumor_fraction")[(5, 3)] == pytest.approx(0.5)
 
 
-def test_cli_slide_without_mpp(cli_runs, slides_dir):
-    rc, _, stderr, out = cli_runs["tcga"]
+def test_command_slide_without_mpp(tiles_runs, slides_dir):
+    rc, _, stderr, out = tiles_runs["tcga"]
     assert rc == 1 and not out.exists()
     assert stderr.count("\n") == 1 and stderr.startswith("smoothsal tiles: error: ")
     assert str(slides_dir / TCGA) in stderr and "no µm/px" in stderr and "--mpp X" in stderr
-    rc, _, stderr, out = cli_runs["tcga_mpp"]
+    rc, _, stderr, out = tiles_runs["tcga_mpp"]
     assert rc == 0, stderr
-    table = pd.read_parquet(out)
+    table = read_tile_table(out)
     assert len(table) >= 5 and set(table.level) == {1} and set(table.mpp) == {1.0} and set(table.w) == {896}
 
 
@@ -225,8 +197,8 @@ def test_cli_slide_without_mpp(cli_runs, slides_dir):
         ("outside", "tumor_081.xml", "annotation file of this slide"),
     ],
 )
-def test_cli_bad_input_is_one_line_error(cli_runs, case, names, says):
-    rc, _stdout, stderr, out = cli_runs[case]
+def test_command_bad_input_is_one_line_error(tiles_runs, case, names, says):
+    rc, _stdout, stderr, out = tiles_runs[case]
     assert rc == 1 and not out.exists() and not out.parent.exists()
     assert stderr.startswith("smoothsal tiles: error: ") and stderr.count("\n") == 1, stderr
     assert names in stderr and says in stderr and "Traceback" not in stderr

@@ -8,6 +8,7 @@ slides at 512 px (`smoothsal demo-data --size 512`) plus the real CMU-1-Small-Re
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -263,8 +264,25 @@ def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tm
     overviews = {f"{d}_{s}.png" for d, slides in EVAL_SLIDES.items() for s in slides}
     assert overviews <= files, (overviews, names)
     assert {"c16_resnet18.png", "digi_unet_resnet34.png"} <= files, names  # TV per layer, per dataset/model
-    html = "\n".join(n for n in names if n.endswith(".html"))
-    assert html, names
+    # the report page: every file under its category with its caption, each pointing at a file in the zip
+    page = next(n for n in names if n.endswith("report.html"))
+    with zipfile.ZipFile(workdir / "report.zip") as z:
+        html = z.read(page).decode()
+    results = json.loads(re.search(r"var results = (\{.*?\});\n", html, re.DOTALL).group(1))
+    categories = json.loads(re.search(r"var categories = (\{.*?\});\n", html, re.DOTALL).group(1))
+    assert set(categories) == {"Tables", "Figures"}, categories
+    assert set(categories["Figures"]) == {"TV per layer", "Slide overviews"}, categories
+    captions = {
+        "tables": "Tables over every slide",
+        "tv_per_layer": "Total variation of the saliency maps at every evaluated layer",
+        "overview": "the tissue thumbnail",
+    }
+    by_file = {Path(path).name: entry for path, entry in results.items()}
+    assert {"tv.csv", "c16_resnet18.png", f"c16_{EVAL_SLIDES['c16'][0]}.png"} <= set(by_file), sorted(by_file)
+    for path, entry in results.items():
+        kind = next(k for k in captions if f"/{k}/" in f"/{path}")
+        assert captions[kind] in entry["caption"], (path, entry["caption"][:200])
+        assert any(n.endswith(entry["data_uri"]) for n in names), entry["data_uri"]
 
 
 def check_container(path: Path, slide: str) -> None:

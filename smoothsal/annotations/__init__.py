@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadAnnotation, BadOption, MissingInput
+from ..errors import BadAnnotation, BadOption, MissingInput, one_line
 from ..slides import Slide
 from .asap import read_asap
 from .geojson import read_geojson
@@ -66,10 +66,13 @@ def read_annotations(path: str | Path, class_map: Mapping[str, int] | None = Non
     if not path.is_file():
         raise MissingInput(f"{path}: annotation file not found; check --annotations")
     mapping = {k.lower(): v for k, v in (DEFAULT_CLASS_MAP if class_map is None else class_map).items()}
-    if path.suffix.lower() == ".xml":
-        raw = read_asap(path)
-    elif path.suffix.lower() in (".geojson", ".json"):
-        raw = read_geojson(path)
+    importers = {".xml": read_asap, ".geojson": read_geojson, ".json": read_geojson}
+    importer = importers.get(path.suffix.lower())
+    if importer is not None:
+        try:
+            raw = importer(path)
+        except OSError as err:  # permissions, an unreadable disk
+            raise BadAnnotation(f"{path}: cannot be read ({one_line(err)}); check the file") from None
     else:
         raise BadAnnotation(f"{path}: unknown annotation format; give ASAP XML (.xml) or GeoJSON (.geojson)")
     regions = [replace(r, label=_class_id(path, r.label, mapping)) for r in raw]

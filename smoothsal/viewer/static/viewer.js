@@ -1,5 +1,5 @@
 // smoothsal viewer: tissue pyramid + saliency heatmap overlay in two synchronised panels.
-// Coordinates are µm (slide level 0 origin). Tiles come from relative URLs (see smoothsal/viewer.py), so the
+// Coordinates are µm (slide level 0 origin). Tiles come from relative URLs (see smoothsal/viewer/__init__.py), so the
 // same page works with `smoothsal view` and with a static export behind any plain web server.
 "use strict";
 (function () {

@@ -1,0 +1,40 @@
+"""`smoothsal compare TILE.png --out F.png`: gradient and DeepLift at one hidden layer for each smoothing method
+on one RGB tile image, with their total variation: a quick look before a slide-scale run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..compare import DEFAULT_MODEL, CompareSettings, run_compare
+from ..surrogate import ModelSpec
+from .common import Command, default
+
+COMMAND = Command("compare", "saliency of every smoothing method on one tile image, side by side (PNG)")
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    c, m = CompareSettings, DEFAULT_MODEL
+    # fmt: off
+    p.add_argument("tile", type=Path, help="RGB(A) tile image (PNG/JPEG), any size")
+    p.add_argument("--out", type=Path, required=True, help="figure to write (.png)")
+    p.add_argument("--arch", default=m.arch, help=f"model architecture (default {m.arch})")
+    p.add_argument("--num-classes", type=int, default=m.num_classes, help=f"model outputs (default {m.num_classes})")
+    p.add_argument("--checkpoint", type=Path, help="trained weights (default: a seeded random init)")
+    p.add_argument("--surrogate", type=Path, help="trained surrogate (adds the surrogate method)")
+    p.add_argument("--layer", default=default(c, "layer"), help=f"layer name or alias (default {default(c, 'layer')})")
+    p.add_argument("--target", type=int, default=default(c, "target"), help=f"target class (default {default(c, 'target')})")
+    p.add_argument("--size", type=int, default=default(c, "size"), help=f"tile side fed to the model, px (default {default(c, 'size')})")
+    p.add_argument("--samples", type=int, default=default(c, "samples"), help=f"SmoothGrad samples (0: off; default {default(c, 'samples')})")
+    p.add_argument("--stdev", type=float, default=default(c, "stdev"), help=f"SmoothGrad noise σ (default {default(c, 'stdev')})")
+    # fmt: on
+
+
+def run(args: argparse.Namespace) -> None:
+    model = ModelSpec(args.arch, args.num_classes, args.checkpoint, args.surrogate)
+    settings = CompareSettings(args.layer, args.target, args.size, args.samples, args.stdev)
+    result = run_compare(args.tile, args.out, model, settings)
+    for (method, attribution), (_, tv) in result.maps.items():
+        print(f"{method} {attribution} TV {tv:.4f}")
+    print(f"wrote {result.out}")

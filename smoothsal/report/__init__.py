@@ -1,0 +1,159 @@
+"""`smoothsal report`: the paper's tables and figures for your model over every slide's per-tile
+tables, per-slide breakdowns, per-slide overview figures and one ``index.html``.
+
+`tables` (reading and aggregating the per-tile tables), `figures`, `html`; this module writes them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from ..errors import BadOption, BadOutput
+from ..files import atomic_dir
+from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
+from .html import index_html
+from .tables import Collected, Table, collect, pool, report_tables
+
+__all__ = [
+    "Collected",
+    "Overview",
+    "Raster",
+    "ReportResult",
+    "ReportSettings",
+    "Table",
+    "collect",
+    "overview_figure",
+    "pool",
+    "read_overview",
+    "report_tables",
+    "tv_per_layer_figure",
+    "write_report",
+]
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """How the report looks; nothing here changes a number in a table."""
+
+    title: str = "smoothsal report"
+    percentile: float = 99.0  # colour limit of a heatmap row: this percentile of |value| over its methods
+    alpha: float = 0.65  # heatmap opacity over the tissue
+    thumbnail_px: int = 384  # read the smallest pyramid level with a side of at least this many px
+    dpi: int = 110
+
+    def __post_init__(self) -> None:
+        if not 50 <= self.percentile <= 100:
+            raise BadOption(f"--percentile must lie in [50, 100], got {self.percentile}")
+        if not 0 < self.alpha <= 1:
+            raise BadOption(f"--alpha must lie in (0, 1], got {self.alpha}")
+        if self.thumbnail_px < 16:
+            raise BadOption(f"--thumbnail-px must be at least 16, got {self.thumbnail_px}")
+
+
+def _slug(*parts: str) -> str:
+    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-") or "none" for p in parts)
+
+
+def _save(fig: Figure, stem: Path, dpi: int) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(stem.with_suffix(".png"), dpi=dpi)
+    fig.set_layout_engine("none")  # laid out once: the SVG reuses the PNG's layout
+    fig.savefig(stem.with_suffix(".svg"), dpi=dpi)
+
+
+def _dataset_of(overview: Overview, collected: Collected) -> tuple[str, str] | None:
+    """(dataset, model) of a container's slide: the only one with that slide, or the path's dataset."""
+    tiles = collected.tiles
+    found = tiles.loc[tiles["slide_id"] == overview.slide_id, ["dataset", "model"]].drop_duplicates()
+    pairs = list(found.itertuples(index=False, name=None))
+    by_path = [p for p in pairs if p[0] == overview.path.resolve().parent.parent.name]
+    return pairs[0] if len(pairs) == 1 else (by_path[0] if len(by_path) == 1 else None)
+
+
+_REPORT_ENTRIES = {"index.html", "tables", "figures"}
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadOutput(f"{out} exists and is not a directory; give a directory for --out")
+    if out.is_dir():
+        other = sorted(
+            p.name for p in out.iterdir() if p.name not in _REPORT_ENTRIES and not p.name.startswith(".")
+        )
+        if other:
+            raise BadOutput(
+                f"{out} holds files that are no report ({', '.join(other[:3])}); "
+                "give a new or empty directory"
+            )
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Where the report went and what it holds (paths relative to ``out``)."""
+
+    out: Path
+    tables: list[str]
+    figures: list[str]
+    notes: list[str]
+
+
+def write_report(
+    tables: Sequence[str | Path],
+    out: str | Path,
+    heatmaps: Sequence[str | Path] = (),
+    settings: ReportSettings = ReportSettings(),
+) -> ReportResult:
+    """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically."""
+    out = Path(out)
+    collected = collect(tables)
+    built = report_tables(collected)
+    notes = []
+    if not any(t.name == "accuracy" for t in built):
+        notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
+    with atomic_dir(out, _check_out) as tmp:
+        for sub in ("tables", "figures/tv_per_layer", "figures/overview"):
+            (tmp / sub).mkdir(parents=True)
+        for table in built:
+            table.data.to_csv(tmp / "tables" / f"{table.name}.csv", index=False)
+            (tmp / "tables" / f"{table.name}.md").write_text(table.markdown())
+        figures: dict[str, list[tuple[str, str]]] = {"tv_per_layer": [], "overview": []}
+        tv = next(t for t in built if t.name == "tv").data
+        for (dataset, model), layers in collected.layers.items():
+            sel = tv[(tv["dataset"] == dataset) & (tv["model"] == model)]
+            if sel.empty:
+                continue
+            caption = f"{dataset} / {model}" if dataset else model
+            stem = f"figures/tv_per_layer/{_slug(dataset, model)}"
+            _save(tv_per_layer_figure(sel, layers, collected.attributions, f"TV per layer: {caption}"),
+                  tmp / stem, settings.dpi)  # fmt: skip
+            figures["tv_per_layer"].append((stem, caption))
+        per_slide = next(t for t in built if t.name == "tv_per_slide").data
+        for container in heatmaps:  # one at a time: a thousand slides never sit in memory together
+            overview = read_overview(container, settings.thumbnail_px)
+            pair = _dataset_of(overview, collected)
+            dataset, model = pair if pair else (overview.path.resolve().parent.parent.name, "")
+            rows = per_slide[(per_slide["slide_id"] == overview.slide_id) & (per_slide["dataset"] == dataset)]
+            values = {
+                (m, a, layer): v
+                for m, a, layer, v in rows[["method", "attribution", "layer", "mean"]].itertuples(index=False)
+            }
+            caption = f"{dataset} / {overview.slide_id}" if dataset else overview.slide_id
+            fig = overview_figure(
+                overview, settings, layers=collected.layers.get(pair, []) if pair else [],
+                attributions=collected.attributions, tv=values, title=f"{caption} ({overview.path.name})",
+            )  # fmt: skip
+            stem = f"figures/overview/{_slug(dataset, overview.slide_id)}"
+            _save(fig, tmp / stem, settings.dpi)
+            figures["overview"].append((stem, caption))
+        (tmp / "index.html").write_text(index_html(settings, collected, built, figures, notes))
+    return ReportResult(
+        out,
+        [f"tables/{t.name}.csv" for t in built],
+        [f"{stem}.png" for group in figures.values() for stem, _ in group],
+        notes,
+    )

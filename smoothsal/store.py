@@ -1,0 +1,410 @@
+"""The saliency output of one slide under one method, written and read only here: the Zarr store of
+every tile's maps and the per-tile results table beside it.
+
+Store (Zarr v2 group, ``{method}.zarr``): one float32 array ``{attribution}/{layer}`` of shape
+[tiles, h, w] per attribution and layer (each tile's map summed over channels, at the layer's resolution;
+row i = row i of the tile table), chunked by ``CHUNK_TILES`` tiles; its root attribute ``smoothsal`` is
+the store's ``meta``: version, slide_id, slide_path, method, layers (forward order), attributions,
+settings (every setting that affects results, one dict), tiles_sha256, n_tiles.
+
+Results table (Parquet, ``{method}.parquet``): one row per tile (`saliency.table_columns`), the same
+``meta`` as JSON in the schema metadata under ``smoothsal``.
+
+``StoreWriter`` writes both resumably: work state sits in a hidden sibling ``.{store}.partial/`` (the
+store being written, one row file per batch, a progress file); the store and the table appear under
+their final names only when every tile is done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .errors import BadOutput, BadStore, BadTable, MissingInput, one_line
+from .files import atomic_path, is_zarr_group, replace_dir
+
+__all__ = [
+    "CHUNK_TILES",
+    "RESULT_COLUMNS",
+    "Results",
+    "SaliencyStore",
+    "StoreWriter",
+    "TileMaps",
+    "check_out",
+    "open_store",
+    "partial_dir",
+    "read_results",
+    "results_columns",
+    "results_meta",
+    "tv_columns",
+    "write_results",
+]
+
+PROGRESS_FORMAT = "smoothsal-saliency-progress/1"
+COMPACT_ROWS = 64  # per-batch row files kept before they are merged into one
+CHUNK_TILES = 64  # tiles per zarr chunk (one chunk = 64 maps of one layer: ~1 MB at 56×56)
+META_KEYS = ("slide_id", "method", "layers", "attributions", "tiles_sha256", "n_tiles")
+STORE_FIX = "give a `smoothsal saliency` output"
+RESULTS_FIX = "give the per-tile .parquet tables that `smoothsal saliency --table` writes"
+# What every per-tile results table has (besides tv/{attribution}/{layer} columns).
+RESULT_COLUMNS = ("dataset", "slide_id", "method", "arch", "tile", "task", "pd_all", "pd_target")
+
+log = logging.getLogger(__name__)
+
+
+# --- reading the store ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SaliencyStore:
+    """An opened saliency store and its root metadata (``meta``, see the module doc)."""
+
+    path: Path
+    group: zarr.Group
+    meta: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return str(self.meta["method"])
+
+    @property
+    def layers(self) -> list[str]:
+        return [str(v) for v in self.meta["layers"]]
+
+    @property
+    def attributions(self) -> list[str]:
+        return [str(v) for v in self.meta["attributions"]]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.meta.get("settings") or {})
+
+    def array(self, attribution: str, layer: str) -> zarr.Array:
+        try:
+            return self.group[f"{attribution}/{layer}"]
+        except KeyError:
+            raise BadStore(
+                f"{self.path}: no array {attribution}/{layer} although its metadata lists it; the store "
+                "is incomplete, rerun `smoothsal saliency`"
+            ) from None
+
+    def maps(self, attribution: str, layer: str) -> TileMaps:
+        """Row i (tile i's map) of one array, read through a small cache of its chunks."""
+        return TileMaps(self.array(attribution, layer), self.path)
+
+
+def open_store(path: str | Path) -> SaliencyStore:
+    """Open a saliency store read-only; a one-line error naming it when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingInput(f"{path}: saliency store not found; run `smoothsal saliency` first")
+    try:
+        group = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as err:
+        raise BadStore(f"{path}: not a zarr store ({one_line(err)}); {STORE_FIX}") from None
+    meta = group.attrs.get("smoothsal")
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
+        raise BadStore(
+            f"{path}: no smoothsal saliency metadata (root attribute 'smoothsal' with {', '.join(META_KEYS)}); "
+            f"{STORE_FIX}"
+        )
+    return SaliencyStore(path, group, dict(meta))
+
+
+class TileMaps:
+    """Row i of a [n, h, w] store array, read one store chunk at a time through a small LRU cache."""
+
+    def __init__(self, array: zarr.Array, path: Path | str = "store", max_bytes: int = 64 << 20) -> None:
+        self.array, self.path = array, path
+        self.step = int(array.chunks[0])
+        per_chunk = self.step * int(np.prod(array.shape[1:])) * array.dtype.itemsize
+        self.capacity = max(2, max_bytes // max(1, per_chunk))
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k = i // self.step
+        block = self.cache.get(k)
+        if block is None:
+            block = self._read(k)
+            self.cache[k] = block
+            if len(self.cache) > self.capacity:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(k)
+        return block[i - k * self.step]
+
+    def _read(self, k: int) -> np.ndarray:
+        try:
+            return np.asarray(self.array[k * self.step : (k + 1) * self.step], dtype=np.float32)
+        except (RuntimeError, ValueError, OSError, zarr.errors.BaseZarrError) as err:  # e.g. blosc errors
+            raise BadStore(
+                f"{self.path}: array {self.array.path} (tiles {k * self.step}…) cannot be read "
+                f"({one_line(err)}); the store is damaged, rerun `smoothsal saliency`"
+            ) from None
+
+
+# --- the results table ----------------------------------------------------------------------------
+
+
+def results_columns(num_classes: int, attributions: Sequence[str], layers: Sequence[str]) -> list[str]:
+    """The columns of a saliency job's results table, in order (README, Outputs: Saliency)."""
+    k = num_classes
+    return [
+        "dataset", "slide_id", "method", "arch", "tile", "x", "y", "w", "h", "mpp", "label", "target", "task",
+        *(f"logit_{c}" for c in range(k)), *(f"prob_{c}" for c in range(k)),
+        "pred", "correct", "pd_all", "pd_target", "pd_masked",
+        *(f"tv/{a}/{layer}" for a in attributions for layer in layers),
+    ]  # fmt: skip
+
+
+def write_results(table: pd.DataFrame, path: str | Path, meta: Mapping[str, Any]) -> None:
+    """A per-tile results table with ``meta`` as JSON in its schema metadata, written atomically."""
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"smoothsal": json.dumps(meta)})
+    with atomic_path(path) as tmp:
+        pq.write_table(arrow, tmp)
+
+
+def _schema(path: Path) -> pa.Schema:
+    if not path.is_file():
+        raise MissingInput(f"{path}: per-tile table not found; {RESULTS_FIX}")
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as err:
+        raise BadTable(f"{path}: not a readable Parquet table ({one_line(err)}); {RESULTS_FIX}") from err
+
+
+def results_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` a results table was written with ({} for a table without it)."""
+    raw = (_schema(Path(path)).metadata or {}).get(b"smoothsal")
+    return json.loads(raw) if raw else {}
+
+
+def tv_columns(path: Path | str, names: Iterable[str]) -> list[tuple[str, str, str]]:
+    """(column, attribution, layer) of every ``tv/{attribution}/{layer}`` column, in table order."""
+    out = []
+    for name in names:
+        if name.startswith("tv/"):
+            parts = name.split("/", 2)
+            if len(parts) != 3 or not parts[1] or not parts[2]:
+                raise BadTable(f"{path}: column {name!r} is not tv/{{attribution}}/{{layer}}; {RESULTS_FIX}")
+            out.append((name, parts[1], parts[2]))
+    return out
+
+
+@dataclass(frozen=True)
+class Results:
+    """A per-tile results table as read: the columns asked for, and its TV columns."""
+
+    table: pd.DataFrame
+    tv: list[tuple[str, str, str]]  # (column, attribution, layer)
+
+
+def read_results(path: str | Path, optional: Sequence[str] = ()) -> Results:
+    """The ``RESULT_COLUMNS``, those of ``optional`` present and every TV column of a results table;
+    one-line errors naming the file when it lacks them or cannot be read."""
+    path = Path(path)
+    names = _schema(path).names
+    tv = tv_columns(path, names)
+    missing = [c for c in RESULT_COLUMNS if c not in names] + ([] if tv else ["tv/{attribution}/{layer}"])
+    if missing:
+        raise BadTable(f"{path}: missing columns {', '.join(missing)}; {RESULTS_FIX}")
+    columns = [*RESULT_COLUMNS, *(c for c in optional if c in names), *(c for c, _, _ in tv)]
+    try:
+        table = pd.read_parquet(path, columns=columns)
+    except (OSError, pa.ArrowException) as err:
+        raise BadTable(f"{path}: not a readable Parquet table ({one_line(err)}); {RESULTS_FIX}") from err
+    return Results(table, tv)
+
+
+# --- writing: partial state, resume, the finished outputs -----------------------------------------
+
+
+def check_out(out: Path) -> None:
+    """``--out`` is replaced at the end: refuse anything there that is not a Zarr store (a typo such as
+    ``--out results/`` must not delete a folder)."""
+    if out.exists() and not is_zarr_group(out):
+        raise BadOutput(
+            f"{out} exists and is not a saliency store; give a new path ending in {{method}}.zarr, or remove it"
+        )
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a job keeps its work state: a hidden sibling of the store."""
+    return out.parent / f".{out.name}.partial"
+
+
+@dataclass(frozen=True)
+class _State:
+    """Paths of a job's partial state."""
+
+    root: Path
+    store: Path
+    rows: Path
+    progress: Path
+
+    @classmethod
+    def of(cls, out: Path) -> _State:
+        root = partial_dir(out)
+        return cls(root, root / out.name, root / "rows", root / "progress.json")
+
+    def read_progress(self) -> dict | None:
+        try:
+            return json.loads(self.progress.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_progress(self, progress: dict) -> None:
+        with atomic_path(self.progress) as tmp:
+            tmp.write_text(json.dumps(progress))
+
+
+def _add_batch(batches: list[list[int]], start: int, stop: int) -> None:
+    """Record a completed batch [start, stop); a batch right after the last one extends it (the
+    list stays short however many batches a slide has)."""
+    if batches and batches[-1][1] == start:
+        batches[-1][1] = stop
+    else:
+        batches.append([start, stop])
+
+
+def _compact_rows(rows: Path) -> None:
+    """Merge the per-batch row files into one once there are ``COMPACT_ROWS`` of them.
+
+    The merged file takes the first file's name (atomic replace); the others are removed after. A
+    kill in between leaves duplicate rows, which ``_finish`` drops.
+    """
+    parts = sorted(rows.glob("*.parquet"))
+    if len(parts) < COMPACT_ROWS:
+        return
+    merged = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).drop_duplicates("tile")
+    with atomic_path(parts[0]) as tmp:
+        merged.to_parquet(tmp, index=False)
+    for part in parts[1:]:
+        part.unlink()
+
+
+def _done(batches: Sequence[Sequence[int]]) -> int:
+    """Tiles done from the start on: batches run in tile order."""
+    done = 0
+    for start, stop in sorted(batches):
+        if start > done:
+            break
+        done = max(done, stop)
+    return done
+
+
+def _empty_dtype(column: str) -> str:
+    if column in ("dataset", "slide_id", "method", "arch", "task"):
+        return "object"
+    if column in ("tile", "x", "y", "w", "h", "label", "target", "pred"):
+        return "int64"
+    return "float64"
+
+
+def _start(
+    state: _State, meta: dict, shapes: Mapping[str, tuple[int, int]], tile_size: int, targets_sha256: str = ""
+) -> tuple[zarr.Group, int]:
+    """Open the partial state when it belongs to these settings, tiles and labels, else start afresh."""
+    n = int(meta["n_tiles"])
+    progress = state.read_progress()
+    key = {
+        "settings": meta["settings"], "tiles_sha256": meta["tiles_sha256"], "n_tiles": n,
+        "targets_sha256": targets_sha256,
+    }  # fmt: skip
+    if progress is not None and progress.get("key") == key and state.store.is_dir():
+        try:
+            group = zarr.open_group(state.store, mode="r+", zarr_format=2)
+            done = _done(progress["batches"])
+            for stale in state.rows.glob("*.parquet"):  # a batch killed before it was recorded
+                if int(stale.stem) >= done:
+                    stale.unlink()
+            return group, done
+        except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as err:
+            log.warning("saliency: partial state %s is unreadable (%s); starting over", state.root, err)
+    elif progress is not None or state.root.exists():
+        log.warning(
+            "saliency: partial state %s was made with other settings or tiles; starting over", state.root
+        )
+    shutil.rmtree(state.root, ignore_errors=True)
+    state.rows.mkdir(parents=True)
+    group = zarr.open_group(state.store, mode="w", zarr_format=2)
+    group.attrs["smoothsal"] = meta
+    for a in meta["attributions"]:
+        for layer in meta["layers"]:
+            h, w = shapes.get(layer, (0, 0))
+            arr = group.create_array(
+                f"{a}/{layer}", shape=(n, h, w), chunks=(max(1, min(n, CHUNK_TILES)), max(h, 1), max(w, 1)),
+                dtype="float32", fill_value=np.nan,
+            )  # fmt: skip
+            arr.attrs.update({"layer": layer, "attribution": a, "stride": tile_size / h if h else None})
+    state.write_progress({"format": PROGRESS_FORMAT, "key": key, "batches": []})
+    return group, 0
+
+
+def _finish(state: _State, out: Path, results: Path, meta: dict, columns: Sequence[str] | None) -> None:
+    n = int(meta["n_tiles"])
+    progress = state.read_progress()
+    if progress is None or _done(progress["batches"]) < n:
+        raise BadStore(f"saliency: {state.root} does not hold every tile; rerun the job")
+    parts = sorted(state.rows.glob("*.parquet"))
+    if parts:
+        table = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).sort_values("tile")
+        table = table.drop_duplicates("tile").reset_index(drop=True)
+        table = table[list(columns)] if columns is not None else table
+    else:
+        table = pd.DataFrame({c: pd.Series(dtype=_empty_dtype(c)) for c in columns or ()})
+    zarr.consolidate_metadata(zarr.open_group(state.store, mode="r+", zarr_format=2).store)
+    replace_dir(state.store, out)
+    write_results(table, results, meta)
+    shutil.rmtree(state.root, ignore_errors=True)
+
+
+class StoreWriter:
+    """Writes one store and its results table, resumably (see the module doc).
+
+    ``open`` returns the number of tiles already done by an earlier, killed run with the same ``meta``
+    and label hash (0: a fresh start); ``write_batch`` records tiles [start, stop); ``finish`` moves
+    the store into place and writes the table.
+    """
+
+    def __init__(self, out: Path, results: Path, meta: Mapping[str, Any]) -> None:
+        self.out, self.results, self.meta = Path(out), Path(results), dict(meta)
+        self.state = _State.of(self.out)
+        self.group: zarr.Group | None = None
+        self.progress: dict | None = None
+
+    def open(self, shapes: Mapping[str, tuple[int, int]], tile_size: int, labels_sha256: str = "") -> int:
+        """Create or resume the partial store: one array per attribution × layer, ``shapes`` (h, w)
+        per layer (a missing layer: 0 × 0, for a slide without tiles)."""
+        self.group, done = _start(self.state, self.meta, shapes, tile_size, labels_sha256)
+        self.progress = self.state.read_progress()
+        return done
+
+    def write_batch(
+        self, start: int, stop: int, maps: Mapping[tuple[str, str], np.ndarray], rows: pd.DataFrame
+    ) -> None:
+        """Tiles [start, stop): their maps per (attribution, layer) and their results rows."""
+        for (attribution, layer), values in maps.items():
+            self.group[f"{attribution}/{layer}"][start:stop] = values
+        with atomic_path(self.state.rows / f"{start:09d}.parquet") as tmp:
+            rows.to_parquet(tmp, index=False)
+        _add_batch(self.progress["batches"], start, stop)
+        self.state.write_progress(self.progress)  # the batch counts as done from here on
+        _compact_rows(self.state.rows)
+
+    def finish(self, columns: Sequence[str] | None = None) -> None:
+        """Check every tile is done, move the store into place, write the table (last)."""
+        _finish(self.state, self.out, self.results, self.meta, columns)
