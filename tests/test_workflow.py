@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
 PROFILES = ROOT / "workflow" / "profiles"
 SLURM_SCRIPT = ROOT / "workflow" / "scripts" / "slurm-localhost.sh"
+SETUP_SCRIPT = ROOT / "tests" / "setup-system.sh"
 METHODS = ["original", "surrogate", "backward_hook", "forward_hook"]
 ATTRIBUTIONS = ["gradient", "deeplift"]
 LAYERS = ["layer1", "layer2", "layer3"]
@@ -428,8 +429,8 @@ def test_glob_dataset_finds_slides_and_annotations(tmp_path: Path, slides_dir: P
 
 
 def slurm_up() -> None:
-    """Fail (not skip) with the fix when no SLURM answers: CI starts one with workflow/scripts/slurm-localhost.sh."""
-    fix = f"start a single-node SLURM on localhost first: sudo {SLURM_SCRIPT.relative_to(ROOT)} up"
+    """Fail (not skip) with the fix when no SLURM answers: README's test command starts one (tests/setup-system.sh)."""
+    fix = f"start a single-node SLURM on localhost first: {SETUP_SCRIPT.relative_to(ROOT)} (root or sudo)"
     for cmd in (["sinfo", "-h", "-o", "%T"], ["sacct", "-n", "-X", "-S", "now-1minutes"]):
         try:
             result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
@@ -490,3 +491,63 @@ def test_slurm_runs_every_job_through_sbatch(tmp_path: Path, slides_dir: Path) -
                 tres,
                 j[tres],
             )
+
+
+# --- README's test command and its system setup ------------------------------------------------------
+
+
+def readme_test_command() -> str:
+    """The command in the sh block under README's "Run the tests"."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"Run the tests[^\n]*\n+```sh\n(.*?)\n```", readme, re.DOTALL)
+    assert block, "README has no sh block under 'Run the tests'"
+    return block.group(1).strip()
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """.ci/run is README's test command and nothing else; the command itself sets up the system first."""
+    command = readme_test_command()
+    assert command.startswith("tests/setup-system.sh && ") and command.endswith(" && pytest"), command
+    lines = [
+        line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert lines == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', command], lines
+    for script in (ROOT / ".ci" / "run", SETUP_SCRIPT):
+        assert os.access(script, os.X_OK), script
+
+
+def setup_packages() -> list[str]:
+    """The Debian package list of tests/setup-system.sh (its one place), as bash reads it."""
+    script = f'eval "$(sed -n "/^PACKAGES=(/,/^)/p" {SETUP_SCRIPT})"; printf "%s\\n" "${{PACKAGES[@]}}"'
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+
+
+def run_setup(*user: str) -> subprocess.CompletedProcess:
+    """tests/setup-system.sh from another directory, as this user or (runuser) as another without sudo."""
+    cmd = ["runuser", "-u", user[0], "--", "env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"] if user else []
+    return subprocess.run(
+        [*cmd, str(SETUP_SCRIPT)], check=False, capture_output=True, text=True, timeout=900, cwd="/"
+    )
+
+
+def test_system_setup_installs_what_the_tests_need_then_only_looks() -> None:
+    packages = setup_packages()
+    qt_for_napari = ["libgl1", "libegl1", "libxkbcommon-x11-0", "libxcb-cursor0", "libxcb-icccm4", "libxcb-keysyms1",
+                     "libxcb-image0", "libxcb-render-util0", "libxcb-xinerama0", "libxcb-shape0", "libdbus-1-3",
+                     "libfontconfig1"]  # fmt: skip
+    assert {"chromium", "chromium-driver", "xvfb", "xauth", *qt_for_napari} <= set(packages), packages
+    first = run_setup()
+    assert first.returncode == 0, first.stderr
+    second = run_setup()  # everything is there now: it only looks
+    assert second.returncode == 0, second.stderr
+    assert "installing" not in second.stderr and "starting SLURM" not in second.stderr, second.stderr
+    assert f"ready: {len(packages)} Debian packages present (0 installed now), SLURM up" in second.stderr
+    status = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\\n", *packages],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert sorted(status.split("\n")[:-1]) == sorted(f"{p} installed" for p in packages), status
+    for program in ("chromium", "chromedriver", "Xvfb", "xvfb-run", "sbatch"):
+        assert shutil.which(program), program
+    slurm_up()
+    if os.geteuid() == 0:  # CI runs as root; a user who cannot become root needs no root when all is there
+        nobody = run_setup("nobody")
+        assert nobody.returncode == 0 and "(0 installed now)" in nobody.stderr, nobody.stderr
