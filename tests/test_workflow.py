@@ -372,16 +372,9 @@ def test_shipped_config_is_the_demo(shipped: Path) -> None:
                       "heatmaps": 3, "report": 1}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda c: c["datasets"]["c16"].update(tiles={"tile_sise": 64}), "'tile_sise' was unexpected"),
-        (lambda c: c["datasets"]["c16"].pop("model"), "'model' is a required property"),
-        (lambda c: c.update(methods=["original", "smooth"]), "'smooth' is not one of"),
-        (lambda c: c["datasets"]["c16"].update(slides="sheets/missing.tsv"), "sheets/missing.tsv not found"),
-    ],
-)  # fmt: skip
-def test_config_errors_name_the_key(tmp_path: Path, slides_dir: Path, edit, message: str) -> None:
+@pytest.fixture
+def sheet_dataset(tmp_path: Path, slides_dir: Path) -> Path:
+    """A working directory with one valid sample-sheet dataset c16: cmu (eval) and cmu_pyramid (train)."""
     write_sheet(tmp_path / "sheets" / "c16.tsv", [
         {"slide_id": "cmu", "path": str(slides_dir / "CMU-1-Small-Region.svs"), "split": "eval"},
         {"slide_id": "cmu_pyramid", "path": str(slides_dir / "CMU-1-Small-Region-pyramid.tiff"), "split": "train"},
@@ -391,8 +384,31 @@ def test_config_errors_name_the_key(tmp_path: Path, slides_dir: Path, edit, mess
         tiny_config({"c16": {"slides": "sheets/c16.tsv", "model": {"arch": "resnet18", "num_classes": 2}}}),
     )
     assert len(planned_jobs(tmp_path)) == 2 + 1 + 4 + 1 + 1  # valid as written
-    edit_config(tmp_path, edit)
-    result = snakemake(tmp_path, "--dry-run", check=False)
+    return tmp_path
+
+
+def error_line(result: subprocess.CompletedProcess, *parts: str) -> str:
+    """The one output line that holds every part (the dry run failed, and without a traceback)."""
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in out.splitlines() if all(part in line for part in parts)]
+    assert len(lines) == 1, (parts, out[-3000:])
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["datasets"]["c16"].update(tiles={"tile_sise": 64}), "'tile_sise' was unexpected"),
+        (lambda c: c["datasets"]["c16"].pop("model"), "'model' is a required property"),
+        (lambda c: c.update(methods=["original", "smooth"]), "'smooth' is not one of"),
+        (lambda c: c["datasets"]["c16"].update(slides="sheets/missing.tsv"), "sheets/missing.tsv not found"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_key(sheet_dataset: Path, edit, message: str) -> None:
+    edit_config(sheet_dataset, edit)
+    result = snakemake(sheet_dataset, "--dry-run", check=False)
     assert result.returncode != 0 and message in result.stdout + result.stderr
 
 
@@ -423,6 +439,160 @@ def test_glob_dataset_finds_slides_and_annotations(tmp_path: Path, slides_dir: P
     commands = snakemake(tmp_path, "--dry-run", "--printshellcmds").stdout
     tiles = [line for line in commands.splitlines() if line.startswith("Shell command: smoothsal tiles")]
     assert len(tiles) == 2 and sum("--annotations slides/b.xml" in line for line in tiles) == 1
+
+
+# --- what the dry run catches (each with one line naming the key or file and the fix) -------------------
+
+
+def test_tiles_level_reads_that_level_unresized(sheet_dataset: Path) -> None:
+    """`tiles: {level: 0}` runs: no schema default target_mpp rides along (the CLI refuses both)."""
+    edit_config(
+        sheet_dataset,
+        lambda c: c["datasets"]["c16"].update(tiles={"tile_size": 64, "level": 0, "max_tiles": 2}),
+    )
+    commands = snakemake(sheet_dataset, "--dry-run", "--printshellcmds").stdout
+    tiles = [line for line in commands.splitlines() if line.startswith("Shell command: smoothsal tiles")]
+    assert len(tiles) == 2 and all("--level 0" in t and "--target-mpp" not in t for t in tiles), tiles
+    snakemake(sheet_dataset, "--cores", "1", "results/c16/tiles/cmu.parquet")  # the real job
+    table = pd.read_parquet(sheet_dataset / "results" / "c16" / "tiles" / "cmu.parquet")
+    assert len(table) == 2 and (table["level"] == 0).all()
+    assert (
+        (table["w"] == 64).all() and (table["h"] == 64).all() and (table["mpp"] == table["slide_mpp"]).all()
+    )
+
+
+def c16(**settings):
+    return lambda c: c["datasets"]["c16"].update(settings)
+
+
+def c16_model(**settings):
+    return lambda c: c["datasets"]["c16"]["model"].update(settings)
+
+
+@pytest.mark.parametrize(
+    ("edit", "parts"),
+    [
+        pytest.param(c16(tiles={"level": 0, "target_mpp": 1.0}),
+                     ["dataset c16: tiles has both level (0) and target_mpp (1.0); keep one"], id="level-and-target_mpp"),
+        pytest.param(c16(exclude=["cmu_pyramd"]),
+                     ["dataset c16: exclude lists slide ids that are not in sheets/c16.tsv: 'cmu_pyramd'",
+                      "(did you mean 'cmu_pyramid'?); fix or remove them"], id="exclude-misspelt"),
+        pytest.param(c16(train_slides=["cmu"]),
+                     ["dataset c16: train_slides is for glob datasets", "sheets/c16.tsv is a sample sheet",
+                      "split column"], id="train_slides-in-sheet-dataset"),
+        pytest.param(c16(annotations="sheets/{slide}.xml"),
+                     ["dataset c16: annotations is for glob datasets", "annotation column"],
+                     id="annotations-in-sheet-dataset"),
+        pytest.param(c16_model(arch="resnet19"),
+                     ["dataset c16: model.arch 'resnet19' is unknown; use one of", "resnet18", "unet_resnet34"],
+                     id="arch-unknown"),
+        pytest.param(lambda c: c.update(layers=["layer1", "layer5"]),
+                     ["config layers (dataset c16, arch resnet18): unknown layer 'layer5'", "'blocks'"],
+                     id="layer-unknown"),
+        pytest.param(lambda c: c.update(layers=["encoder.layer1"]),  # a FlexibleUNet name, not a ResNet's
+                     ["config layers (dataset c16, arch resnet18): unknown layer 'encoder.layer1'"],
+                     id="layer-of-another-arch"),
+        pytest.param(c16(class_map="Tumor"),
+                     ["dataset c16 (class_map 'Tumor')", "cannot read 'Tumor'", "NAME=ID"], id="class_map-malformed"),
+    ],
+)  # fmt: skip
+def test_dry_run_stops_with_one_line(sheet_dataset: Path, edit, parts: list[str]) -> None:
+    edit_config(sheet_dataset, edit)
+    error_line(snakemake(sheet_dataset, "--dry-run", check=False), *parts)
+
+
+def test_layers_are_checked_against_each_datasets_arch(sheet_dataset: Path) -> None:
+    """Layer names resolve per dataset: FlexibleUNet's names pass for a unet dataset, not for a ResNet one."""
+    unet = {"slides": "sheets/c16.tsv", "model": {"arch": "unet_resnet34", "num_classes": 3}}
+    edit_config(
+        sheet_dataset,
+        lambda c: c.update(layers=["encoder.layer1.0", "layer2", "blocks"]) or c["datasets"].update(c16=unet),
+    )
+    assert len(planned_jobs(sheet_dataset)) == 2 + 1 + 4 + 1 + 1
+    resnet = {"slides": "sheets/c16.tsv", "model": {"arch": "resnet18", "num_classes": 2}}
+    edit_config(sheet_dataset, lambda c: c["datasets"].update(r18=resnet))
+    error_line(snakemake(sheet_dataset, "--dry-run", check=False),
+               "config layers (dataset r18, arch resnet18): unknown layer 'encoder.layer1.0'")  # fmt: skip
+
+
+def test_yaml_syntax_error_names_its_line(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(
+        "datasets:\n  c16:\n    slides: s.tsv\n    model: {arch: resnet18, num_classes: 2\n    tiles: {level: 0}\n"
+    )
+    error_line(snakemake(tmp_path, "--dry-run", check=False),
+               "config.yaml line 5, column 10: expected ',' or '}', but got ':'",
+               "(while parsing a flow mapping that starts at line 4); fix the YAML there")  # fmt: skip
+
+
+@pytest.fixture
+def glob_dataset(tmp_path: Path, slides_dir: Path) -> Path:
+    """A glob dataset g over slides/{a,b,-rf}.svs (b annotated), train_slides [a]: valid once -rf is excluded."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a", "b", "-rf"):
+        (folder / f"{name}.svs").symlink_to(slides_dir / "CMU-1-Small-Region.svs")
+    shutil.copy(slides_dir.parent / "annotations" / "tumor_081.xml", folder / "b.xml")
+    dataset = {"slides": "slides/*.svs", "annotations": "slides/{slide}.xml", "train_slides": ["a"],
+               "model": {"arch": "resnet18", "num_classes": 2}}  # fmt: skip
+    write_config(tmp_path, tiny_config({"g": dataset}))
+    return tmp_path
+
+
+def test_glob_slide_ids_pass_the_sample_sheet_id_check(glob_dataset: Path, slides_dir: Path) -> None:
+    """A file named -rf.svs would give `--slide-id -rf`: glob ids meet the sheets' id pattern, or are excluded."""
+    error_line(snakemake(glob_dataset, "--dry-run", check=False),
+               "dataset g: slide file slides/-rf.svs gives slide id '-rf', which is not a valid id",
+               "rename the file, add '-rf' to exclude")  # fmt: skip
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf"]))
+    assert planned_jobs(glob_dataset) == {job("tiles", dataset="g", slide="a"), job("train_surrogate", dataset="g"),
+                                          job("report")} | slide_jobs("g", "b")  # fmt: skip
+
+
+def test_glob_dataset_lists_name_existing_slides(glob_dataset: Path) -> None:
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf"], train_slides=["a", "c"]))
+    error_line(
+        snakemake(glob_dataset, "--dry-run", check=False),
+        "dataset g: train_slides lists slide ids that are not in slides/*.svs: 'c'; fix or remove them",
+    )
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf", "bb"], train_slides=["a"]))
+    error_line(
+        snakemake(glob_dataset, "--dry-run", check=False),
+        "dataset g: exclude lists slide ids that are not in slides/*.svs: 'bb' (did you mean 'b'?)",
+    )
+
+
+def test_slide_paths_starting_with_a_dash_are_not_options(sheet_dataset: Path, slides_dir: Path) -> None:
+    (sheet_dataset / "-dash.svs").symlink_to(slides_dir / "CMU-1-Small-Region.svs")
+    add_rows(sheet_dataset / "sheets" / "c16.tsv", [{"slide_id": "dash", "path": "-dash.svs"}])
+    commands = snakemake(sheet_dataset, "--dry-run", "--printshellcmds").stdout
+    assert "Shell command: smoothsal tiles ./-dash.svs --slide-id dash" in commands
+
+
+def test_class_map_must_cover_the_annotation_classes(glob_dataset: Path) -> None:
+    """tumor_081.xml has the groups _0 and None: a map without them fails the dry run, naming the file."""
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf"], class_map="Tumor=1"))
+    error_line(
+        snakemake(glob_dataset, "--dry-run", check=False),
+        "dataset g (class_map 'Tumor=1'): slides/b.xml: annotation class",
+        "has no class id",
+    )
+
+
+def test_smoothsal_checks_are_redone_when_what_they_read_changes(glob_dataset: Path) -> None:
+    """Passed checks are remembered (no torch import on the next dry run), but never hide a new mistake."""
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf"]))
+    snakemake(glob_dataset, "--dry-run")
+    snakemake(glob_dataset, "--dry-run")
+    edit_config(glob_dataset, lambda c: c.update(layers=["layer1", "layer9"]))
+    error_line(snakemake(glob_dataset, "--dry-run", check=False), "unknown layer 'layer9'")
+    edit_config(glob_dataset, lambda c: c.update(layers=LAYERS))
+    snakemake(glob_dataset, "--dry-run")
+    annotation = glob_dataset / "slides" / "b.xml"
+    annotation.write_text(annotation.read_text().replace('PartOfGroup="_0"', 'PartOfGroup="Mystery"'))
+    error_line(
+        snakemake(glob_dataset, "--dry-run", check=False),
+        "slides/b.xml: annotation class 'Mystery' has no class id",
+    )
 
 
 # --- SLURM ---------------------------------------------------------------------------------------------
