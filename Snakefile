@@ -2,16 +2,14 @@
 
 slides ─tiles─▶ tile tables ─train_surrogate─▶ surrogate ─saliency (per slide × method)─▶ maps + tables
        ─heatmaps (per slide)─▶ OME-Zarr containers ─report─▶ results/report/
-Configuration: config.yaml (validated by workflow/schemas/config.schema.yaml). Profiles:
+Configuration: config.yaml (read and checked in workflow/rules/common.smk against
+workflow/schemas/config.schema.yaml and the installed smoothsal's registries). Profiles:
 --workflow-profile workflow/profiles/default (local) or workflow/profiles/slurm.
 """
 
 from snakemake.utils import min_version
 
 min_version("9.0")
-
-
-configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
 PROFILES = ROOT / "workflow" / "profiles"
 SLURM_SCRIPT = ROOT / "workflow" / "scripts" / "slurm-localhost.sh"
+SETUP_SCRIPT = ROOT / "tests" / "setup-system.sh"
 METHODS = ["original", "surrogate", "backward_hook", "forward_hook"]
 ATTRIBUTIONS = ["gradient", "deeplift"]
 LAYERS = ["layer1", "layer2", "layer3"]
@@ -389,16 +390,9 @@ def test_shipped_config_is_the_demo(shipped: Path) -> None:
                       "heatmaps": 3, "report": 1}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda c: c["datasets"]["c16"].update(tiles={"tile_sise": 64}), "'tile_sise' was unexpected"),
-        (lambda c: c["datasets"]["c16"].pop("model"), "'model' is a required property"),
-        (lambda c: c.update(methods=["original", "smooth"]), "'smooth' is not one of"),
-        (lambda c: c["datasets"]["c16"].update(slides="sheets/missing.tsv"), "sheets/missing.tsv not found"),
-    ],
-)  # fmt: skip
-def test_config_errors_name_the_key(tmp_path: Path, slides_dir: Path, edit, message: str) -> None:
+@pytest.fixture
+def sheet_dataset(tmp_path: Path, slides_dir: Path) -> Path:
+    """A working directory with one valid sample-sheet dataset c16: cmu (eval) and cmu_pyramid (train)."""
     write_sheet(tmp_path / "sheets" / "c16.tsv", [
         {"slide_id": "cmu", "path": str(slides_dir / "CMU-1-Small-Region.svs"), "split": "eval"},
         {"slide_id": "cmu_pyramid", "path": str(slides_dir / "CMU-1-Small-Region-pyramid.tiff"), "split": "train"},
@@ -408,8 +402,31 @@ def test_config_errors_name_the_key(tmp_path: Path, slides_dir: Path, edit, mess
         tiny_config({"c16": {"slides": "sheets/c16.tsv", "model": {"arch": "resnet18", "num_classes": 2}}}),
     )
     assert len(planned_jobs(tmp_path)) == 2 + 1 + 4 + 1 + 1  # valid as written
-    edit_config(tmp_path, edit)
-    result = snakemake(tmp_path, "--dry-run", check=False)
+    return tmp_path
+
+
+def error_line(result: subprocess.CompletedProcess, *parts: str) -> str:
+    """The one output line that holds every part (the dry run failed, and without a traceback)."""
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in out.splitlines() if all(part in line for part in parts)]
+    assert len(lines) == 1, (parts, out[-3000:])
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["datasets"]["c16"].update(tiles={"tile_sise": 64}), "'tile_sise' was unexpected"),
+        (lambda c: c["datasets"]["c16"].pop("model"), "'model' is a required property"),
+        (lambda c: c.update(methods=["original", "smooth"]), "'smooth' is not one of"),
+        (lambda c: c["datasets"]["c16"].update(slides="sheets/missing.tsv"), "sheets/missing.tsv not found"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_key(sheet_dataset: Path, edit, message: str) -> None:
+    edit_config(sheet_dataset, edit)
+    result = snakemake(sheet_dataset, "--dry-run", check=False)
     assert result.returncode != 0 and message in result.stdout + result.stderr
 
 
@@ -442,12 +459,166 @@ def test_glob_dataset_finds_slides_and_annotations(tmp_path: Path, slides_dir: P
     assert len(tiles) == 2 and sum("--annotations slides/b.xml" in line for line in tiles) == 1
 
 
+# --- what the dry run catches (each with one line naming the key or file and the fix) -------------------
+
+
+def test_tiles_level_reads_that_level_unresized(sheet_dataset: Path) -> None:
+    """`tiles: {level: 0}` runs: no schema default target_mpp rides along (the CLI refuses both)."""
+    edit_config(
+        sheet_dataset,
+        lambda c: c["datasets"]["c16"].update(tiles={"tile_size": 64, "level": 0, "max_tiles": 2}),
+    )
+    commands = snakemake(sheet_dataset, "--dry-run", "--printshellcmds").stdout
+    tiles = [line for line in commands.splitlines() if line.startswith("Shell command: smoothsal tiles")]
+    assert len(tiles) == 2 and all("--level 0" in t and "--target-mpp" not in t for t in tiles), tiles
+    snakemake(sheet_dataset, "--cores", "1", "results/c16/tiles/cmu.parquet")  # the real job
+    table = pd.read_parquet(sheet_dataset / "results" / "c16" / "tiles" / "cmu.parquet")
+    assert len(table) == 2 and (table["level"] == 0).all()
+    assert (
+        (table["w"] == 64).all() and (table["h"] == 64).all() and (table["mpp"] == table["slide_mpp"]).all()
+    )
+
+
+def c16(**settings):
+    return lambda c: c["datasets"]["c16"].update(settings)
+
+
+def c16_model(**settings):
+    return lambda c: c["datasets"]["c16"]["model"].update(settings)
+
+
+@pytest.mark.parametrize(
+    ("edit", "parts"),
+    [
+        pytest.param(c16(tiles={"level": 0, "target_mpp": 1.0}),
+                     ["dataset c16: tiles has both level (0) and target_mpp (1.0); keep one"], id="level-and-target_mpp"),
+        pytest.param(c16(exclude=["cmu_pyramd"]),
+                     ["dataset c16: exclude lists slide ids that are not in sheets/c16.tsv: 'cmu_pyramd'",
+                      "(did you mean 'cmu_pyramid'?); fix or remove them"], id="exclude-misspelt"),
+        pytest.param(c16(train_slides=["cmu"]),
+                     ["dataset c16: train_slides is for glob datasets", "sheets/c16.tsv is a sample sheet",
+                      "split column"], id="train_slides-in-sheet-dataset"),
+        pytest.param(c16(annotations="sheets/{slide}.xml"),
+                     ["dataset c16: annotations is for glob datasets", "annotation column"],
+                     id="annotations-in-sheet-dataset"),
+        pytest.param(c16_model(arch="resnet19"),
+                     ["dataset c16: model.arch 'resnet19' is unknown; use one of", "resnet18", "unet_resnet34"],
+                     id="arch-unknown"),
+        pytest.param(lambda c: c.update(layers=["layer1", "layer5"]),
+                     ["config layers (dataset c16, arch resnet18): unknown layer 'layer5'", "'blocks'"],
+                     id="layer-unknown"),
+        pytest.param(lambda c: c.update(layers=["encoder.layer1"]),  # a FlexibleUNet name, not a ResNet's
+                     ["config layers (dataset c16, arch resnet18): unknown layer 'encoder.layer1'"],
+                     id="layer-of-another-arch"),
+        pytest.param(c16(class_map="Tumor"),
+                     ["dataset c16 (class_map 'Tumor')", "cannot read 'Tumor'", "NAME=ID"], id="class_map-malformed"),
+    ],
+)  # fmt: skip
+def test_dry_run_stops_with_one_line(sheet_dataset: Path, edit, parts: list[str]) -> None:
+    edit_config(sheet_dataset, edit)
+    error_line(snakemake(sheet_dataset, "--dry-run", check=False), *parts)
+
+
+def test_layers_are_checked_against_each_datasets_arch(sheet_dataset: Path) -> None:
+    """Layer names resolve per dataset: FlexibleUNet's names pass for a unet dataset, not for a ResNet one."""
+    unet = {"slides": "sheets/c16.tsv", "model": {"arch": "unet_resnet34", "num_classes": 3}}
+    edit_config(
+        sheet_dataset,
+        lambda c: c.update(layers=["encoder.layer1.0", "layer2", "blocks"]) or c["datasets"].update(c16=unet),
+    )
+    assert len(planned_jobs(sheet_dataset)) == 2 + 1 + 4 + 1 + 1
+    resnet = {"slides": "sheets/c16.tsv", "model": {"arch": "resnet18", "num_classes": 2}}
+    edit_config(sheet_dataset, lambda c: c["datasets"].update(r18=resnet))
+    error_line(snakemake(sheet_dataset, "--dry-run", check=False),
+               "config layers (dataset r18, arch resnet18): unknown layer 'encoder.layer1.0'")  # fmt: skip
+
+
+def test_yaml_syntax_error_names_its_line(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(
+        "datasets:\n  c16:\n    slides: s.tsv\n    model: {arch: resnet18, num_classes: 2\n    tiles: {level: 0}\n"
+    )
+    error_line(snakemake(tmp_path, "--dry-run", check=False),
+               "config.yaml line 5, column 10: expected ',' or '}', but got ':'",
+               "(while parsing a flow mapping that starts at line 4); fix the YAML there")  # fmt: skip
+
+
+@pytest.fixture
+def glob_dataset(tmp_path: Path, slides_dir: Path) -> Path:
+    """A glob dataset g over slides/{a,b,-rf}.svs (b annotated), train_slides [a]: valid once -rf is excluded."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a", "b", "-rf"):
+        (folder / f"{name}.svs").symlink_to(slides_dir / "CMU-1-Small-Region.svs")
+    shutil.copy(slides_dir.parent / "annotations" / "tumor_081.xml", folder / "b.xml")
+    dataset = {"slides": "slides/*.svs", "annotations": "slides/{slide}.xml", "train_slides": ["a"],
+               "model": {"arch": "resnet18", "num_classes": 2}}  # fmt: skip
+    write_config(tmp_path, tiny_config({"g": dataset}))
+    return tmp_path
+
+
+def test_glob_slide_ids_pass_the_sample_sheet_id_check(glob_dataset: Path, slides_dir: Path) -> None:
+    """A file named -rf.svs would give `--slide-id -rf`: glob ids meet the sheets' id pattern, or are excluded."""
+    error_line(snakemake(glob_dataset, "--dry-run", check=False),
+               "dataset g: slide file slides/-rf.svs gives slide id '-rf', which is not a valid id",
+               "rename the file, add '-rf' to exclude")  # fmt: skip
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf"]))
+    assert planned_jobs(glob_dataset) == {job("tiles", dataset="g", slide="a"), job("train_surrogate", dataset="g"),
+                                          job("report")} | slide_jobs("g", "b")  # fmt: skip
+
+
+def test_glob_dataset_lists_name_existing_slides(glob_dataset: Path) -> None:
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf"], train_slides=["a", "c"]))
+    error_line(
+        snakemake(glob_dataset, "--dry-run", check=False),
+        "dataset g: train_slides lists slide ids that are not in slides/*.svs: 'c'; fix or remove them",
+    )
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf", "bb"], train_slides=["a"]))
+    error_line(
+        snakemake(glob_dataset, "--dry-run", check=False),
+        "dataset g: exclude lists slide ids that are not in slides/*.svs: 'bb' (did you mean 'b'?)",
+    )
+
+
+def test_slide_paths_starting_with_a_dash_are_not_options(sheet_dataset: Path, slides_dir: Path) -> None:
+    (sheet_dataset / "-dash.svs").symlink_to(slides_dir / "CMU-1-Small-Region.svs")
+    add_rows(sheet_dataset / "sheets" / "c16.tsv", [{"slide_id": "dash", "path": "-dash.svs"}])
+    commands = snakemake(sheet_dataset, "--dry-run", "--printshellcmds").stdout
+    assert "Shell command: smoothsal tiles ./-dash.svs --slide-id dash" in commands
+
+
+def test_class_map_must_cover_the_annotation_classes(glob_dataset: Path) -> None:
+    """tumor_081.xml has the groups _0 and None: a map without them fails the dry run, naming the file."""
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf"], class_map="Tumor=1"))
+    error_line(
+        snakemake(glob_dataset, "--dry-run", check=False),
+        "dataset g (class_map 'Tumor=1'): slides/b.xml: annotation class",
+        "has no class id",
+    )
+
+
+def test_smoothsal_checks_are_redone_when_what_they_read_changes(glob_dataset: Path) -> None:
+    """Passed checks are remembered (no torch import on the next dry run), but never hide a new mistake."""
+    edit_config(glob_dataset, lambda c: c["datasets"]["g"].update(exclude=["-rf"]))
+    snakemake(glob_dataset, "--dry-run")
+    snakemake(glob_dataset, "--dry-run")
+    edit_config(glob_dataset, lambda c: c.update(layers=["layer1", "layer9"]))
+    error_line(snakemake(glob_dataset, "--dry-run", check=False), "unknown layer 'layer9'")
+    edit_config(glob_dataset, lambda c: c.update(layers=LAYERS))
+    snakemake(glob_dataset, "--dry-run")
+    annotation = glob_dataset / "slides" / "b.xml"
+    annotation.write_text(annotation.read_text().replace('PartOfGroup="_0"', 'PartOfGroup="Mystery"'))
+    error_line(
+        snakemake(glob_dataset, "--dry-run", check=False),
+        "slides/b.xml: annotation class 'Mystery' has no class id",
+    )
+
+
 # --- SLURM ---------------------------------------------------------------------------------------------
 
 
 def slurm_up() -> None:
-    """Fail (not skip) with the fix when no SLURM answers: CI starts one with workflow/scripts/slurm-localhost.sh."""
-    fix = f"start a single-node SLURM on localhost first: sudo {SLURM_SCRIPT.relative_to(ROOT)} up"
+    """Fail (not skip) with the fix when no SLURM answers: README's test command starts one (tests/setup-system.sh)."""
+    fix = f"start a single-node SLURM on localhost first: {SETUP_SCRIPT.relative_to(ROOT)} (root or sudo)"
     for cmd in (["sinfo", "-h", "-o", "%T"], ["sacct", "-n", "-X", "-S", "now-1minutes"]):
         try:
             result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
@@ -508,3 +679,63 @@ def test_slurm_runs_every_job_through_sbatch(tmp_path: Path, slides_dir: Path) -
                 tres,
                 j[tres],
             )
+
+
+# --- README's test command and its system setup ------------------------------------------------------
+
+
+def readme_test_command() -> str:
+    """The command in the sh block under README's "Run the tests"."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"Run the tests[^\n]*\n+```sh\n(.*?)\n```", readme, re.DOTALL)
+    assert block, "README has no sh block under 'Run the tests'"
+    return block.group(1).strip()
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """.ci/run is README's test command and nothing else; the command itself sets up the system first."""
+    command = readme_test_command()
+    assert command.startswith("tests/setup-system.sh && ") and command.endswith(" && pytest"), command
+    lines = [
+        line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert lines == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', command], lines
+    for script in (ROOT / ".ci" / "run", SETUP_SCRIPT):
+        assert os.access(script, os.X_OK), script
+
+
+def setup_packages() -> list[str]:
+    """The Debian package list of tests/setup-system.sh (its one place), as bash reads it."""
+    script = f'eval "$(sed -n "/^PACKAGES=(/,/^)/p" {SETUP_SCRIPT})"; printf "%s\\n" "${{PACKAGES[@]}}"'
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+
+
+def run_setup(*user: str) -> subprocess.CompletedProcess:
+    """tests/setup-system.sh from another directory, as this user or (runuser) as another without sudo."""
+    cmd = ["runuser", "-u", user[0], "--", "env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"] if user else []
+    return subprocess.run(
+        [*cmd, str(SETUP_SCRIPT)], check=False, capture_output=True, text=True, timeout=900, cwd="/"
+    )
+
+
+def test_system_setup_installs_what_the_tests_need_then_only_looks() -> None:
+    packages = setup_packages()
+    qt_for_napari = ["libgl1", "libegl1", "libxkbcommon-x11-0", "libxcb-cursor0", "libxcb-icccm4", "libxcb-keysyms1",
+                     "libxcb-image0", "libxcb-render-util0", "libxcb-xinerama0", "libxcb-shape0", "libdbus-1-3",
+                     "libfontconfig1"]  # fmt: skip
+    assert {"chromium", "chromium-driver", "xvfb", "xauth", *qt_for_napari} <= set(packages), packages
+    first = run_setup()
+    assert first.returncode == 0, first.stderr
+    second = run_setup()  # everything is there now: it only looks
+    assert second.returncode == 0, second.stderr
+    assert "installing" not in second.stderr and "starting SLURM" not in second.stderr, second.stderr
+    assert f"ready: {len(packages)} Debian packages present (0 installed now), SLURM up" in second.stderr
+    status = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\\n", *packages],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert sorted(status.split("\n")[:-1]) == sorted(f"{p} installed" for p in packages), status
+    for program in ("chromium", "chromedriver", "Xvfb", "xvfb-run", "sbatch"):
+        assert shutil.which(program), program
+    slurm_up()
+    if os.geteuid() == 0:  # CI runs as root; a user who cannot become root needs no root when all is there
+        nobody = run_setup("nobody")
+        assert nobody.returncode == 0 and "(0 installed now)" in nobody.stderr, nobody.stderr

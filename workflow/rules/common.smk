@@ -1,12 +1,20 @@
 """Configuration checks, slide discovery and input functions shared by every stage.
 
-Slides come per dataset from a sample sheet (TSV) or a glob; both are read afresh on every run, so new
-slides (rows or files) are picked up and only their jobs run. Everything that changes results goes
-into a rule's `params:` (with the smoothsal version), so changing it reruns what it affects.
+The config is read here and checked before anything runs, each mistake stopping the dry run with one line
+that names the key or file and the fix: YAML syntax (with its line), the schema, option combinations, slide
+ids in `exclude` / `train_slides` against the slides, and `arch`, `layers` and `class_map` as the installed
+smoothsal reads them (one model built per architecture). Slides come per dataset from a sample sheet (TSV)
+or a glob; both are read afresh on every run, so new slides (rows or files) are picked up and only their
+jobs run. Everything that changes results goes into a rule's `params:` (with the smoothsal version), so
+changing it reruns what it affects.
 """
 
+import difflib
 import glob
+import hashlib
 import importlib.metadata
+import importlib.util
+import json
 import os
 import re
 import shlex
@@ -15,8 +23,12 @@ from pathlib import Path
 
 import jsonschema
 import pandas as pd
+import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
+
+CONFIG_FILE = "config.yaml"
 
 
 def checked(data, schema, where):
@@ -34,6 +46,39 @@ def checked(data, schema, where):
         raise WorkflowError(f"{where}: {cause.message} (at {at}); see {schema}") from None
 
 
+def check_syntax(path):
+    """A YAML syntax error with its line and column (Snakemake's own message names neither).
+
+    Only the working directory's config.yaml: a --configfile is read by Snakemake before the workflow.
+    """
+    if not os.path.isfile(path):
+        return
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        json.loads(text)  # Snakemake reads JSON first, then YAML
+        return
+    except UnicodeDecodeError as err:
+        where = f"{err.reason} at byte {err.start}"
+        raise WorkflowError(f"{path}: not UTF-8 text ({where}); save it as UTF-8") from None
+    except ValueError:
+        pass
+    try:
+        yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark, context = err.problem_mark, err.context_mark
+        opened = f" ({err.context} that starts at line {context.line + 1})" if err.context and context else ""
+        raise WorkflowError(
+            f"{path} line {mark.line + 1}, column {mark.column + 1}: {err.problem}{opened}; fix the YAML "
+            "there (indent with spaces, a ':' after each key, close every bracket and quote)"
+        ) from None
+
+
+check_syntax(CONFIG_FILE)
+
+
+configfile: CONFIG_FILE
+
+
 checked(config, "../schemas/config.schema.yaml", "config")
 
 DATASETS = config["datasets"]
@@ -44,6 +89,9 @@ DEMO_SLIDES = {
     "digipath": [f"{s}.{ext}" for s in ("digi_001", "digi_002", "digi_003") for ext in ("tif", "geojson")],
 }  # fmt: skip
 SAMPLE_COLUMNS = ("slide_id", "path", "annotation", "split", "mpp")
+# The one definition of a valid slide id (it names output files): the sample sheet schema's, for globs too.
+with open(Path(workflow.basedir) / "workflow" / "schemas" / "samples.schema.yaml") as f:
+    SLIDE_ID = re.compile(yaml.safe_load(f)["properties"]["slide_id"]["pattern"])
 
 
 def smoothsal_version():
@@ -56,6 +104,42 @@ def smoothsal_version():
 
 
 VERSION = smoothsal_version()
+
+
+def is_sheet(settings):
+    return settings["slides"].endswith(".tsv")
+
+
+def check_settings(name, settings):
+    """What the schema cannot say: options that exclude each other, keys that only globs use."""
+    tiles, model = settings["tiles"], settings["model"]
+    if tiles["level"] is not None and tiles["target_mpp"] is not None:
+        raise WorkflowError(
+            f"dataset {name}: tiles has both level ({tiles['level']}) and target_mpp "
+            f"({tiles['target_mpp']}); keep one (level reads tiles at that pyramid level unresized, "
+            "target_mpp resamples them to that µm/px)"
+        )
+    if model["checkpoint"] and model["train"]:
+        raise WorkflowError(f"dataset {name}: model has both checkpoint and train; keep one")
+    sheet_column = {"train_slides": "split column (train)", "annotations": "annotation column"}
+    for key, column in sheet_column.items():
+        if is_sheet(settings) and settings[key]:
+            raise WorkflowError(
+                f"dataset {name}: {key} is for glob datasets, and {settings['slides']} is a sample sheet; "
+                f"remove {key} and use the sheet's {column}"
+            )
+
+
+def check_ids(name, key, ids, known, source):
+    """Every slide id listed under `key` names a slide of the dataset (a misspelt id would do nothing)."""
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        guess = {i: difflib.get_close_matches(i, known, n=1) for i in unknown}
+        hint = {i: f" (did you mean {guess[i][0]!r}?)" if guess[i] else "" for i in unknown}
+        listed = ", ".join(f"{i!r}{hint[i]}" for i in unknown)
+        raise WorkflowError(
+            f"dataset {name}: {key} lists slide ids that are not in {source}: {listed}; fix or remove them"
+        )
 
 
 def read_sample_sheet(name, path):
@@ -85,27 +169,50 @@ def glob_slides(name, settings):
         annotation = pattern.format(slide=slide_id) if pattern else ""
         split = "train" if slide_id in settings["train_slides"] else "eval"
         rows.append((slide_id, path, annotation if os.path.isfile(annotation) else "", split, ""))
-    return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+    table = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+    check_ids(name, "train_slides", settings["train_slides"], table["slide_id"].tolist(), settings["slides"])
+    return table
+
+
+def check_glob_ids(name, table):
+    """Ids from file names pass the sample sheets' id pattern (an id like `-rf` would read as an option)."""
+    for slide_id, path in zip(table["slide_id"], table["path"]):
+        if not SLIDE_ID.fullmatch(slide_id):
+            raise WorkflowError(
+                f"dataset {name}: slide file {path} gives slide id {slide_id!r}, which is not a valid id "
+                "(a letter or digit, then letters, digits, '.', '_' or '-'); rename the file, add "
+                f"{slide_id!r} to exclude, or list the slides in a sample sheet with valid slide_ids"
+            )
+
+
+def safe_path(path):
+    """A relative path that starts with '-' gets './' so that no command reads it as an option."""
+    return f"./{path}" if path.startswith("-") else path
 
 
 def read_slides(name, settings):
     """Slides of one dataset, indexed by slide id, without the excluded ones; checks ids and splits."""
+    check_settings(name, settings)
     source = settings["slides"]
-    table = read_sample_sheet(name, source) if source.endswith(".tsv") else glob_slides(name, settings)
+    table = read_sample_sheet(name, source) if is_sheet(settings) else glob_slides(name, settings)
     duplicated = table["slide_id"][table["slide_id"].duplicated()].tolist()
     if duplicated:
         raise WorkflowError(f"dataset {name}: slide ids occur more than once in {source}: {duplicated}")
+    check_ids(name, "exclude", settings["exclude"], table["slide_id"].tolist(), source)
+    table = table[~table["slide_id"].isin(settings["exclude"])].copy()
+    if not is_sheet(settings):
+        check_glob_ids(name, table)
+    table["path"] = table["path"].map(safe_path)
+    table["annotation"] = table["annotation"].map(safe_path)
     table["split"] = table["split"].replace("", "eval")
     mpp = pd.to_numeric(table["mpp"].mask(table["mpp"] == ""))  # empty: the dataset's mpp, else the file's
     table["mpp"] = mpp if settings["mpp"] is None else mpp.fillna(settings["mpp"])
-    table = table[~table["slide_id"].isin(settings["exclude"])].set_index("slide_id", drop=False)
+    table = table.set_index("slide_id", drop=False)
     model = settings["model"]
-    if model["checkpoint"] and model["train"]:
-        raise WorkflowError(f"dataset {name}: model has both checkpoint and train; keep one")
     needs_train = model["train"] or "surrogate" in METHODS
     if needs_train and not (table["split"] == "train").any():
         what = "model" if model["train"] else "surrogate"
-        how = "split=train rows in" if source.endswith(".tsv") else "train_slides for the slides of"
+        how = "split=train rows in" if is_sheet(settings) else "train_slides for the slides of"
         raise WorkflowError(
             f"dataset {name}: no slide in the train split, which trains the {what}; add {how} {source}"
         )
@@ -118,11 +225,111 @@ def read_slides(name, settings):
     return table
 
 
+def annotation_readers():
+    """The installed smoothsal's class-map parser and annotation reader (their module moves in issue 13)."""
+    try:
+        from smoothsal.annotations import parse_class_map, read_annotations
+    except ImportError:
+        from smoothsal.slides import parse_class_map, read_annotations
+    return parse_class_map, read_annotations
+
+
+def build_model(smoothsal, arch, num_classes):
+    """A model of `arch` for its layer names: on the meta device (no weights; fast), else on the CPU."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return smoothsal.load_model(arch, num_classes=num_classes)
+    except Exception:  # only a shortcut: the CPU build below is what the jobs do, and raises what they would
+        return smoothsal.load_model(arch, num_classes=num_classes)
+
+
+def check_dataset(smoothsal, name, ds, slides, models):
+    """One dataset's `arch`, `layers` and `class_map` (with its annotation files) as its jobs read them."""
+    arch = ds["model"]["arch"]
+    if arch not in smoothsal.ARCHITECTURES:
+        raise WorkflowError(
+            f"dataset {name}: model.arch {arch!r} is unknown; use one of {', '.join(smoothsal.ARCHITECTURES)}"
+        )
+    if arch not in models:  # layer names depend on the architecture only: one model per arch
+        models[arch] = build_model(smoothsal, arch, ds["model"]["num_classes"])
+    try:
+        smoothsal.resolve_layers(models[arch], config["layers"])
+    except ValueError as err:
+        raise WorkflowError(f"config layers (dataset {name}, arch {arch}): {err}") from None
+    parse_class_map, read_annotations = annotation_readers()
+    try:
+        mapping = None if ds["class_map"] is None else parse_class_map(ds["class_map"])
+        for path in filter(os.path.isfile, slides["annotation"]):
+            read_annotations(path, mapping)
+    except ValueError as err:
+        raise WorkflowError(f"dataset {name} (class_map {ds['class_map']!r}): {err}") from None
+
+
+CHECKED = Path(".snakemake") / "smoothsal-checked.json"  # keys of dataset checks that passed, newest last
+
+
+def check_key(name, ds, slides):
+    """What a dataset's smoothsal check depends on: the installed package's files, the settings, and the
+    annotation files (size, mtime). An unchanged key skips the check, and with it importing torch."""
+    spec = importlib.util.find_spec("smoothsal")  # finds, does not import
+    root = Path(next(iter(spec.submodule_search_locations))) if spec else None
+    package = max((p.stat().st_mtime_ns for p in root.rglob("*.py")), default=0) if root else None
+    stats = {p: os.stat(p) for p in filter(os.path.isfile, slides["annotation"])}
+    files = [(p, st.st_size, st.st_mtime_ns) for p, st in stats.items()]
+    settings = [ds["model"]["arch"], config["layers"], ds["class_map"]]
+    key = json.dumps([VERSION, str(root), package, settings, files], default=str)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def read_checked():
+    try:
+        return json.loads(CHECKED.read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def write_checked(keys):
+    """Remember passed checks (at most 256); where .snakemake/ is not writable, they just run again."""
+    partial = CHECKED.with_name(f".{CHECKED.name}.{os.getpid()}")
+    try:
+        CHECKED.parent.mkdir(exist_ok=True)
+        partial.write_text(json.dumps(keys[-256:]))
+        partial.replace(CHECKED)
+    except OSError:
+        partial.unlink(missing_ok=True)
+
+
+def check_with_smoothsal(slides):
+    """`arch`, `layers` and `class_map` by the installed smoothsal: its architecture registry, the layer
+    names of one model per architecture, its class-map parser on every annotation file that exists. Only in
+    the run that plans the jobs (cluster jobs re-read this file), and only what changed since it passed."""
+    if not workflow.is_main_process:
+        return
+    checked_keys = read_checked()
+    keys = {name: check_key(name, ds, slides[name]) for name, ds in DATASETS.items()}
+    todo = [name for name, key in keys.items() if key not in checked_keys]
+    if not todo:
+        return
+    try:
+        import smoothsal
+    except ImportError as err:
+        logger.warning(f"smoothsal is not importable here ({err}): arch, layers and class_map are checked by "
+                       "the jobs only")  # fmt: skip
+        return
+    models = {}
+    for name in todo:
+        check_dataset(smoothsal, name, DATASETS[name], slides[name], models)
+    write_checked([k for k in checked_keys if k not in keys.values()] + list(dict.fromkeys(keys.values())))
+
+
 SLIDES = {name: read_slides(name, settings) for name, settings in DATASETS.items()}
 if not any((table["split"] == "eval").any() for table in SLIDES.values()):
     raise WorkflowError(
         "no dataset has a slide in the eval split (saliency runs on those): mark some split=eval"
     )
+check_with_smoothsal(SLIDES)
 
 
 wildcard_constraints:
