@@ -226,11 +226,9 @@ def read_slides(name, settings):
 
 
 def annotation_readers():
-    """The installed smoothsal's class-map parser and annotation reader (their module moves in issue 13)."""
-    try:
-        from smoothsal.annotations import parse_class_map, read_annotations
-    except ImportError:
-        from smoothsal.slides import parse_class_map, read_annotations
+    """The installed smoothsal's class-map parser and annotation reader."""
+    from smoothsal.annotations import parse_class_map, read_annotations
+
     return parse_class_map, read_annotations
 
 
