@@ -177,6 +177,10 @@ def test_the_config_schemas_defaults_are_the_settings_defaults():
         for k in ("mask_mpp", "min_saturation", "closing_um", "min_object_um2", "min_hole_um2")
     }
     tiles |= {"label_threshold": default(tiling.LabelSettings, "threshold")}
+    # target_mpp and level exclude each other: the schema leaves target_mpp null so that `level` alone
+    # works, and the rule passes neither flag then, so the command's own default applies
+    assert tiles.pop("target_mpp") == 0.5
+    tiles["target_mpp"] = None
     assert defaults(dataset["tiles"]) == tiles
     assert defaults(dataset["surrogate"]) == {
         k: default(surrogate.TrainSettings, k) for k in ("epochs", "batch_size", "lr", "seed", "amp")
