@@ -34,7 +34,6 @@ from skimage.transform import downscale_local_mean
 
 from smoothsal import viewer
 from smoothsal.errors import BadOutput, BadStore
-from smoothsal.napari import napari_layers
 
 SLIDE_MPP = 0.5
 SLIDE_PX = (4096, 3072)  # level-0 W, H → 2048 × 1536 µm
@@ -589,25 +588,6 @@ def test_export_replaces_an_earlier_export_only(container: Path, tmp_path: Path)
     with pytest.raises(BadOutput, match="not an earlier export"):
         viewer.export(container, other, progress=False)
     assert (other / "notes.txt").read_text() == "mine"
-
-
-def test_napari_layers_and_message_without_napari(cli, container: Path) -> None:
-    layers = napari_layers(container)
-    assert [layer.name for layer in layers][:2] == ["tissue", "original / gradient / layer1"]
-    tissue, first = layers[0], layers[1]
-    assert tissue.rgb and tissue.data[0].shape == (768, 1024, 3) and tissue.scale == (2.0, 2.0)
-    assert tissue.translate == (1.0, 1.0)  # pixel centres, as NGFF and napari place them
-    assert first.data[0].shape == (768, 1024) and first.scale == (2.0, 2.0) and len(first.data) == 3
-    assert first.visible and not any(layer.visible for layer in layers[2:])
-    lo, hi = first.contrast_limits
-    assert 0 <= lo < hi <= 1.02
-    try:
-        import napari  # noqa: F401
-    except ImportError:
-        err = cli("view", container, "--napari", expect=1).err
-        assert (
-            "napari is not installed" in err and "pip install" in err and len(err.strip().splitlines()) == 1
-        )
 
 
 def test_bad_containers_fail_with_one_line(cli, tmp_path: Path) -> None:
