@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from ngff import assert_valid_ngff
 from ome_zarr.format import FormatV04
 from ome_zarr.writer import write_multiscales_metadata
 from PIL import Image
@@ -147,6 +148,7 @@ def write_container(
             {"class": 1, "name": "Tumor", "vertices": [[x / SLIDE_MPP, y / SLIDE_MPP] for x, y in square]}
         ],
     }
+    assert_valid_ngff(path)
     return path
 
 
@@ -543,6 +545,7 @@ def test_whole_slide_container_opens_without_reading_whole_levels(
                        "attribution": "gradient", "layer": "layer1"})  # fmt: skip
     root["tissue/0"][:, 512:1024, 1024:1536] = 7  # one real chunk at level 0
     root["heatmaps/original/gradient/layer1/0"][100:200, 300:400] = 2.5
+    assert_valid_ngff(tmp_path / "big.ome.zarr")
     last = root["heatmaps/original/gradient/layer1"]
     coarsest = str(len(last.attrs["multiscales"][0]["datasets"]) - 1)
     last[coarsest][:4, :4] = [[1, 2, 3, 4]] * 4
@@ -610,6 +613,7 @@ def test_browser_on_a_real_container(cli, browser: object, slides_dir: Path, tmp
         "--no-progress", "--out", out / "original.zarr")  # fmt: skip
     cli("heatmaps", slide, "--saliency", out / "original.zarr", "--tiles", out / "t.parquet", "--no-progress",
         "--out", out / "cmu.ome.zarr")  # fmt: skip
+    assert_valid_ngff(out / "cmu.ome.zarr")
     boxes = np.asarray(zarr.open_group(str(out / "cmu.ome.zarr"), mode="r")["tiles"][...])
     mpp = 0.499
     with running(viewer.make_server(out / "cmu.ome.zarr", port=0)) as url:

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
+from ngff import assert_valid_ngff
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 
@@ -288,6 +289,7 @@ def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tm
 
 def check_container(path: Path, slide: str) -> None:
     """Every method × attribution × layer heatmap opens with ome-zarr-py as a µm-scaled 2-D pyramid."""
+    assert_valid_ngff(path)
     meta = zarr.open_group(path, mode="r").attrs["smoothsal"]
     assert meta["slide_id"] == slide
     heatmaps = {
@@ -387,7 +389,8 @@ def test_shipped_config_is_the_demo(shipped: Path) -> None:
     jobs = planned_jobs(shipped, "--configfile", str(ROOT / "config.yaml"))
     counts = pd.Series([rule for rule, _ in jobs]).value_counts().to_dict()
     assert counts == {"demo_data": 1, "tiles": 9, "train_model": 2, "train_surrogate": 2, "saliency": 3 * 4,
-                      "heatmaps": 3, "report": 1}  # fmt: skip
+                      "heatmaps": 3, "report": 1,
+                      "seams_tiles": 1, "seams_saliency": 4, "seams": 1}  # fmt: skip  (one slide at half stride)
 
 
 @pytest.fixture
@@ -510,6 +513,11 @@ def c16_model(**settings):
         pytest.param(lambda c: c.update(layers=["encoder.layer1"]),  # a FlexibleUNet name, not a ResNet's
                      ["config layers (dataset c16, arch resnet18): unknown layer 'encoder.layer1'"],
                      id="layer-of-another-arch"),
+        pytest.param(lambda c: c.update(seams={"slides": ["c16/cmu_pyramid"]}),
+                     ["dataset c16: seams.slides lists slide ids that are not in its eval slides: 'cmu_pyramid'"],
+                     id="seams-train-slide"),
+        pytest.param(lambda c: c.update(seams={"slides": ["c17/cmu"]}),
+                     ["config seams.slides: 'c17/cmu' names no dataset; use one of c16"], id="seams-no-dataset"),
         pytest.param(c16(class_map="Tumor"),
                      ["dataset c16 (class_map 'Tumor')", "cannot read 'Tumor'", "NAME=ID"], id="class_map-malformed"),
     ],
