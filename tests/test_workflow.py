@@ -388,9 +388,10 @@ def test_shipped_config_is_the_demo(shipped: Path) -> None:
     """The shipped config plans the whole demo: demo data, both models, surrogates, every eval slide."""
     jobs = planned_jobs(shipped, "--configfile", str(ROOT / "config.yaml"))
     counts = pd.Series([rule for rule, _ in jobs]).value_counts().to_dict()
+    # and config seams: one slide again at half stride (tiles, 4 methods' saliency, both stitchings)
     assert counts == {"demo_data": 1, "tiles": 9, "train_model": 2, "train_surrogate": 2, "saliency": 3 * 4,
                       "heatmaps": 3, "report": 1,
-                      "seams_tiles": 1, "seams_saliency": 4, "seams": 1}  # fmt: skip  (one slide at half stride)
+                      "seams_tiles": 1, "seams_saliency": 4, "seams": 1}  # fmt: skip
 
 
 @pytest.fixture
