@@ -18,6 +18,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -748,3 +749,32 @@ def test_system_setup_installs_what_the_tests_need_then_only_looks() -> None:
     if os.geteuid() == 0:  # CI runs as root; a user who cannot become root needs no root when all is there
         nobody = run_setup("nobody")
         assert nobody.returncode == 0 and "(0 installed now)" in nobody.stderr, nobody.stderr
+
+
+def test_seam_run_stitches_one_half_stride_run_both_ways(sheet_dataset: Path) -> None:
+    """config seams: the eval slide tiled again at half stride (rule seams_tiles), every method's saliency
+    on those tiles (seams_saliency), both stitchings and their seam scores (seams), in the report."""
+    edit_config(sheet_dataset, lambda c: c.update(
+        methods=["original", "backward_hook"], seams={"slides": ["c16/cmu"], "roi": [768, 768, 512, 512]},
+    ) or c["datasets"]["c16"].update(tiles=TILES))  # fmt: skip
+    planned = {rule for rule, _ in planned_jobs(sheet_dataset)}
+    assert {"seams_tiles", "seams_saliency", "seams"} <= planned
+    run_local(sheet_dataset)
+    seams = sheet_dataset / "results" / "c16" / "seams" / "cmu"
+    half = pd.read_parquet(seams / "tiles.parquet")
+    assert (half["w"] == 128).all() and set(np.diff(np.unique(half["x"]))) == {64}  # stride: half a tile
+    table = pd.read_csv(seams / "seams.csv")
+    assert len(table) == 2 * len(ATTRIBUTIONS) * len(LAYERS) and set(table["method"]) == {
+        "original",
+        "backward_hook",
+    }
+    assert (table["tiles_with"] == len(half)).all() and (0 < table["tiles_without"]).all()
+    assert (table["tiles_without"] < table["tiles_with"]).all() and (table["overlap"] == 2).all()
+    assert table[["seams_without", "seams_with"]].notna().all().all()
+    for name in ("without", "with"):
+        assert_valid_ngff(seams / f"{name}.ome.zarr")
+    report = sheet_dataset / "results" / "report"
+    assert (report / "tables" / "seams.csv").is_file() and (
+        report / "figures" / "seams" / "cmu.png"
+    ).is_file()
+    assert 'id="seams"' in (report / "index.html").read_text()
