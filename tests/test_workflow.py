@@ -770,7 +770,7 @@ def test_seam_run_stitches_one_half_stride_run_both_ways(sheet_dataset: Path) ->
     }
     assert (table["tiles_with"] == len(half)).all() and (0 < table["tiles_without"]).all()
     assert (table["tiles_without"] < table["tiles_with"]).all() and (table["overlap"] == 2).all()
-    # layer1 maps (32 px) have band and interior at half stride; 4-px layer3 maps have no interior (NaN)
+    # 16-px layer1 maps have band and interior at half stride; 4-px layer3 maps have no interior (NaN)
     assert table.loc[table["layer"] == "layer1", ["seams_without", "seams_with"]].notna().all().all()
     for name in ("without", "with"):
         assert_valid_ngff(seams / f"{name}.ome.zarr")
