@@ -33,6 +33,7 @@ __all__ = [
     "baseline_tiles",
     "deletion_insertion",
     "pixel_ranks",
+    "random_orders",
     "random_ranks",
     "target_scores",
     "upsample_maps",
@@ -134,22 +135,32 @@ def _ranks_of(order: torch.Tensor) -> torch.Tensor:
     return ranks.int()
 
 
-def pixel_ranks(values: torch.Tensor) -> torch.Tensor:
+def pixel_ranks(values: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
     """Each pixel's place in the order ``[B, H, W]`` → ``[B, H·W]``: 0 = highest value.
 
-    Ties keep raster order (stable sort), so the order is reproducible.
+    Equal values keep the order ``tiebreak`` ``[B, H·W]`` (pixel indices, e.g. the tile's random
+    order: a flat region of the map is then removed in no particular direction), else raster order.
     """
     flat = values.flatten(1)
     if flat.isnan().any():
         bad = flat.isnan().any(1).nonzero().flatten().tolist()
         raise ValueError(f"maps of tiles {bad} (0-based in this batch) hold NaN; they cannot order pixels")
-    return _ranks_of(torch.argsort(flat, dim=1, descending=True, stable=True))
+    if tiebreak is None:
+        return _ranks_of(torch.argsort(flat, dim=1, descending=True, stable=True))
+    tiebreak = tiebreak.to(flat.device)
+    visited = torch.argsort(flat.gather(1, tiebreak), dim=1, descending=True, stable=True)
+    return _ranks_of(tiebreak.gather(1, visited))
+
+
+def random_orders(seeds: Sequence[int], pixels: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A random permutation of the pixels per tile ``[B, pixels]``, drawn from that tile's own seed."""
+    orders = [torch.randperm(pixels, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(orders).to(device)
 
 
 def random_ranks(seeds: Sequence[int], pixels: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A random pixel order per tile ``[B, pixels]``, drawn from that tile's own seed."""
-    orders = [torch.randperm(pixels, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return _ranks_of(torch.stack(orders)).to(device)
+    """Each pixel's place in the tile's random order (``random_orders``) ``[B, pixels]``."""
+    return _ranks_of(random_orders(seeds, pixels, device))
 
 
 def _is_classification(output: torch.Tensor) -> bool:
@@ -230,7 +241,7 @@ def deletion_insertion(
 
     ``model``: the ORIGINAL model, in eval mode. ``x``: tiles ``[B, C, H, W]`` (model input).
     ``maps``: key (e.g. ``(attribution, layer)``) → channel-summed maps ``[B, h, w]``. ``seeds``:
-    one per tile for its random order. ``mask`` (segmentation): class labels ``[B, H, W]``, −1
+    one per tile for its random order (which also breaks ties within a map). ``mask`` (segmentation): class labels ``[B, H, W]``, −1
     where not annotated. Segmentation scores average over the tile's target-class pixels of the
     mask; where the mask has none, over the pixels the model assigns to the target on the
     unperturbed tile; where there are none either, over the whole tile (``Curves.region``).
@@ -242,8 +253,9 @@ def deletion_insertion(
     counts = [(i * pixels) // k for i in range(k + 1)]
     replaced = baseline_tiles(x, settings)
     keys = list(maps)
-    ranks = [pixel_ranks(upsample_maps(maps[key], x.shape[2:]).to(x.device)) for key in keys]
-    ranks = torch.stack([*ranks, random_ranks(seeds, pixels, x.device)], dim=1)  # [B, M+1, N]
+    shuffled = random_orders(seeds, pixels, x.device)  # the reference order, and the maps' tie-break
+    ranks = [pixel_ranks(upsample_maps(maps[key], x.shape[2:]).to(x.device), shuffled) for key in keys]
+    ranks = torch.stack([*ranks, _ranks_of(shuffled)], dim=1)  # [B, M+1, N]
 
     ends = torch.cat([_forward(model, c) for c in torch.cat([x, replaced]).split(settings.max_batch)])
     region, kinds = None, None

@@ -14,6 +14,7 @@ from smoothsal.perturbation import (
     baseline_tiles,
     deletion_insertion,
     pixel_ranks,
+    random_orders,
     random_ranks,
     upsample_maps,
 )
@@ -158,9 +159,12 @@ def test_baselines():
     assert torch.equal(baseline_tiles(x, PerturbationSettings(baseline="zero")), torch.zeros_like(x))
 
 
-def test_pixel_ranks_highest_first_ties_in_raster_order():
+def test_pixel_ranks_highest_first_ties_in_the_tiebreak_order():
     values = torch.tensor([[[0.5, 2.0], [0.5, -1.0]]])
-    assert pixel_ranks(values).tolist() == [[1, 0, 2, 3]]
+    assert pixel_ranks(values).tolist() == [[1, 0, 2, 3]]  # raster order among the two 0.5s
+    assert pixel_ranks(values, torch.tensor([[3, 2, 1, 0]])).tolist() == [[2, 0, 1, 3]]
+    flat = torch.zeros(1, 4, 4)  # all tied: the map's order is the random order itself
+    assert torch.equal(pixel_ranks(flat, random_orders([5], 16)), random_ranks([5], 16))
     with pytest.raises(ValueError, match="NaN"):
         pixel_ranks(torch.tensor([[[0.0, float("nan")]]]))
 
