@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
+from .errors import BadOption
 from .metrics import auc, probabilities
 
 __all__ = [
@@ -60,13 +61,13 @@ class PerturbationSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise BadOption(f"steps must be >= 1, got {self.steps}")
         if self.baseline not in BASELINES:
-            raise ValueError(f"unknown baseline {self.baseline!r}; allowed: {', '.join(BASELINES)}")
+            raise BadOption(f"unknown baseline {self.baseline!r}; allowed: {', '.join(BASELINES)}")
         if self.baseline == "blur" and not self.blur_sigma > 0:
-            raise ValueError(f"blur_sigma must be > 0 pixels, got {self.blur_sigma}")
+            raise BadOption(f"blur_sigma must be > 0 pixels, got {self.blur_sigma}")
         if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+            raise BadOption(f"max_batch must be >= 1, got {self.max_batch}")
 
 
 @dataclass(frozen=True)

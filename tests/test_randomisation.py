@@ -64,7 +64,7 @@ def test_steps_of_the_monai_models():
 def test_cascade_works_on_a_copy_and_reinitialises_as_documented(resnet, x):
     before = state(resnet)
     seen = []
-    for step, work in cascade(resnet, LAYERS, example=x[:1]):
+    for step, work in cascade(resnet, LAYERS, RandomisationSettings(by="block"), example=x[:1]):
         seen.append(step.label)
         if step.label == "layer4.1":  # the head is redrawn, layer4.0 not yet
             assert not torch.equal(work.fc.weight, resnet.fc.weight)
