@@ -13,9 +13,11 @@ MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 CORE = ("models", "smoothing", "attribution", "metrics")  # the method itself: no slides, tiles, stores
 DATA_SIDE = ("slides", "tissue", "grid", "annotations", "tiles", "tiling", "store", "container", "heatmaps",
-             "saliency", "stitching", "report", "viewer", "napari", "evaluation", "demo")  # fmt: skip
+             "saliency", "stitching", "report", "viewer", "napari", "evaluation", "demo",
+             "faithfulness", "faithfulness_tables")  # fmt: skip
 FORMAT_CALLS = {"read_parquet", "to_parquet", "open_group"}
 FORMAT_HOMES = {"tiles.py", "store.py", "container.py"}  # the tile table, the saliency output, the container
+FORMAT_HOMES |= {"faithfulness_tables.py"}  # the faithfulness stage's own tables
 
 
 def modules() -> dict[str, Path]:
