@@ -14,9 +14,11 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..errors import BadOption, BadOutput
+from ..faithfulness_tables import read_faithfulness
 from ..files import atomic_dir
+from .faithfulness import faithfulness_section
 from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
-from .html import index_html
+from .html import faithfulness_html, index_html
 from .tables import Collected, Table, collect, pool, report_tables
 
 __all__ = [
@@ -107,16 +109,25 @@ def write_report(
     out: str | Path,
     heatmaps: Sequence[str | Path] = (),
     settings: ReportSettings = ReportSettings(),
+    faithfulness: Sequence[str | Path] = (),
+    randomisation: Sequence[str | Path] = (),
 ) -> ReportResult:
-    """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically."""
+    """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically.
+
+    ``faithfulness`` / ``randomisation``: the tables of `smoothsal faithfulness` (none: the report says
+    the stage was not run)."""
     out = Path(out)
     collected = collect(tables)
     built = report_tables(collected)
+    faith = faithfulness_section(
+        read_faithfulness(faithfulness, randomisation) if faithfulness else None, _slug
+    )
+    built = built + faith.tables
     notes = []
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
     with atomic_dir(out, _check_out) as tmp:
-        for sub in ("tables", "figures/tv_per_layer", "figures/overview"):
+        for sub in ("tables", "figures/tv_per_layer", "figures/overview", "figures/faithfulness"):
             (tmp / sub).mkdir(parents=True)
         for table in built:
             table.data.to_csv(tmp / "tables" / f"{table.name}.csv", index=False)
@@ -150,7 +161,11 @@ def write_report(
             stem = f"figures/overview/{_slug(dataset, overview.slide_id)}"
             _save(fig, tmp / stem, settings.dpi)
             figures["overview"].append((stem, caption))
-        (tmp / "index.html").write_text(index_html(settings, collected, built, figures, notes))
+        for stem, _, fig in faith.figures:
+            _save(fig, tmp / stem, settings.dpi)
+        figures["faithfulness"] = [(stem, caption) for stem, caption, _ in faith.figures]
+        sections = [faithfulness_html(faith)]
+        (tmp / "index.html").write_text(index_html(settings, collected, built, figures, notes, sections))
     return ReportResult(
         out,
         [f"tables/{t.name}.csv" for t in built],

@@ -5,6 +5,8 @@ rule report:
     input:
         tables=get_report_tables,
         heatmaps=get_report_heatmaps,
+        faithfulness=get_report_faithfulness,
+        randomisation=get_report_randomisation,
     output:
         index="results/report/index.html",
         tables=report(
@@ -27,7 +29,16 @@ rule report:
             category="Figures",
             subcategory="Slide overviews",
         ),
+        faithfulness_figures=report(
+            directory("results/report/figures/faithfulness"),
+            patterns=["{name}.png"],
+            caption="../report/faithfulness.rst",
+            category="Figures",
+            subcategory="Faithfulness",
+        ),
     params:
+        faithfulness=lambda wildcards, input: optional("--faithfulness", input.faithfulness),
+        randomisation=lambda wildcards, input: optional("--randomisation", input.randomisation),
         version=VERSION,
     log:
         "results/logs/report.log",
@@ -40,5 +51,6 @@ rule report:
     conda:
         "../../envs/smoothsal.yaml"
     shell:
-        "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q} --out results/report"
+        "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q} {params.faithfulness}"
+        " {params.randomisation} --out results/report"
         " > {log:q} 2>&1"
