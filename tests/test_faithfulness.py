@@ -25,7 +25,7 @@ from smoothsal.store import open_store
 from smoothsal.tiles import TileDataset, read_tile_table
 
 LAYERS = ("layer1", "layer2", "layer3")
-SAMPLE, STEPS = 6, 4
+SAMPLE, STEPS = 4, 3
 
 
 def test_sample_is_seeded_stratified_and_all_means_all():
