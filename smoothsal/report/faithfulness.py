@@ -51,7 +51,7 @@ class FaithfulnessSection:
 
 
 def _ci(values: pd.Series) -> tuple[float, float, float]:
-    return bootstrap_mean_ci(values.to_numpy(dtype=float))
+    return bootstrap_mean_ci(np.array(values, dtype=float))  # a writable copy
 
 
 def _cell(mean: float, low: float, high: float, decimals: int = 3) -> str:
