@@ -20,6 +20,8 @@ from smoothsal.randomisation import (
 LAYERS = ["layer1", "layer2", "layer3"]
 BLOCKS = ["head", "layer4.1", "layer4.0", "layer3.1", "layer3.0", "layer2.1", "layer2.0", "layer1.1"]
 
+BY_BLOCK = RandomisationSettings(by="block")  # Adebayo's cascade, one step per block (default: by stage)
+
 
 @pytest.fixture(scope="module")
 def resnet() -> nn.Module:
@@ -64,7 +66,7 @@ def test_steps_of_the_monai_models():
 def test_cascade_works_on_a_copy_and_reinitialises_as_documented(resnet, x):
     before = state(resnet)
     seen = []
-    for step, work in cascade(resnet, LAYERS, RandomisationSettings(by="block"), example=x[:1]):
+    for step, work in cascade(resnet, LAYERS, BY_BLOCK, example=x[:1]):
         seen.append(step.label)
         if step.label == "layer4.1":  # the head is redrawn, layer4.0 not yet
             assert not torch.equal(work.fc.weight, resnet.fc.weight)
@@ -102,7 +104,7 @@ def test_batchnorm_keep_and_seeding(resnet, x):
 def test_surrogate_paths_of_randomised_blocks_are_redrawn(resnet, x):
     paths = ss.SurrogatePaths.for_model(resnet, x[:1])
     smoothed = ss.smooth(resnet, "surrogate", surrogate=paths)
-    for step, work in cascade(smoothed, LAYERS, example=x[:1]):
+    for step, work in cascade(smoothed, LAYERS, BY_BLOCK, example=x[:1]):
         path = work.get_submodule("layer2.0.conv1")
         intact = smoothed.get_submodule("layer2.0.conv1")
         assert type(path).__name__ == "SurrogatePath"
@@ -128,7 +130,7 @@ def test_a_map_that_ignores_the_weights_keeps_correlation_one(resnet, x):
     def input_only(_model: nn.Module) -> dict:
         return {"edges": edges}
 
-    curves = randomisation_curves(resnet, input_only, layers=LAYERS, example=x[:1])
+    curves = randomisation_curves(resnet, input_only, layers=LAYERS, settings=BY_BLOCK, example=x[:1])
     assert [s.label for s in curves.steps] == BLOCKS
     assert curves.spearman["edges"].shape == (3, len(BLOCKS))
     assert torch.equal(curves.spearman["edges"], torch.ones(3, len(BLOCKS), dtype=torch.float64))
@@ -142,7 +144,9 @@ def test_a_gradient_map_falls_and_recomputation_alone_does_not(resnet, x):
     # same seeds: the intact model's maps are reproduced exactly (correlation 1)
     again = maps(resnet)
     assert all(torch.equal(intact[k], again[k]) for k in intact)
-    curves = randomisation_curves(resnet, maps, layers=LAYERS, before=intact, example=x[:1])
+    curves = randomisation_curves(
+        resnet, maps, layers=LAYERS, settings=BY_BLOCK, before=intact, example=x[:1]
+    )
     assert set(curves.spearman) == {(a, layer) for a in ss.ATTRIBUTIONS for layer in LAYERS}
     for layer in LAYERS:
         rho = curves.spearman[("gradient", layer)]
