@@ -2,6 +2,7 @@
 
 slides ─tiles─▶ tile tables ─train_surrogate─▶ surrogate ─saliency (per slide × method)─▶ maps + tables
        ─heatmaps (per slide)─▶ OME-Zarr containers ─report─▶ results/report/
+       ─faithfulness (per slide × method, config faithfulness)─▶ per-tile faithfulness tables ─report
 Configuration: config.yaml (read and checked in workflow/rules/common.smk against
 workflow/schemas/config.schema.yaml and the installed smoothsal's registries). Profiles:
 --workflow-profile workflow/profiles/default (local) or workflow/profiles/slurm.
@@ -20,6 +21,7 @@ include: "workflow/rules/surrogate.smk"
 include: "workflow/rules/saliency.smk"
 include: "workflow/rules/heatmaps.smk"
 include: "workflow/rules/seams.smk"
+include: "workflow/rules/faithfulness.smk"
 include: "workflow/rules/report.smk"
 
 

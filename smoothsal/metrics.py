@@ -1,15 +1,22 @@
-"""The paper's measures: total variation of saliency maps, prediction difference, accuracy."""
+"""The paper's measures (total variation, prediction difference, accuracy) and the faithfulness
+measures: curve AUC, Spearman rank correlation, relevance mass, bootstrap intervals."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = [
     "accuracy",
+    "auc",
+    "bootstrap_mean_ci",
     "dice",
     "masked_prediction_difference",
     "prediction_difference",
     "probabilities",
+    "region_fraction",
+    "relevance_mass",
+    "spearman",
     "total_variation",
 ]
 
@@ -114,3 +121,117 @@ def dice(logits: torch.Tensor, mask: torch.Tensor, *, background: int = 0) -> fl
         if total > 0:
             scores.append(float(2 * (p & t).sum() / total))
     return sum(scores) / len(scores) if scores else float("nan")
+
+
+# --- faithfulness -----------------------------------------------------------------------------
+
+Array = torch.Tensor | np.ndarray
+
+
+def _as_tensor(a: Array) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a)) if isinstance(a, np.ndarray) else a
+
+
+def _like(result: torch.Tensor, *inputs: Array) -> Array:
+    """Numpy out when every input was numpy, a tensor otherwise."""
+    if all(isinstance(a, np.ndarray) for a in inputs):
+        return result.cpu().numpy()
+    return result
+
+
+def auc(scores: Array, fractions: Array | None = None) -> Array:
+    """Area under curves ``[..., K+1]`` over the removed/inserted fraction by the trapezoid rule.
+
+    The points lie at ``fractions`` (default: k/K, k = 0…K, i.e. evenly over [0, 1]); a constant
+    score s has AUC s. Float64; torch or numpy as given.
+    """
+    y = _as_tensor(scores).double()
+    if y.shape[-1] < 2:
+        raise ValueError(f"a curve needs at least 2 points, got shape {tuple(y.shape)}")
+    if fractions is None:
+        return _like(torch.trapezoid(y, dx=1.0 / (y.shape[-1] - 1), dim=-1), scores)
+    x = _as_tensor(fractions).double().to(y.device)
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"{x.shape[-1]} fractions for curves of {y.shape[-1]} points")
+    return _like(torch.trapezoid(y, x, dim=-1), scores)
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dim, 0-based; tied values share the mean of their ranks."""
+    ordered = x.sort(dim=-1).values.contiguous()
+    low = torch.searchsorted(ordered, x.contiguous(), right=False)
+    high = torch.searchsorted(ordered, x.contiguous(), right=True)
+    return (low + high - 1).double() / 2
+
+
+def spearman(a: Array, b: Array) -> Array:
+    """Spearman rank correlation per tile: ``a``, ``b`` of shape ``[B, ...]`` → ``[B]``.
+
+    The Pearson correlation of average ranks (ties share their mean rank), as
+    ``scipy.stats.spearmanr``; NaN where either tile is constant or holds a NaN.
+    """
+    x, y = _as_tensor(a), _as_tensor(b)
+    if x.shape != y.shape or x.ndim < 2:
+        raise ValueError(f"maps must have equal shapes [B, ...], got {tuple(x.shape)} and {tuple(y.shape)}")
+    x, y = x.flatten(1).double(), y.flatten(1).double().to(x.device)
+    bad = x.isnan().any(1) | y.isnan().any(1)
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx, ry = rx - rx.mean(1, keepdim=True), ry - ry.mean(1, keepdim=True)
+    denom = (rx.square().sum(1) * ry.square().sum(1)).sqrt()
+    rho = (rx * ry).sum(1) / denom  # 0/0 = NaN for a constant tile
+    rho = torch.where(bad, torch.nan, rho).clamp(-1.0, 1.0)
+    return _like(rho, a, b)
+
+
+def relevance_mass(maps: Array, region: Array) -> Array:
+    """Share of the positive map inside a region, per tile (Arras et al.'s relevance mass accuracy).
+
+    ``maps`` ``[B, H, W]`` (already at the region's resolution), ``region`` a boolean ``[B, H, W]``.
+    Σ_region max(m, 0) / Σ max(m, 0); NaN where the map has no positive value. A map spread evenly
+    scores the region's area fraction (``region_fraction``), the chance level to compare with.
+    """
+    m, r = _as_tensor(maps).double(), _as_tensor(region).to(torch.bool)
+    if m.shape != r.shape or m.ndim != 3:
+        raise ValueError(f"maps and region must both be [B, H, W], got {tuple(m.shape)} and {tuple(r.shape)}")
+    positive = m.clamp_min(0)
+    total = positive.flatten(1).sum(1)
+    inside = (positive * r.to(m.device)).flatten(1).sum(1)
+    return _like(torch.where(total > 0, inside / total, torch.nan), maps, region)
+
+
+def region_fraction(mask: Array, target: Array) -> Array:
+    """Per tile, the share of a label mask ``[B, H, W]`` equal to that tile's ``target`` class ``[B]``.
+
+    The stage computes relevance mass only where it lies between 10 % and 90 %.
+    """
+    m, t = _as_tensor(mask), _as_tensor(target).long().view(-1, 1, 1)
+    if m.ndim != 3 or t.shape[0] != m.shape[0]:
+        raise ValueError(
+            f"mask must be [B, H, W] with one target per tile, got {tuple(m.shape)}, {t.shape[0]}"
+        )
+    return _like((m == t.to(m.device)).flatten(1).double().mean(1), mask, target)
+
+
+def bootstrap_mean_ci(
+    values: Array, *, level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The mean of ``values`` and its percentile bootstrap interval (e.g. per-tile AUC gaps).
+
+    NaNs are dropped first; resampling is seeded, so the interval is reproducible. All NaN
+    where nothing is left; a single value gives a zero-width interval.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    v = _as_tensor(values).double().flatten().cpu().numpy()
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    step = max(1, 2_000_000 // v.size)  # bounded memory for large samples
+    for start in range(0, resamples, step):
+        n = min(step, resamples - start)
+        means[start : start + n] = v[rng.integers(0, v.size, size=(n, v.size))].mean(1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(v.mean()), float(low), float(high)

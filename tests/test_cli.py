@@ -19,6 +19,7 @@ from smoothsal import (
     demo,
     demo_models,
     evaluation,
+    faithfulness,
     heatmaps,
     qupath,
     report,
@@ -148,6 +149,11 @@ def test_every_default_comes_from_a_settings_dataclass():
             "thumbnail_px": default(r, "thumbnail_px"),
         },
         ("demo-data", "--out", "o"): {"size": default(demo.DemoSettings, "size"), "seed": default(demo.DemoSettings, "seed")},
+        ("faithfulness", "s", "--tiles", "t", "--saliency", "m", "--method", "original", "--arch", "a",
+         "--num-classes", "2", "--out", "o", "--randomisation-out", "r"): {
+            k: default(faithfulness.FaithfulnessSettings, k)
+            for k in ("sample", "steps", "baseline", "blur_um", "randomisation", "by", "batchnorm", "seed")
+        } | {k: default(faithfulness.FaithfulnessOptions, k) for k in ("batch_size", "device", "dataset")},
         ("train-model", "--arch", "a", "--num-classes", "2", "--tiles", "t", "--out", "o"): {
             k: default(demo_models.ModelSettings, k) for k in ("epochs", "batch_size", "lr", "seed")
         },
@@ -210,6 +216,11 @@ def test_the_config_schemas_defaults_are_the_settings_defaults():
     assert defaults(top["heatmaps"]) == {
         k: default(heatmaps.HeatmapSettings, k) for k in ("blend", "tissue_mpp", "ngff")
     }
+    fa = faithfulness.FaithfulnessSettings, faithfulness.FaithfulnessOptions
+    assert defaults(top["faithfulness"]) == {"enabled": True} | {
+        k: default(fa[0], k)
+        for k in ("sample", "steps", "baseline", "blur_um", "randomisation", "by", "batchnorm", "seed")
+    } | {k: default(fa[1], k) for k in ("batch_size", "device")}
     assert {k: v for k, v in defaults(top["demo"]).items() if k != "out"} == {
         k: default(demo.DemoSettings, k) for k in ("size", "seed")
     }

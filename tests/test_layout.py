@@ -14,9 +14,10 @@ MAX_FUNCTION_LINES = 80
 CORE = ("models", "smoothing", "attribution", "metrics")  # the method itself: no slides, tiles, stores
 DATA_SIDE = ("slides", "tissue", "grid", "annotations", "tiles", "tiling", "store", "container", "heatmaps",
              "saliency", "stitching", "report", "viewer", "napari", "evaluation", "demo", "seams", "overlap",
-             "qupath")  # fmt: skip
+             "qupath", "faithfulness", "faithfulness_tables")  # fmt: skip
 FORMAT_CALLS = {"read_parquet", "to_parquet", "open_group"}
 FORMAT_HOMES = {"tiles.py", "store.py", "container.py"}  # the tile table, the saliency output, the container
+FORMAT_HOMES |= {"faithfulness_tables.py"}  # the faithfulness stage's own tables
 
 
 def modules() -> dict[str, Path]:

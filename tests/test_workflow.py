@@ -89,12 +89,17 @@ def job(rule: str, **wildcards: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 def slide_jobs(dataset: str, slide: str) -> set:
-    """The jobs one new eval slide adds: its tiles, saliency per method and heatmaps."""
+    """The jobs one new eval slide adds: its tiles, saliency and faithfulness per method, and heatmaps."""
     return {
         job("tiles", dataset=dataset, slide=slide),
         *(job("saliency", dataset=dataset, slide=slide, method=m) for m in METHODS),
+        *faithfulness_jobs(dataset, slide),
         job("heatmaps", dataset=dataset, slide=slide),
     }
+
+
+def faithfulness_jobs(dataset: str, slide: str, methods: list[str] = METHODS) -> set:
+    return {job("faithfulness", dataset=dataset, slide=slide, method=m) for m in methods}
 
 
 def write_sheet(path: Path, rows: list[dict[str, str]]) -> None:
@@ -143,6 +148,7 @@ def tiny_config(datasets: dict, **overrides) -> dict:
         "smoothgrad": {"samples": 2, "stdev": 0.2, "seed": 0},
         "saliency": {"batch_size": 4, "device": "cpu"},
         "heatmaps": {"tissue_mpp": 4.0},
+        "faithfulness": {"sample": 2, "steps": 2},
         "demo": {"out": "demo", "size": 512, "seed": 0},
         "datasets": datasets,
     }
@@ -336,14 +342,21 @@ def test_settings_rerun_what_they_affect(full_run: Path, tmp_path: Path) -> None
     assert planned_after(lambda c: c["saliency"].update(batch_size=1, device="auto")) == set()
     # SmoothGrad: every saliency job, heatmaps and report; no tiles, no training
     expected = {job("saliency", dataset=d, slide=s, method=m) for d, s in eval_slides for m in METHODS}
+    expected |= {j for d, s in eval_slides for j in faithfulness_jobs(d, s)}
     expected |= {job("heatmaps", dataset=d, slide=s) for d, s in eval_slides} | {job("report")}
     assert planned_after(lambda c: c["smoothgrad"].update(samples=3)) == expected
     # one dataset's surrogate epochs: its surrogate and its surrogate saliency maps only
     edit_config(workdir, lambda c: c["smoothgrad"].update(samples=2))
     expected = {job("train_surrogate", dataset="c16")}
     expected |= {job("saliency", dataset="c16", slide=s, method="surrogate") for s in EVAL_SLIDES["c16"]}
+    expected |= {j for s in EVAL_SLIDES["c16"] for j in faithfulness_jobs("c16", s, ["surrogate"])}
     expected |= {job("heatmaps", dataset="c16", slide=s) for s in EVAL_SLIDES["c16"]} | {job("report")}
     assert planned_after(lambda c: c["datasets"]["c16"]["surrogate"].update(epochs=2)) == expected
+    # the faithfulness settings: its jobs and the report only; its run options: nothing
+    edit_config(workdir, lambda c: c["datasets"]["c16"]["surrogate"].update(epochs=1))
+    assert planned_after(lambda c: c["faithfulness"].update(batch_size=1, device="cpu")) == set()
+    expected = {j for d, s in eval_slides for j in faithfulness_jobs(d, s)} | {job("report")}
+    assert planned_after(lambda c: c["faithfulness"].update(steps=3)) == expected
 
 
 def test_broken_slide_fails_alone(full_run: Path, tmp_path: Path, slides_dir: Path) -> None:
@@ -391,7 +404,7 @@ def test_shipped_config_is_the_demo(shipped: Path) -> None:
     counts = pd.Series([rule for rule, _ in jobs]).value_counts().to_dict()
     # and config seams: one slide again at half stride (tiles, 4 methods' saliency, both stitchings)
     assert counts == {"demo_data": 1, "tiles": 9, "train_model": 2, "train_surrogate": 2, "saliency": 3 * 4,
-                      "heatmaps": 3, "report": 1,
+                      "faithfulness": 3 * 4, "heatmaps": 3, "report": 1,
                       "seams_tiles": 1, "seams_saliency": 4, "seams": 1}  # fmt: skip
 
 
@@ -406,8 +419,27 @@ def sheet_dataset(tmp_path: Path, slides_dir: Path) -> Path:
         tmp_path,
         tiny_config({"c16": {"slides": "sheets/c16.tsv", "model": {"arch": "resnet18", "num_classes": 2}}}),
     )
-    assert len(planned_jobs(tmp_path)) == 2 + 1 + 4 + 1 + 1  # valid as written
+    assert len(planned_jobs(tmp_path)) == 2 + 1 + 4 + 4 + 1 + 1  # valid as written
     return tmp_path
+
+
+def test_faithfulness_jobs_per_slide_and_the_switch(sheet_dataset: Path, slides_dir: Path) -> None:
+    """An added eval slide plans its own faithfulness jobs (one per method) with its other jobs; turning the
+    stage off removes every faithfulness job and nothing else (the report stays, without their tables)."""
+    before = planned_jobs(sheet_dataset)
+    assert {j for j in before if j[0] == "faithfulness"} == faithfulness_jobs("c16", "cmu")
+    add_rows(
+        sheet_dataset / "sheets" / "c16.tsv", [{"slide_id": "small", "path": str(slides_dir / "small.svs")}]
+    )
+    added = planned_jobs(sheet_dataset) - before
+    assert added == slide_jobs("c16", "small")
+    with_stage = planned_jobs(sheet_dataset)
+    edit_config(sheet_dataset, lambda c: c["faithfulness"].update(enabled=False))
+    without = planned_jobs(sheet_dataset)
+    assert without == {j for j in with_stage if j[0] != "faithfulness"} and job("report") in without
+    out = snakemake(sheet_dataset, "--dry-run", "--printshellcmds", "--forcerun", "report").stdout
+    report_cmd = next(line for line in out.splitlines() if "smoothsal report" in line)
+    assert "--faithfulness" not in report_cmd
 
 
 def error_line(result: subprocess.CompletedProcess, *parts: str) -> str:

@@ -14,9 +14,11 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..errors import BadOption, BadOutput
+from ..faithfulness_tables import read_faithfulness
 from ..files import atomic_dir
+from .faithfulness import faithfulness_section
 from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
-from .html import index_html
+from .html import faithfulness_html, index_html
 from .seams import read_seams, seam_figure, seam_table
 from .tables import Collected, Table, collect, pool, report_tables
 
@@ -109,25 +111,33 @@ def write_report(
     heatmaps: Sequence[str | Path] = (),
     settings: ReportSettings = ReportSettings(),
     seams: Sequence[str | Path] = (),
+    faithfulness: Sequence[str | Path] = (),
+    randomisation: Sequence[str | Path] = (),
 ) -> ReportResult:
-    """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically;
-    with ``seams`` (tables of `smoothsal seams`) also the seam table and figures."""
+    """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically.
+
+    ``seams``: tables of `smoothsal seams` (the seam table and figures); ``faithfulness`` /
+    ``randomisation``: the tables of `smoothsal faithfulness` (none: the report says the stage was not run)."""
     out = Path(out)
     collected = collect(tables)
     built = report_tables(collected)
     seam_rows = read_seams(seams)
     if not seam_rows.empty:
         built.append(seam_table(seam_rows))
+    faith = faithfulness_section(
+        read_faithfulness(faithfulness, randomisation) if faithfulness else None, _slug
+    )
+    built = built + faith.tables
     notes = []
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
     with atomic_dir(out, _check_out) as tmp:
-        for sub in ("tables", "figures/tv_per_layer", "figures/overview", "figures/seams"):
-            (tmp / sub).mkdir(parents=True)
+        for sub in ("tables", "tv_per_layer", "overview", "seams", "faithfulness"):
+            (tmp / (sub if sub == "tables" else f"figures/{sub}")).mkdir(parents=True)
         for table in built:
             table.data.to_csv(tmp / "tables" / f"{table.name}.csv", index=False)
             (tmp / "tables" / f"{table.name}.md").write_text(table.markdown())
-        figures: dict[str, list[tuple[str, str]]] = {"tv_per_layer": [], "overview": [], "seams": []}
+        figures: dict[str, list[tuple[str, str]]] = {"tv_per_layer": [], "overview": []}
         tv = next(t for t in built if t.name == "tv").data
         for (dataset, model), layers in collected.layers.items():
             sel = tv[(tv["dataset"] == dataset) & (tv["model"] == model)]
@@ -156,14 +166,26 @@ def write_report(
             stem = f"figures/overview/{_slug(dataset, overview.slide_id)}"
             _save(fig, tmp / stem, settings.dpi)
             figures["overview"].append((stem, caption))
-        for slide_id, rows in seam_rows.groupby("slide_id", sort=False) if not seam_rows.empty else ():
-            stem = f"figures/seams/{_slug(str(slide_id))}"
-            _save(seam_figure(rows, settings), tmp / stem, settings.dpi)
-            figures["seams"].append((stem, f"{slide_id}: layer1 without and with overlap + window blending"))
-        (tmp / "index.html").write_text(index_html(settings, collected, built, figures, notes))
+        figures |= _section_figures(tmp, seam_rows, faith, settings)
+        sections = [faithfulness_html(faith)]
+        (tmp / "index.html").write_text(index_html(settings, collected, built, figures, notes, sections))
     return ReportResult(
         out,
         [f"tables/{t.name}.csv" for t in built],
         [f"{stem}.png" for group in figures.values() for stem, _ in group],
         notes,
     )
+
+
+def _section_figures(
+    tmp: Path, seam_rows, faith, settings: ReportSettings
+) -> dict[str, list[tuple[str, str]]]:
+    """The seam and faithfulness sections' figures, saved under ``tmp``: (stem, caption) per section."""
+    seams = []
+    for slide_id, rows in seam_rows.groupby("slide_id", sort=False) if not seam_rows.empty else ():
+        stem = f"figures/seams/{_slug(str(slide_id))}"
+        _save(seam_figure(rows, settings), tmp / stem, settings.dpi)
+        seams.append((stem, f"{slide_id}: layer1 without and with overlap + window blending"))
+    for stem, _, fig in faith.figures:
+        _save(fig, tmp / stem, settings.dpi)
+    return {"seams": seams, "faithfulness": [(stem, caption) for stem, caption, _ in faith.figures]}

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from ..smoothing import METHODS
+from .faithfulness import FaithfulnessSection, section_html
 from .tables import Collected, Table, method_label, ordered
 
 if TYPE_CHECKING:
     from . import ReportSettings
 
-__all__ = ["index_html"]
+__all__ = ["faithfulness_html", "index_html"]
 
 
 _CSS = """
@@ -52,6 +54,7 @@ def index_html(
     tables: list[Table],
     figures: dict[str, list[tuple[str, str]]],
     notes: list[str],
+    sections: Sequence[str] = (),
 ) -> str:
     by_name = {t.name: t for t in tables}
     tiles = collected.tiles
@@ -103,5 +106,11 @@ def index_html(
     if "seams" in by_name:
         parts.append(_table_section(by_name["seams"]))
         parts.extend(_figure(stem, caption) for stem, caption in figures.get("seams", []))
+    parts.extend(sections)  # later sections (faithfulness), each its own module's HTML
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def faithfulness_html(section: FaithfulnessSection) -> str:
+    """The faithfulness section (issue 15) with this module's table and figure markup."""
+    return section_html(section, _table_section, _figure)

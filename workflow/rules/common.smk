@@ -404,6 +404,27 @@ def surrogate_settings(wildcards):
     return f"{model_args(wildcards.dataset)} {cli_args(DATASETS[wildcards.dataset]['surrogate'])}"
 
 
+# --- faithfulness (issue 15) --------------------------------------------------------------------------
+
+FAITHFULNESS_RUN = ("enabled", "batch_size", "device")  # keys that are no setting of the numbers
+
+
+def faithfulness_settings(wildcards):
+    """Model, layers and the stage's settings (everything that changes its numbers)."""
+    ds = DATASETS[wildcards.dataset]
+    settings = {k: v for k, v in config["faithfulness"].items() if k not in FAITHFULNESS_RUN}
+    if not settings.pop("randomisation"):
+        settings["no_randomisation"] = True
+    model = cli_args({k: ds["model"][k] for k in ("arch", "num_classes")})
+    extra = {"layers": config["layers"], "class_map": ds["class_map"]}
+    return f"{model} {cli_args(settings | extra)}"
+
+
+def faithfulness_run_options(wildcards):
+    fa = config["faithfulness"]
+    return RunOptions(batch_size=fa["batch_size"], device=fa["device"])
+
+
 class RunOptions:
     """Command-line options that change speed or memory, never results (batch size, device, workers).
 
@@ -489,6 +510,19 @@ def get_report_tables(wildcards):
 
 def get_report_heatmaps(wildcards):
     return eval_outputs("results/{dataset}/heatmaps/{slide}.ome.zarr")
+
+
+def get_report_faithfulness(wildcards):
+    """The faithfulness tables of every eval slide × method (none when the stage is off)."""
+    if not config["faithfulness"]["enabled"]:
+        return []
+    return eval_outputs("results/{dataset}/faithfulness/{slide}/{method}.parquet")
+
+
+def get_report_randomisation(wildcards):
+    if not config["faithfulness"]["enabled"]:
+        return []
+    return eval_outputs("results/{dataset}/faithfulness/{slide}/{method}.randomisation.parquet")
 
 
 def get_final_outputs():

@@ -6,6 +6,8 @@ rule report:
         tables=get_report_tables,
         heatmaps=get_report_heatmaps,
         seams=get_report_seams,
+        faithfulness=get_report_faithfulness,
+        randomisation=get_report_randomisation,
     output:
         index="results/report/index.html",
         tables=report(
@@ -35,8 +37,17 @@ rule report:
             category="Figures",
             subcategory="Seams",
         ),
+        faithfulness_figures=report(
+            directory("results/report/figures/faithfulness"),
+            patterns=["{name}.png"],
+            caption="../report/faithfulness.rst",
+            category="Figures",
+            subcategory="Faithfulness",
+        ),
     params:
         seams=lambda wildcards, input: optional("--seams", input.seams),
+        faithfulness=lambda wildcards, input: optional("--faithfulness", input.faithfulness),
+        randomisation=lambda wildcards, input: optional("--randomisation", input.randomisation),
         version=VERSION,
     log:
         "results/logs/report.log",
@@ -50,5 +61,5 @@ rule report:
         "../../envs/smoothsal.yaml"
     shell:
         "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q} {params.seams}"
-        " --out results/report"
+        " {params.faithfulness} {params.randomisation} --out results/report"
         " > {log:q} 2>&1"
