@@ -272,11 +272,13 @@ def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tm
     results = json.loads(re.search(r"var results = (\{.*?\});\n", html, re.DOTALL).group(1))
     categories = json.loads(re.search(r"var categories = (\{.*?\});\n", html, re.DOTALL).group(1))
     assert set(categories) == {"Tables", "Figures"}, categories
-    assert set(categories["Figures"]) == {"TV per layer", "Slide overviews"}, categories
+    assert set(categories["Figures"]) == {"TV per layer", "Slide overviews", "Surrogate fit"}, categories
+    assert {"c16_resnet18_losses.png", "digi_unet_resnet34_losses.png"} <= files, names  # issue 14
     captions = {
         "tables": "Tables over every slide",
         "tv_per_layer": "Total variation of the saliency maps at every evaluated layer",
         "overview": "the tissue thumbnail",
+        "surrogate_fit": "Surrogate training per epoch",
     }
     by_file = {Path(path).name: entry for path, entry in results.items()}
     assert {"tv.csv", "c16_resnet18.png", f"c16_{EVAL_SLIDES['c16'][0]}.png"} <= set(by_file), sorted(by_file)

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from ..errors import BadOption, BadOutput
 from ..files import atomic_dir
 from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
+from .fit import fit_path_table, fit_table, loss_curve_figure, read_fits
 from .html import index_html
 from .tables import Collected, Table, collect, pool, report_tables
 
@@ -107,21 +108,31 @@ def write_report(
     out: str | Path,
     heatmaps: Sequence[str | Path] = (),
     settings: ReportSettings = ReportSettings(),
+    surrogates: Sequence[str | Path] = (),
 ) -> ReportResult:
-    """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically."""
+    """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically.
+
+    ``surrogates``: surrogate files (``results/{dataset}/surrogate.pt``) for the "Surrogate fit" section."""
     out = Path(out)
     collected = collect(tables)
     built = report_tables(collected)
+    fits = read_fits(surrogates)  # issue 14: the surrogate fit section
+    if fits:
+        built += [fit_table(fits), fit_path_table(fits)]
     notes = []
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
     with atomic_dir(out, _check_out) as tmp:
-        for sub in ("tables", "figures/tv_per_layer", "figures/overview"):
+        for sub in ("tables", "figures/tv_per_layer", "figures/overview", "figures/surrogate_fit"):
             (tmp / sub).mkdir(parents=True)
         for table in built:
             table.data.to_csv(tmp / "tables" / f"{table.name}.csv", index=False)
             (tmp / "tables" / f"{table.name}.md").write_text(table.markdown())
-        figures: dict[str, list[tuple[str, str]]] = {"tv_per_layer": [], "overview": []}
+        figures: dict[str, list[tuple[str, str]]] = {"tv_per_layer": [], "overview": [], "surrogate_fit": []}
+        for entry in fits:  # issue 14: train/validation loss curves, one figure per surrogate
+            stem = f"figures/surrogate_fit/{_slug(entry.dataset, entry.model)}_losses"
+            _save(loss_curve_figure(entry), tmp / stem, settings.dpi)
+            figures["surrogate_fit"].append((stem, f"{entry.dataset} / {entry.model}"))
         tv = next(t for t in built if t.name == "tv").data
         for (dataset, model), layers in collected.layers.items():
             sel = tv[(tv["dataset"] == dataset) & (tv["model"] == model)]

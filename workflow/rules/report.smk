@@ -5,6 +5,7 @@ rule report:
     input:
         tables=get_report_tables,
         heatmaps=get_report_heatmaps,
+        surrogates=get_report_surrogates,
     output:
         index="results/report/index.html",
         tables=report(
@@ -27,6 +28,13 @@ rule report:
             category="Figures",
             subcategory="Slide overviews",
         ),
+        surrogate_fit=report(
+            directory("results/report/figures/surrogate_fit"),
+            patterns=["{name}.png"],
+            caption="../report/surrogate_fit.rst",
+            category="Figures",
+            subcategory="Surrogate fit",
+        ),
     params:
         version=VERSION,
     log:
@@ -40,5 +48,5 @@ rule report:
     conda:
         "../../envs/smoothsal.yaml"
     shell:
-        "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q} --out results/report"
-        " > {log:q} 2>&1"
+        "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q}"
+        " --surrogates {input.surrogates:q} --out results/report > {log:q} 2>&1"
