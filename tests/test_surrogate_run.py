@@ -332,3 +332,19 @@ def test_the_global_batch_splits_evenly_over_the_processes() -> None:
     assert per_rank_batch_size(512, 2) == 256 and per_rank_batch_size(512, 8) == 64
     with pytest.raises(ValueError, match="multiple of 3"):
         per_rank_batch_size(512, 3)
+
+
+def test_convergence_flags_reach_the_settings_and_bad_ones_are_one_line(
+    cli, surrogate_tiles: Path, surrogate_model: Path, tmp_path: Path
+) -> None:
+    """--patience without validation tiles, or a min-delta out of range: exit 1, one line, nothing written."""
+    out = tmp_path / "s.pt"
+    for flags, words in (
+        (("--val-fraction", "0"), ("patience 1", "val-fraction", "pass patience 0")),
+        (("--min-delta", "1.5"), ("min-delta", "[0, 1)")),
+        (("--patience", "-1"), ("patience", ">= 0")),
+    ):
+        err = cli(*train_args(surrogate_tiles, surrogate_model, out, *flags), expect=1).err.strip()
+        assert err.startswith("smoothsal train-surrogate: error:") and len(err.splitlines()) == 1, err
+        assert all(w in err for w in words), err
+    assert list(tmp_path.iterdir()) == []

@@ -248,6 +248,11 @@ def test_full_run_writes_every_output(full_run: Path) -> None:
     tv = pd.read_csv(report / "tables" / "tv.csv")
     assert set(tv["dataset"]) == set(EVAL_SLIDES) and set(tv["method"]) == set(METHODS)
     assert set(tv["layer"]) == set(LAYERS) and set(tv["attribution"]) == set(ATTRIBUTIONS)
+    fit = pd.read_csv(report / "tables" / "surrogate_fit.csv")  # issue 14: 1 epoch, so the cap stopped it
+    assert set(fit["dataset"]) == set(EVAL_SLIDES) and set(fit["stop_reason"]) == {"max_epochs"}
+    assert {f"{d}_{ARCH[d][0]}_losses.png" for d in EVAL_SLIDES} <= {
+        p.name for p in (report / "figures" / "surrogate_fit").iterdir()
+    }
 
     for log in ["demo_data.log", "report.log", "tiles/c16/cmu.log", "saliency/digi/digi_003/surrogate.log",
                 "train_surrogate/c16.log", "train_model/digi.log", "heatmaps/c16/test_001.log"]:  # fmt: skip
