@@ -397,6 +397,25 @@ def test_shipped_config_is_the_demo(shipped: Path) -> None:
                       "heatmaps": 3, "report": 1}  # fmt: skip
 
 
+def test_shipped_config_trains_surrogates_by_the_rule_and_reports_their_fit(shipped: Path) -> None:
+    """Issue 14: the surrogate jobs get the config's convergence settings; the report gets every surrogate."""
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    out = snakemake(
+        shipped, "--configfile", str(ROOT / "config.yaml"), "--dry-run", "--printshellcmds"
+    ).stdout
+    lines = [line.strip() for line in out.splitlines()]
+    for dataset, settings in config["datasets"].items():
+        rule = settings["surrogate"]
+        train = [
+            line for line in lines if "smoothsal train-surrogate" in line and f"results/{dataset}/" in line
+        ]
+        assert len(train) == 1, lines
+        for key in ("patience", "min_delta", "val_fraction", "val_min_tiles", "epochs", "batch_size", "lr"):
+            assert f"--{key.replace('_', '-')} {rule[key]} " in train[0], (key, train[0])
+    report = next(line for line in lines if line.startswith("Shell command: smoothsal report"))
+    assert "--surrogates results/camelyon16/surrogate.pt results/digipath/surrogate.pt --out" in report
+
+
 @pytest.fixture
 def sheet_dataset(tmp_path: Path, slides_dir: Path) -> Path:
     """A working directory with one valid sample-sheet dataset c16: cmu (eval) and cmu_pyramid (train)."""
