@@ -2,7 +2,7 @@
 of `smoothsal saliency` (any number of slides, datasets and methods): TV (Table 4 layout, lowest per row in
 bold), TV reduction vs the original, prediction difference (Table 3), accuracy where tiles are labelled
 (Table 2), per-slide breakdowns, TV per layer (Figure 4) and, with --heatmaps, one overview figure per
-slide. Writes tables/*.csv|md, figures/*.png|svg and a self-contained index.html under --out.
+slide; with --surrogates the Surrogate fit table and loss curves. Writes tables/*.csv|md, figures/*.png|svg and a self-contained index.html under --out.
 """
 
 from __future__ import annotations
