@@ -3,10 +3,12 @@
 Training: the original network runs unchanged (frozen, eval mode); a forward hook captures every
 downsampling conv's (input, output); each path is trained on its conv's pair with an L1 loss, the
 losses summed, one Adam over all paths. The loop is the same for one process and for DDP (the
-distributed run, with checkpoints and resume, is `surrogate_run`).
+distributed run, with checkpoints, resume and the convergence rule, is `surrogate_run`; the
+validation measures and the rule are `surrogate_fit`).
 
 File format (``SURROGATE_FORMAT``): the paths' weights with the arch, conv names and specs, the
-training settings and their hash, a fingerprint of the model's layers and the per-epoch loss log.
+training settings and their hash, a fingerprint of the model's layers, the per-epoch loss log and
+the fit record (how training ended, validation L1, prediction difference and agreement).
 ``load_with_surrogate`` is what stages use: the model, its checked surrogate and the normalisation.
 """
 
@@ -37,11 +39,13 @@ from .models import (
     weights_sha256,
 )
 from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
+from .surrogate_fit import SurrogateFit, validation_size
 from .tiles import tiles_sha256
 
 __all__ = [
     "SURROGATE_FORMAT",
     "EpochBatches",
+    "EpochCallback",
     "ModelSpec",
     "Resume",
     "StepCallback",
@@ -60,6 +64,8 @@ __all__ = [
 
 # Called after every optimiser step with (epoch, step in epoch, per-path L1 losses).
 StepCallback = Callable[[int, int, dict[str, float]], None]
+# Called after every epoch with its index; returns True to stop training there.
+EpochCallback = Callable[[int], bool]
 # (epoch, steps to skip) -> the batches of that epoch after the skipped ones.
 EpochBatches = Callable[[int, int], Iterable[object]]
 
@@ -107,13 +113,15 @@ def train_surrogate(
     resume: Resume = Resume(),
     trainable: nn.Module | None = None,
     on_step: StepCallback | None = None,
+    on_epoch: EpochCallback | None = None,
     amp: bool = False,
 ) -> SurrogatePaths:
     """Train surrogate paths for ``model`` on ``batches`` (re-iterated every epoch).
 
     ``resume`` continues an earlier run (its paths and optimiser, and the steps done of its epoch:
     they are skipped and step numbers keep counting from there); ``trainable`` is the module to call
-    (e.g. ``DistributedDataParallel(paths)``); ``on_step`` sees the losses after every step.
+    (e.g. ``DistributedDataParallel(paths)``); ``on_step`` sees the losses after every step;
+    ``on_epoch`` is called after every epoch and stops training by returning True (a convergence rule).
     ``batches`` is an iterable, or an ``EpochBatches`` callable ``(epoch, skip) -> iterable``
     (lets a sampler set its epoch and skip batches without reading them). ``amp``: bfloat16 autocast
     on CUDA (no effect on CPU).
@@ -150,6 +158,8 @@ def train_surrogate(
             optimizer.step()
             if on_step is not None:
                 on_step(epoch, step, {n: float(v.detach()) for n, v in losses.items()})
+        if on_epoch is not None and on_epoch(epoch):
+            break
     return paths.eval()
 
 
@@ -167,6 +177,11 @@ def _epoch_batches(batches: Iterable[object] | EpochBatches, epoch: int, skip: i
 class TrainSettings:
     """Everything that decides the trained weights; its hash guards resume and later stages.
 
+    Training holds out ``val_fraction`` of the tiles (at least ``val_min_tiles``, at most half; seeded,
+    stratified by slide and label) and stops when the validation L1 has not improved by ``min_delta``
+    (relative) for ``patience`` epochs, or after ``epochs``, keeping the best state. ``patience`` 0:
+    exactly ``epochs`` epochs, the last state kept (the paper's setting; ``val_fraction`` 0 then
+    trains on every tile, as the paper does, and records no fit).
     Not included (they do not change the result): process count, workers, checkpoint interval.
     """
 
@@ -178,11 +193,15 @@ class TrainSettings:
     tile_size: int
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    epochs: int = 2
+    epochs: int = 30  # at most (with patience 0: exactly)
     batch_size: int = 512  # global: split evenly across the processes
     lr: float = 1e-3
     seed: int = 0
     amp: bool = False
+    patience: int = 3  # epochs without improvement before stopping; 0 = run exactly `epochs`
+    min_delta: float = 0.01  # an improvement = validation L1 below best × (1 − min_delta)
+    val_fraction: float = 0.1  # of the tiles held out for validation; 0 = none (needs patience 0)
+    val_min_tiles: int = 32  # held out at least (but never more than half the tiles)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_tiles", "tile_size", "num_classes"):
@@ -190,6 +209,23 @@ class TrainSettings:
                 raise BadOption(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise BadOption(f"lr must be > 0, got {self.lr}")
+        for name in ("patience", "val_min_tiles"):
+            if getattr(self, name) < 0:
+                raise BadOption(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("min_delta", "val_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise BadOption(f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.patience and not self.n_validation:
+            raise BadOption(
+                f"the convergence rule (patience {self.patience}) needs validation tiles, but "
+                f"val-fraction {self.val_fraction} of {self.n_tiles} tiles holds out none; raise "
+                "val-fraction, or pass patience 0 for a fixed epoch count"
+            )
+
+    @property
+    def n_validation(self) -> int:
+        """Tiles held out for validation (see ``surrogate_fit.validation_size``)."""
+        return validation_size(self.n_tiles, self.val_fraction, self.val_min_tiles)
 
     @property
     def hash(self) -> str:
@@ -223,8 +259,14 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> TrainSettings:
-        d = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        """Settings written by ``as_dict``; those of older files (no convergence fields) get what those
+        files were trained with: a fixed epoch count on every tile."""
+        d = _LEGACY_SETTINGS | {f.name: d[f.name] for f in fields(cls) if f.name in d}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# How surrogates were trained before the convergence rule (files without these settings).
+_LEGACY_SETTINGS: dict[str, object] = {"patience": 0, "val_fraction": 0.0}
 
 
 # --- the surrogate file ---------------------------------------------------------------------------
@@ -239,6 +281,7 @@ class SurrogateMeta:
     model_fingerprint: str = ""  # see model_fingerprint(); "" = not recorded
     losses: tuple[dict[str, float], ...] = ()  # the per-epoch loss log
     version: str = ""
+    fit: SurrogateFit | None = None  # how training ended and how well it fits (None: older files)
 
     @property
     def arch(self) -> str:
@@ -280,6 +323,7 @@ def save_surrogate(path: str | Path, paths: SurrogatePaths, meta: SurrogateMeta)
             "settings_hash": meta.settings.hash,
             "model_fingerprint": meta.model_fingerprint,
             "losses": list(meta.losses),
+            "fit": meta.fit.as_dict() if meta.fit is not None else None,
             "state_dict": {k: v.detach().cpu() for k, v in paths.state_dict().items()},
         },
         Path(path),
@@ -296,9 +340,10 @@ def read_surrogate(path: str | Path) -> tuple[SurrogatePaths, SurrogateMeta]:
             f"{SURROGATE_FORMAT!r}); make it with `smoothsal train-surrogate`"
         )
     specs = {n: _spec_from(obj["specs"][n]) for n in obj["conv_names"]}
+    fit = SurrogateFit.from_dict(obj["fit"]) if obj.get("fit") else None
     meta = SurrogateMeta(
         TrainSettings.from_dict(obj["settings"]), specs, obj.get("model_fingerprint", ""),
-        tuple(obj.get("losses", ())), obj.get("version", ""),
+        tuple(obj.get("losses", ())), obj.get("version", ""), fit,
     )  # fmt: skip
     paths = SurrogatePaths(specs)
     paths.load_state_dict(obj["state_dict"])

@@ -1,9 +1,13 @@
 """The `smoothsal train-surrogate` stage: one process, or N under torchrun.
 
-DistributedDataParallel (nccl on GPU, gloo on CPU), a DistributedSampler over all tiles, the global
-batch split evenly over the processes (so every step sees the same tiles whatever N is), and a
-resumable state file written every epoch and every K steps: a killed run resumes with the same result
-as an uninterrupted one. The surrogate itself (loop, file format) is `surrogate`.
+DistributedDataParallel (nccl on GPU, gloo on CPU), a DistributedSampler over the training tiles (the
+held-out validation tiles never among them), the global batch split evenly over the processes (so
+every step sees the same tiles whatever N is), and a resumable state file written every epoch and
+every K steps: a killed run resumes with the same result as an uninterrupted one, the convergence
+rule's state (best L1, best paths, epochs since improvement) included. After every epoch each
+process measures its share of the validation tiles; the sums are added up and rank 0's copy is
+broadcast, so every process takes the same stop decision. The surrogate itself (loop, file format) is
+`surrogate`; the validation measures and the rule are `surrogate_fit`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import resource
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -22,15 +26,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from .errors import BadCheckpoint, BadOption
 from .files import atomic_path, partial_paths
 from .killpoints import kill_point
 from .models import check_input_size, in_channels, load_model, load_torch_dict, save_torch_file
-from .smoothing import SurrogatePaths
+from .smoothing import SurrogatePaths, smooth
 from .surrogate import (
+    EpochBatches,
     Resume,
     SurrogateMeta,
     TrainSettings,
@@ -38,15 +43,27 @@ from .surrogate import (
     save_surrogate,
     train_surrogate,
 )
-from .tiles import TileDataset, TileLoader, default_workers, read_tile_tables
+from .surrogate_fit import (
+    Convergence,
+    SurrogateFit,
+    TileSplit,
+    l1_from_sums,
+    prediction_sums,
+    split_tiles,
+    summarise_predictions,
+    validation_sums,
+)
+from .tiles import TileDataset, TileLoader, default_workers, majority_classes, read_tile_tables, tile_labels
 
 __all__ = [
     "STATE_FORMAT",
     "RunOptions",
     "RunResult",
+    "TrainingData",
     "per_rank_batch_size",
     "run_training",
     "train_from_tables",
+    "training_data",
     "write_loss_log",
 ]
 
@@ -106,6 +123,14 @@ class _Dist:
             dist.all_reduce(t)
         return t.cpu()
 
+    def agreed_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over processes, then rank 0's copy on every process: decisions taken from it agree."""
+        t = self.sum(t)
+        if self.active:
+            t = t.to(self.device)
+            dist.broadcast(t, src=0)
+        return t.cpu()
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -142,25 +167,78 @@ def per_rank_batch_size(batch_size: int, world: int) -> int:
     return batch_size // world
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The tiles of a run as one process reads them. Batches are ``(images, rows)``, rows = positions
+    in the tile table: training batches come only from ``split.train``; ``validation`` is this
+    process's share of ``split.validation`` (None without validation tiles)."""
+
+    split: TileSplit
+    batches: EpochBatches  # (epoch, steps to skip) -> this process's training batches of that epoch
+    steps_per_epoch: int
+    validation: DataLoader | None
+    labels: torch.Tensor  # per table row: the label (−1 = none)
+    majority: torch.Tensor  # per table row: the majority class, the segmentation target (−1 = none)
+
+
+def training_data(
+    settings: TrainSettings, table: pd.DataFrame, *, rank: int = 0, world: int = 1, workers: int = 0,
+    pin_memory: bool = False,
+) -> TrainingData:  # fmt: skip
+    """The split of ``table`` (seeded; see ``surrogate_fit.split_tiles``) and this process's loaders."""
+    per_rank = per_rank_batch_size(settings.batch_size, world)
+    split = split_tiles(table, settings.val_fraction, settings.val_min_tiles, settings.seed)
+    dataset = TileDataset(table, transform=settings.normalize)
+    train = Subset(dataset, split.train.tolist())
+    base = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
+    sampler = _ResumableSampler(base)
+    loader = TileLoader(
+        train, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=pin_memory
+    )
+
+    def batches(epoch: int, skip: int) -> DataLoader:
+        sampler.set_epoch(epoch, skip * per_rank)
+        return loader
+
+    validation = None
+    if len(split.validation):
+        mine = Subset(dataset, split.validation[rank::world].tolist())  # every process its share
+        validation = TileLoader(mine, batch_size=per_rank, num_workers=workers, pin_memory=pin_memory)
+    return TrainingData(
+        split,
+        batches,
+        math.ceil(len(base) / per_rank),
+        validation,
+        tile_labels(table),
+        majority_classes(table),
+    )
+
+
 class _Checkpointer:
-    """The ``on_step`` of a run: loss bookkeeping, checkpoints, log, progress bar."""
+    """The ``on_step`` and ``on_epoch`` of a run: loss bookkeeping, validation and the convergence
+    rule, checkpoints, log, progress bar."""
 
     def __init__(
         self,
         d: _Dist,
         settings: TrainSettings,
         options: RunOptions,
+        model: nn.Module,
         paths: SurrogatePaths,
         optimizer: torch.optim.Optimizer,
-        steps_per_epoch: int,
+        data: TrainingData,
     ) -> None:
-        self.d, self.settings, self.options = d, settings, options
-        self.paths, self.optimizer, self.steps_per_epoch = paths, optimizer, steps_per_epoch
+        self.d, self.settings, self.options, self.model = d, settings, options, model
+        self.paths, self.optimizer, self.data = paths, optimizer, data
+        self.steps_per_epoch = data.steps_per_epoch
         self.names = paths.conv_names
         self.sums = torch.zeros(len(self.names) + 1, dtype=torch.float64)  # per-path sums, step count
         self.global_step, self.run_steps = 0, 0
         self.rows: list[dict[str, float]] = []
         self.bar: tqdm | None = None
+        self.convergence = Convergence()
+        self.best_paths: dict[str, torch.Tensor] | None = None  # the paths of the best epoch (CPU)
+        self.stopped = False  # the convergence rule said stop
 
     # state file ---------------------------------------------------------------------------------
 
@@ -170,6 +248,8 @@ class _Checkpointer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.global_step, self.rows = state["global_step"], list(state["rows"])
+        self.convergence = Convergence(**state["convergence"])
+        self.best_paths, self.stopped = state["best_paths"], state["stopped"]
         if self.d.rank == 0:  # the saved sums are already summed over processes
             self.sums = torch.tensor(state["loss_sums"], dtype=torch.float64)
         return state["epoch"], state["step"]
@@ -192,6 +272,9 @@ class _Checkpointer:
                     "optimizer": self.optimizer.state_dict(),
                     "rng": torch.get_rng_state(),
                     "world_size": self.d.world,
+                    "convergence": self.convergence.as_dict(),
+                    "best_paths": self.best_paths,
+                    "stopped": self.stopped,
                 },
                 self.options.state_path,
             )
@@ -206,25 +289,51 @@ class _Checkpointer:
         if self.bar is not None:
             self.bar.update()
             self.bar.set_postfix(epoch=epoch + 1, l1=f"{sum(losses.values()):.4g}", refresh=False)
-        if step + 1 == self.steps_per_epoch:
-            self._end_epoch(epoch)
-        elif self.options.checkpoint_every and self.global_step % self.options.checkpoint_every == 0:
-            self.save(epoch, step + 1)
+        every = self.options.checkpoint_every
+        if step + 1 < self.steps_per_epoch and every and self.global_step % every == 0:
+            self.save(epoch, step + 1)  # (an epoch's end is saved by end_epoch, after validation)
         kill_point("surrogate.step")  # tests: a real, uncatchable interruption after N steps
 
-    def _end_epoch(self, epoch: int) -> None:
+    # per epoch ----------------------------------------------------------------------------------
+
+    def end_epoch(self, epoch: int) -> bool:
+        """Log the epoch (train and validation L1), apply the convergence rule, checkpoint; True = stop."""
         total = self.d.sum(self.sums)
         means = (total[:-1] / total[-1]).tolist()
         row = {"epoch": epoch + 1, "steps": self.global_step, "l1_total": sum(means)}
-        self.rows.append(row | {f"l1:{n}": m for n, m in zip(self.names, means, strict=True)})
+        row |= {f"l1:{n}": m for n, m in zip(self.names, means, strict=True)}
+        if self.data.validation is not None:
+            sums = validation_sums(self.model, self.paths, self.data.validation, amp=self.settings.amp)
+            l1, rel = l1_from_sums(self.d.agreed_sum(sums), self.names)
+            row |= {"val_l1_total": sum(l1.values())} | {f"val_l1:{n}": v for n, v in l1.items()}
+            row |= {f"val_rel_l1:{n}": v for n, v in rel.items()}
+            self.convergence = self.convergence.update(
+                row["val_l1_total"], epoch + 1, self.settings.min_delta
+            )
+            if self.convergence.best_epoch == epoch + 1:
+                self.best_paths = {k: v.detach().cpu().clone() for k, v in self.paths.state_dict().items()}
+            self.stopped = self.convergence.converged(self.settings.patience)
+        self.rows.append(row)
         self.sums.zero_()
         self.save(epoch + 1, 0)
         if self.d.rank == 0:
             write_loss_log(self.rows, self.options.log_path)
+        kill_point("surrogate.epoch")  # tests: killed after an epoch's checkpoint
+        return self.stopped
+
+    def keep(self) -> tuple[int, str]:
+        """Put the kept state in the paths: the best epoch's under the rule, else the last; returns
+        (its epoch, why training stopped)."""
+        if self.settings.patience == 0:
+            return len(self.rows), "fixed_epochs"
+        self.paths.load_state_dict(self.best_paths)  # the rule always has validation: a best exists
+        return self.convergence.best_epoch, "converged" if self.stopped else "max_epochs"
 
 
 def write_loss_log(rows: Sequence[dict[str, float]], path: Path) -> None:
-    """The per-epoch loss CSV (epoch, steps, l1_total, l1:<conv> …), rewritten atomically."""
+    """The per-epoch loss CSV, rewritten atomically: epoch, steps, l1_total and l1:<conv> (training
+    L1, the mean over the epoch's steps), and with validation tiles val_l1_total, val_l1:<conv> and
+    val_rel_l1:<conv> (validation L1 and L1 / mean |conv output|, after the epoch)."""
     with atomic_path(path) as tmp:
         pd.DataFrame(list(rows)).to_csv(tmp, index=False)
 
@@ -254,7 +363,8 @@ class RunResult:
     world: int
     peak_rss_mb: tuple[float, ...]  # per process
     peak_gpu_mb: tuple[float, ...]  # per process (empty on CPU)
-    tiles: int = 0  # tiles trained on
+    tiles: int = 0  # tiles trained on (the validation tiles left out)
+    fit: SurrogateFit | None = None  # how training ended and how well the kept paths fit
 
 
 def run_training(
@@ -268,11 +378,12 @@ def run_training(
 
     Checkpoints go to ``options.state_path`` (every epoch and every ``checkpoint_every`` steps) and a
     run with ``options.resume`` continues from there with the same result as an uninterrupted run.
+    Training stops by the convergence rule (``settings.patience``) or after ``settings.epochs``; the
+    file gets the kept paths and the fit record measured on the validation tiles.
     """
     start = time.perf_counter()
     d = _Dist.start()
     try:
-        per_rank = per_rank_batch_size(settings.batch_size, d.world)
         torch.manual_seed(settings.seed)  # a random-init model (no checkpoint) is the same everywhere
         model = load_model(settings.arch, num_classes=settings.num_classes, checkpoint=checkpoint)
         model = model.to(d.device).requires_grad_(False).eval()
@@ -281,24 +392,11 @@ def run_training(
         example = torch.zeros(1, in_channels(model), settings.tile_size, settings.tile_size, device=d.device)
         paths = SurrogatePaths.for_model(model, example).to(d.device)
         optimizer = torch.optim.Adam(paths.parameters(), lr=settings.lr)
-
-        dataset = TileDataset(table, transform=settings.normalize)
-        base = DistributedSampler(
-            dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=settings.seed
-        )
-        sampler = _ResumableSampler(base)
         workers = default_workers(d.world) if options.workers is None else options.workers
-        loader = TileLoader(
-            dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
-            pin_memory=d.device.type == "cuda",
-        )  # fmt: skip
-        steps_per_epoch = math.ceil(len(base) / per_rank)
-
-        def batches(epoch: int, skip: int) -> DataLoader:
-            sampler.set_epoch(epoch, skip * per_rank)
-            return loader
-
-        ckpt = _Checkpointer(d, settings, options, paths, optimizer, steps_per_epoch)
+        data = training_data(
+            settings, table, rank=d.rank, world=d.world, workers=workers, pin_memory=d.device.type == "cuda"
+        )
+        ckpt = _Checkpointer(d, settings, options, model, paths, optimizer, data)
         epoch, step = 0, 0
         state_path = options.state_path
         if d.rank == 0:
@@ -311,28 +409,56 @@ def run_training(
             trainable = DistributedDataParallel(
                 paths, device_ids=[d.local_rank] if d.device.type == "cuda" else None
             )
-        total = settings.epochs * steps_per_epoch
+        total = settings.epochs * data.steps_per_epoch
         with tqdm(
             total=total, initial=ckpt.global_step, desc=f"surrogate {settings.arch}", unit="step",
             disable=d.rank != 0 or not options.progress, dynamic_ncols=True,
         ) as bar:  # fmt: skip
             ckpt.bar = bar
-            train_surrogate(
-                model, batches, epochs=settings.epochs, resume=Resume(epoch, step, paths, optimizer),
-                trainable=trainable, on_step=ckpt, amp=settings.amp,
-            )  # fmt: skip
-        meta = SurrogateMeta(settings, paths.specs, model_fingerprint(model), tuple(ckpt.rows))
+            if not ckpt.stopped:  # (a run killed after the rule said stop only has to finish)
+                train_surrogate(
+                    model, data.batches, epochs=settings.epochs, resume=Resume(epoch, step, paths, optimizer),
+                    trainable=trainable, on_step=ckpt, on_epoch=ckpt.end_epoch, amp=settings.amp,
+                )  # fmt: skip
+        fit = _fit(ckpt, example)
+        meta = SurrogateMeta(settings, paths.specs, model_fingerprint(model), tuple(ckpt.rows), fit=fit)
         if d.rank == 0:
-            save_surrogate(options.out, paths, meta)
+            save_surrogate(options.out, paths.eval(), meta)
             write_loss_log(ckpt.rows, options.log_path)
             state_path.unlink(missing_ok=True)  # done: a rerun starts fresh
         rss, gpu = _peak_memory(d)
         d.barrier()
         return RunResult(
-            tuple(ckpt.rows), time.perf_counter() - start, resumed_from, d.rank, d.world, rss, gpu, len(table)
-        )
+            tuple(ckpt.rows), time.perf_counter() - start, resumed_from, d.rank, d.world, rss, gpu,
+            len(data.split.train), fit,
+        )  # fmt: skip
     finally:
         d.close()
+
+
+def _fit(ckpt: _Checkpointer, example: torch.Tensor) -> SurrogateFit:
+    """Keep the best (or last) state in the paths and measure it against the model on the validation
+    tiles (every process its share, the sums added up)."""
+    kept, reason = ckpt.keep()
+    data, rows = ckpt.data, ckpt.rows
+    record = SurrogateFit(
+        reason, len(rows), ckpt.global_step, kept, len(data.split.train), len(data.split.validation),
+        validation_rows=tuple(data.split.validation.tolist()),
+    )  # fmt: skip
+    if data.validation is None:
+        return record
+    row = rows[kept - 1]
+    smoothed = smooth(ckpt.model, "surrogate", surrogate=ckpt.paths.eval())
+    sums = prediction_sums(ckpt.model, smoothed, data.validation, data.labels, data.majority)
+    with torch.no_grad():
+        out = ckpt.model(example)
+    task = "segmentation" if out.ndim == 4 and out.shape[2:] != (1, 1) else "classification"
+    return replace(
+        record, best_epoch=ckpt.convergence.best_epoch, task=task, val_l1_total=row["val_l1_total"],
+        val_l1={n: row[f"val_l1:{n}"] for n in ckpt.names},
+        val_rel_l1={n: row[f"val_rel_l1:{n}"] for n in ckpt.names},
+        **summarise_predictions(ckpt.d.agreed_sum(sums)),
+    )  # fmt: skip
 
 
 def _remove_torn_files(*paths: Path) -> None:

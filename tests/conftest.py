@@ -200,7 +200,7 @@ def ddp_surrogate(cli: Cli, surrogate_tiles: Path, surrogate_model: Path, surrog
     """An uninterrupted 2-process run (torchrun, gloo): the reference for the other tests."""
     out = surrogate_dir / "ddp" / "surrogate.pt"
     run = cli.process(*train_args(surrogate_tiles, surrogate_model, out), nproc=2, timeout=300)
-    assert run.returncode == 0 and "2 process(es)" in run.stdout, run.stdout + run.stderr
+    assert run.returncode == 0 and "2 process(es), stopped: converged" in run.stdout, run.stdout + run.stderr
     return out
 
 

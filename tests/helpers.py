@@ -137,14 +137,19 @@ def asap_xml(polygons):
 
 # One tiny setting throughout: resnet18 (2 classes, seeded random weights saved as a checkpoint),
 # 32 tiles of 64 px from CMU-1-Small-Region.svs, global batch 8 (4 per process), 3 epochs = 12 steps.
-SURROGATE_EPOCHS, SURROGATE_BATCH, SURROGATE_TILES = 3, 8, 32
+# 32 tiles, 8 held out for validation, global batch 8 = 3 steps an epoch; the convergence rule (patience 1,
+# an improvement = 10 % below the last one) stops it after a few epochs of at most 8.
+SURROGATE_EPOCHS, SURROGATE_BATCH, SURROGATE_TILES, SURROGATE_VALIDATION = 8, 8, 32, 8
+SURROGATE_PATIENCE, SURROGATE_MIN_DELTA = 1, 0.1
 
 
 def train_args(tiles: Path, model: Path, out: Path, *extra: object) -> list[object]:
-    """`smoothsal train-surrogate` in the tiny setting."""
+    """`smoothsal train-surrogate` in the tiny setting (``extra`` flags given later win)."""
     return ["train-surrogate", "--arch", "resnet18", "--num-classes", "2", "--checkpoint", model,
             "--tiles", tiles, "--out", out, "--epochs", SURROGATE_EPOCHS, "--batch-size", SURROGATE_BATCH,
-            "--workers", "0", "--checkpoint-every", "2", "--no-progress", *extra]  # fmt: skip
+            "--patience", SURROGATE_PATIENCE, "--min-delta", SURROGATE_MIN_DELTA,
+            "--val-min-tiles", SURROGATE_VALIDATION, "--workers", "0", "--checkpoint-every", "2",
+            "--no-progress", *extra]  # fmt: skip
 
 
 # --- the demo slides at reduced size (test_demo, test_demo_models) ----------------------------------

@@ -121,6 +121,7 @@ def test_every_default_comes_from_a_settings_dataclass():
         ("train-surrogate", "--arch", "a", "--num-classes", "2", "--tiles", "t", "--out", "o"): {
             "epochs": default(t, "epochs"), "batch_size": default(t, "batch_size"), "lr": default(t, "lr"),
             "seed": default(t, "seed"), "amp": default(t, "amp"),
+            **{k: default(t, k) for k in ("patience", "min_delta", "val_fraction", "val_min_tiles")},
             "checkpoint_every": default(TrainRunOptions, "checkpoint_every"),
             "resume": default(TrainRunOptions, "resume"), "progress": default(TrainRunOptions, "progress"),
         },
@@ -199,7 +200,9 @@ def test_the_config_schemas_defaults_are_the_settings_defaults():
     tiles["target_mpp"] = None
     assert defaults(dataset["tiles"]) == tiles
     assert defaults(dataset["surrogate"]) == {
-        k: default(surrogate.TrainSettings, k) for k in ("epochs", "batch_size", "lr", "seed", "amp")
+        k: default(surrogate.TrainSettings, k)
+        for k in ("epochs", "batch_size", "lr", "seed", "amp")
+        + ("patience", "min_delta", "val_fraction", "val_min_tiles")  # issue 14
     }
     assert defaults(schema["$defs"]["train"]) == {
         k: default(demo_models.ModelSettings, k) for k in ("epochs", "batch_size", "lr", "seed")

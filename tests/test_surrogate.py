@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SURROGATE_BATCH as BATCH
-from helpers import SURROGATE_TILES as TILES
 
 from smoothsal import load_model, smooth
 from smoothsal.surrogate import Resume, TrainSettings, load_surrogate, train_surrogate
-
-STEPS_PER_EPOCH = TILES // BATCH
 
 
 def test_surrogate_refuses_another_architecture(
@@ -56,6 +52,10 @@ def test_train_surrogate_skips_done_steps_when_resuming() -> None:
     seen.clear()  # a plain iterable: the done batches are drawn and dropped
     train_surrogate(model, data, epochs=2, resume=Resume(1, 1, paths), on_step=record)
     assert seen == [(1, 1)]
+    seen.clear()  # on_epoch stops the loop after the epoch for which it returns True
+    ended = []
+    train_surrogate(model, data, epochs=5, on_step=record, on_epoch=lambda e: ended.append(e) or e == 1)
+    assert ended == [0, 1] and seen == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 def test_settings_hash_and_range_errors() -> None:

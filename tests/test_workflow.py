@@ -256,6 +256,11 @@ def test_full_run_writes_every_output(full_run: Path) -> None:
     tv = pd.read_csv(report / "tables" / "tv.csv")
     assert set(tv["dataset"]) == set(EVAL_SLIDES) and set(tv["method"]) == set(METHODS)
     assert set(tv["layer"]) == set(LAYERS) and set(tv["attribution"]) == set(ATTRIBUTIONS)
+    fit = pd.read_csv(report / "tables" / "surrogate_fit.csv")  # issue 14: 1 epoch, so the cap stopped it
+    assert set(fit["dataset"]) == set(EVAL_SLIDES) and set(fit["stop_reason"]) == {"max_epochs"}
+    assert {f"{d}_{ARCH[d][0]}_losses.png" for d in EVAL_SLIDES} <= {
+        p.name for p in (report / "figures" / "surrogate_fit").iterdir()
+    }
 
     for log in ["demo_data.log", "report.log", "tiles/c16/cmu.log", "saliency/digi/digi_003/surrogate.log",
                 "train_surrogate/c16.log", "train_model/digi.log", "heatmaps/c16/test_001.log"]:  # fmt: skip
@@ -280,11 +285,13 @@ def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tm
     results = json.loads(re.search(r"var results = (\{.*?\});\n", html, re.DOTALL).group(1))
     categories = json.loads(re.search(r"var categories = (\{.*?\});\n", html, re.DOTALL).group(1))
     assert set(categories) == {"Tables", "Figures"}, categories
-    assert set(categories["Figures"]) == {"TV per layer", "Slide overviews"}, categories
+    assert set(categories["Figures"]) == {"TV per layer", "Slide overviews", "Surrogate fit"}, categories
+    assert {"c16_resnet18_losses.png", "digi_unet_resnet34_losses.png"} <= files, names  # issue 14
     captions = {
         "tables": "Tables over every slide",
         "tv_per_layer": "Total variation of the saliency maps at every evaluated layer",
         "overview": "the tissue thumbnail",
+        "surrogate_fit": "Surrogate training per epoch",
     }
     by_file = {Path(path).name: entry for path, entry in results.items()}
     assert {"tv.csv", "c16_resnet18.png", f"c16_{EVAL_SLIDES['c16'][0]}.png"} <= set(by_file), sorted(by_file)
@@ -406,6 +413,25 @@ def test_shipped_config_is_the_demo(shipped: Path) -> None:
     assert counts == {"demo_data": 1, "tiles": 9, "train_model": 2, "train_surrogate": 2, "saliency": 3 * 4,
                       "faithfulness": 3 * 4, "heatmaps": 3, "report": 1,
                       "seams_tiles": 1, "seams_saliency": 4, "seams": 1}  # fmt: skip
+
+
+def test_shipped_config_trains_surrogates_by_the_rule_and_reports_their_fit(shipped: Path) -> None:
+    """Issue 14: the surrogate jobs get the config's convergence settings; the report gets every surrogate."""
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    out = snakemake(
+        shipped, "--configfile", str(ROOT / "config.yaml"), "--dry-run", "--printshellcmds"
+    ).stdout
+    lines = [line.strip() for line in out.splitlines()]
+    for dataset, settings in config["datasets"].items():
+        rule = settings["surrogate"]
+        train = [
+            line for line in lines if "smoothsal train-surrogate" in line and f"results/{dataset}/" in line
+        ]
+        assert len(train) == 1, lines
+        for key in ("patience", "min_delta", "val_fraction", "val_min_tiles", "epochs", "batch_size", "lr"):
+            assert f"--{key.replace('_', '-')} {rule[key]} " in train[0], (key, train[0])
+    report = next(line for line in lines if line.startswith("Shell command: smoothsal report"))
+    assert "--surrogates results/camelyon16/surrogate.pt results/digipath/surrogate.pt --out" in report
 
 
 @pytest.fixture

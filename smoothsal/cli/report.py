@@ -2,7 +2,7 @@
 of `smoothsal saliency` (any number of slides, datasets and methods): TV (Table 4 layout, lowest per row in
 bold), TV reduction vs the original, prediction difference (Table 3), accuracy where tiles are labelled
 (Table 2), per-slide breakdowns, TV per layer (Figure 4) and, with --heatmaps, one overview figure per
-slide. Writes tables/*.csv|md, figures/*.png|svg and a self-contained index.html under --out.
+slide; with --surrogates the Surrogate fit table and loss curves. Writes tables/*.csv|md, figures/*.png|svg and a self-contained index.html under --out.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seams", type=Path, nargs="*", default=[], metavar="TABLE", help="seam tables (.csv) from `smoothsal seams`: seam scores without / with overlap and their figures")
     p.add_argument("--faithfulness", type=Path, nargs="*", default=[], metavar="TABLE", help="per-tile tables of `smoothsal faithfulness --out` (none: the report says the stage was not run)")
     p.add_argument("--randomisation", type=Path, nargs="*", default=[], metavar="TABLE", help="its randomisation tables (--randomisation-out)")
+    p.add_argument("--surrogates", type=Path, nargs="*", default=[], metavar="SURROGATE", help="surrogate files (.pt) from `smoothsal train-surrogate`, in results/{dataset}/: the Surrogate fit table and loss curves")
     p.add_argument("--out", type=Path, required=True, help="report directory (replaced as a whole)")
     p.add_argument("--title", default=default(r, "title"), help="title of index.html")
     p.add_argument("--percentile", type=float, default=default(r, "percentile"), help=f"colour limit per overview row: this percentile of |value| (default {default(r, 'percentile'):g})")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
     )
     result = write_report(
         args.tables, args.out, args.heatmaps, settings, seams=args.seams, faithfulness=args.faithfulness,
-        randomisation=args.randomisation,
+        randomisation=args.randomisation, surrogates=args.surrogates,
     )  # fmt: skip
     print(
         f"{result.out / 'index.html'}: {len(result.tables)} tables, {len(result.figures)} figures "

@@ -18,6 +18,7 @@ from ..faithfulness_tables import read_faithfulness
 from ..files import atomic_dir
 from .faithfulness import faithfulness_section
 from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
+from .fit import fit_path_table, fit_table, loss_curve_figure, read_fits
 from .html import faithfulness_html, index_html
 from .seams import read_seams, seam_figure, seam_table
 from .tables import Collected, Table, collect, pool, report_tables
@@ -113,14 +114,19 @@ def write_report(
     seams: Sequence[str | Path] = (),
     faithfulness: Sequence[str | Path] = (),
     randomisation: Sequence[str | Path] = (),
+    surrogates: Sequence[str | Path] = (),
 ) -> ReportResult:
     """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically.
 
     ``seams``: tables of `smoothsal seams` (the seam table and figures); ``faithfulness`` /
-    ``randomisation``: the tables of `smoothsal faithfulness` (none: the report says the stage was not run)."""
+    ``randomisation``: the tables of `smoothsal faithfulness` (none: the report says the stage was not run);
+    ``surrogates``: surrogate files (``results/{dataset}/surrogate.pt``) for the "Surrogate fit" section."""
     out = Path(out)
     collected = collect(tables)
     built = report_tables(collected)
+    fits = read_fits(surrogates)
+    if fits:
+        built += [fit_table(fits), fit_path_table(fits)]
     seam_rows = read_seams(seams)
     if not seam_rows.empty:
         built.append(seam_table(seam_rows))
@@ -132,7 +138,7 @@ def write_report(
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
     with atomic_dir(out, _check_out) as tmp:
-        for sub in ("tables", "tv_per_layer", "overview", "seams", "faithfulness"):
+        for sub in ("tables", "tv_per_layer", "overview", "surrogate_fit", "seams", "faithfulness"):
             (tmp / (sub if sub == "tables" else f"figures/{sub}")).mkdir(parents=True)
         for table in built:
             table.data.to_csv(tmp / "tables" / f"{table.name}.csv", index=False)
@@ -166,7 +172,7 @@ def write_report(
             stem = f"figures/overview/{_slug(dataset, overview.slide_id)}"
             _save(fig, tmp / stem, settings.dpi)
             figures["overview"].append((stem, caption))
-        figures |= _section_figures(tmp, seam_rows, faith, settings)
+        figures |= _section_figures(tmp, fits, seam_rows, faith, settings)
         sections = [faithfulness_html(faith)]
         (tmp / "index.html").write_text(index_html(settings, collected, built, figures, notes, sections))
     return ReportResult(
@@ -178,9 +184,14 @@ def write_report(
 
 
 def _section_figures(
-    tmp: Path, seam_rows, faith, settings: ReportSettings
+    tmp: Path, fits: list, seam_rows, faith, settings: ReportSettings
 ) -> dict[str, list[tuple[str, str]]]:
-    """The seam and faithfulness sections' figures, saved under ``tmp``: (stem, caption) per section."""
+    """The surrogate fit, seam and faithfulness sections' figures, saved under ``tmp``: (stem, caption)."""
+    losses = []
+    for entry in fits:  # train/validation loss curves, one figure per surrogate
+        stem = f"figures/surrogate_fit/{_slug(entry.dataset, entry.model)}_losses"
+        _save(loss_curve_figure(entry), tmp / stem, settings.dpi)
+        losses.append((stem, f"{entry.dataset} / {entry.model}"))
     seams = []
     for slide_id, rows in seam_rows.groupby("slide_id", sort=False) if not seam_rows.empty else ():
         stem = f"figures/seams/{_slug(str(slide_id))}"
@@ -188,4 +199,8 @@ def _section_figures(
         seams.append((stem, f"{slide_id}: layer1 without and with overlap + window blending"))
     for stem, _, fig in faith.figures:
         _save(fig, tmp / stem, settings.dpi)
-    return {"seams": seams, "faithfulness": [(stem, caption) for stem, caption, _ in faith.figures]}
+    return {
+        "surrogate_fit": losses,
+        "seams": seams,
+        "faithfulness": [(stem, caption) for stem, caption, _ in faith.figures],
+    }

@@ -84,6 +84,17 @@ def index_html(
     for name in ("prediction_difference", "accuracy", "inputs"):
         if name in by_name:
             parts.append(_table_section(by_name[name]))
+    if "surrogate_fit" in by_name:  # issue 14: the surrogate fit section
+        parts.append(_table_section(by_name["surrogate_fit"]))
+        if "surrogate_fit_paths" in by_name:
+            t = by_name["surrogate_fit_paths"]
+            parts.append(
+                f"<details><summary>{html.escape(t.title)}</summary>{_table_section(t, 3)}</details>"
+            )
+        parts.extend(
+            _figure(stem, f"Surrogate loss per epoch: {caption}")
+            for stem, caption in figures.get("surrogate_fit", [])
+        )
     per_slide = [
         by_name[n]
         for n in ("tv_per_slide", "prediction_difference_per_slide", "accuracy_per_slide")

@@ -525,6 +525,13 @@ def get_report_randomisation(wildcards):
     return eval_outputs("results/{dataset}/faithfulness/{slide}/{method}.randomisation.parquet")
 
 
+def get_report_surrogates(wildcards):
+    """Issue 14: the surrogate files whose fit the report shows (those the surrogate method's saliency uses)."""
+    if "surrogate" not in METHODS:
+        return []
+    return [f"results/{dataset}/surrogate.pt" for dataset in DATASETS if slides_of(dataset, "eval")]
+
+
 def get_final_outputs():
     return ["results/report/index.html"]
 

@@ -8,6 +8,7 @@ rule report:
         seams=get_report_seams,
         faithfulness=get_report_faithfulness,
         randomisation=get_report_randomisation,
+        surrogates=get_report_surrogates,
     output:
         index="results/report/index.html",
         tables=report(
@@ -44,6 +45,13 @@ rule report:
             category="Figures",
             subcategory="Faithfulness",
         ),
+        surrogate_fit=report(
+            directory("results/report/figures/surrogate_fit"),
+            patterns=["{name}.png"],
+            caption="../report/surrogate_fit.rst",
+            category="Figures",
+            subcategory="Surrogate fit",
+        ),
     params:
         seams=lambda wildcards, input: optional("--seams", input.seams),
         faithfulness=lambda wildcards, input: optional("--faithfulness", input.faithfulness),
@@ -61,5 +69,5 @@ rule report:
         "../../envs/smoothsal.yaml"
     shell:
         "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q} {params.seams}"
-        " {params.faithfulness} {params.randomisation} --out results/report"
-        " > {log:q} 2>&1"
+        " {params.faithfulness} {params.randomisation} --surrogates {input.surrogates:q}"
+        " --out results/report > {log:q} 2>&1"
