@@ -29,16 +29,17 @@ from tqdm import tqdm
 from . import __version__
 from .annotations import Annotations, check_annotations_within, read_annotations
 from .container import (
+    KIND,
     annotation_list,
-    check_existing,
     create_array,
     create_root,
     open_container,
+    write_marker,
     write_multiscales,
     write_pyramid,
 )
 from .errors import BadOption, BadStore, BadTable
-from .files import atomic_dir, atomic_path
+from .files import atomic_path, output_dir
 from .killpoints import kill_point
 from .slides import Slide, SlideReader, best_level, open_slide, read_rgb
 from .stitching import BLENDS, Placement, blend_weights, blocks_of_tiles, place_tiles, stitch_block
@@ -282,7 +283,7 @@ def write_container(
     image (any `SlideReader`), skipped when `settings.tissue` is false. Returns `out`."""
     out = Path(out)
     images: list[dict[str, Any]] = []
-    with atomic_dir(out, check_existing) as tmp:
+    with output_dir(out, KIND) as tmp:
         root = create_root(tmp, settings.ngff)
         if settings.tissue:
             info = write_tissue(root.create_group("tissue"), slide, settings, progress)
@@ -321,6 +322,7 @@ def write_container(
         if annotations is not None:
             meta["annotations"] = annotation_list(annotations)
         root.attrs["smoothsal"] = json.loads(json.dumps(meta, default=str))
+        write_marker(root)
     return out
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..errors import BadOption, BadOutput
-from ..files import atomic_dir
+from ..errors import BadOption
+from ..files import OutputKind, output_dir
 from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
 from .html import index_html
 from .tables import Collected, Table, collect, pool, report_tables
@@ -75,21 +75,7 @@ def _dataset_of(overview: Overview, collected: Collected) -> tuple[str, str] | N
     return pairs[0] if len(pairs) == 1 else (by_path[0] if len(by_path) == 1 else None)
 
 
-_REPORT_ENTRIES = {"index.html", "tables", "figures"}
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadOutput(f"{out} exists and is not a directory; give a directory for --out")
-    if out.is_dir():
-        other = sorted(
-            p.name for p in out.iterdir() if p.name not in _REPORT_ENTRIES and not p.name.startswith(".")
-        )
-        if other:
-            raise BadOutput(
-                f"{out} holds files that are no report ({', '.join(other[:3])}); "
-                "give a new or empty directory"
-            )
+KIND = OutputKind("report", "smoothsal report", format=1)  # the output marker (`files` module doc)
 
 
 @dataclass(frozen=True)
@@ -115,7 +101,7 @@ def write_report(
     notes = []
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
-    with atomic_dir(out, _check_out) as tmp:
+    with output_dir(out, KIND) as tmp:
         for sub in ("tables", "figures/tv_per_layer", "figures/overview"):
             (tmp / sub).mkdir(parents=True)
         for table in built:
