@@ -8,6 +8,11 @@ output: in the root attributes (key ``smoothsal_output``) of a Zarr group, in a 
 carries the marker of the command now writing (same kind, same format version) or is an empty directory;
 anything else is refused with one line naming it (`BadOutput`) and left untouched.
 
+Single-file outputs (tables, figures, checkpoints, logs) are written under a hidden temporary name and
+renamed over the target: an existing *file* of that name is replaced whole, a directory or a link there
+is refused before any work (`check_file_out`). The per-tile saliency table goes further: it replaces only
+a table that `smoothsal saliency` wrote (`store.check_out`).
+
 A writer holds an exclusive lock on its output for the whole run: ``fcntl.flock`` on a hidden file
 ``.NAME.lock`` beside it (created once and never removed, so two writers always lock the same file; the
 OS releases the lock when the process dies, however it dies). A second writer of the same output fails
@@ -18,6 +23,7 @@ cleared only by a writer holding the lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadOutput, SmoothsalError, one_line
+from .killpoints import kill_point
 
 __all__ = [
     "MARKER_FILE",
@@ -36,6 +43,7 @@ __all__ = [
     "OutputKind",
     "atomic_dir",
     "atomic_path",
+    "check_file_out",
     "check_replaceable",
     "is_zarr_group",
     "lock_path",
@@ -95,6 +103,21 @@ def writable(path: Path) -> Iterator[None]:
     except OSError as err:
         reason = os.strerror(err.errno) if err.errno else one_line(err)
         raise BadOutput(f"{path}: cannot be written ({reason}); give an --out you may write to") from err
+
+
+def check_file_out(*paths: str | Path | None, option: str = "--out") -> None:
+    """Before any work: each single-file output may be written (a directory or a link there is refused,
+    never replaced; its folder can be created and written). A file there is replaced atomically: single
+    files are replaced whole, folders never (see the module doc)."""
+    for path in filter(None, paths):
+        path = Path(path)
+        if path.is_dir() or path.is_symlink():
+            kind = "a link" if path.is_symlink() else "a directory"
+            raise BadOutput(f"{path} is {kind}; give a file path for {option}, e.g. {path / 'out'}")
+        with writable(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent))
 
 
 def partial_paths(path: str | Path) -> list[Path]:
@@ -176,6 +199,7 @@ def output_lock(path: str | Path) -> Iterator[Path]:
                 f"{path} is being written by another process (it holds {lock.name}); wait for it to "
                 "finish or give another --out"
             ) from None
+        kill_point("files.locked")
         yield path
     finally:
         os.close(fd)  # releases the lock; the lock file stays (removing it would let two writers in)

@@ -39,7 +39,7 @@ from .container import (
     write_pyramid,
 )
 from .errors import BadOption, BadStore, BadTable
-from .files import atomic_path, output_dir
+from .files import atomic_path, check_file_out, output_dir
 from .killpoints import kill_point
 from .slides import Slide, SlideReader, best_level, open_slide, read_rgb
 from .stitching import BLENDS, Placement, blend_weights, blocks_of_tiles, place_tiles, stitch_block
@@ -341,6 +341,7 @@ def make_heatmaps(
     """The `heatmaps` stage for one slide: read and check inputs, write the container atomically, then
     export the images named in `ome_tiff` ((image path, file) pairs) as pyramidal OME-TIFFs."""
     tiles = Path(tiles)
+    check_file_out(*(path for _, path in ome_tiff), option="--ome-tiff")
     table = read_tile_table(tiles, slide_path)
     stores = [open_store(p) for p in saliency]
     ann = read_annotations(annotations, class_map) if annotations else None
