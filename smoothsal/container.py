@@ -90,7 +90,7 @@ def create_array(
         kwargs |= {"compressors": BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")}
         if dims:
             kwargs["dimension_names"] = list(dims)
-    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+    chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, **kwargs)
 
 
@@ -306,7 +306,8 @@ class Container:
         except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as err:
             raise BadStore(f"{self.path}: not a readable Zarr group ({one_line(err)}); {FIX}") from None
         meta = dict(self.root.attrs).get("smoothsal")
-        if not isinstance(meta, dict) or not meta.get("images"):
+        empty = isinstance(meta, dict) and meta.get("n_tiles") == 0 and meta.get("images") == []
+        if not isinstance(meta, dict) or not (meta.get("images") or empty):
             raise BadStore(f"{self.path}: no 'smoothsal' root attributes listing images; {FIX}")
         self.meta: dict[str, Any] = meta
         try:

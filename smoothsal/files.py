@@ -14,8 +14,8 @@ is refused before any work (`check_file_out`). The per-tile saliency table goes 
 a table that `smoothsal saliency` wrote (`store.check_out`).
 
 A writer holds an exclusive lock on its output for the whole run: ``fcntl.flock`` on a hidden file
-``.NAME.lock`` beside it (created once and never removed, so two writers always lock the same file; the
-OS releases the lock when the process dies, however it dies). A second writer of the same output fails
+``.NAME.lock`` beside it (the OS releases the lock when the process dies, however it dies; only the
+holder removes the file, and a writer checks that the file it locked is still the one of that name). A second writer of the same output fails
 at once, naming it. The work goes to a hidden sibling named after the writer's process
 (``.NAME.partial-PID``) and replaces the output in one rename when complete; what killed writers left is
 cleared only by a writer holding the lock.
@@ -156,7 +156,7 @@ def _describe(path: Path) -> str:
     marker = read_marker(path)
     if marker is not None:
         return f"a {marker.get('kind')} (format {marker.get('format')})"
-    return "a Zarr group of another program" if is_zarr_group(path) else "not written by smoothsal"
+    return "a Zarr group of another program" if is_zarr_group(path) else "a folder smoothsal did not write"
 
 
 def check_replaceable(path: str | Path, kind: OutputKind) -> None:
@@ -173,8 +173,8 @@ def check_replaceable(path: str | Path, kind: OutputKind) -> None:
         empty = not any(path.iterdir())
     if not empty:
         raise BadOutput(
-            f"{path} exists and is {_describe(path)}, not a {kind.kind} that `{kind.command}` wrote; "
-            "give a new --out or remove it yourself"
+            f"{path} exists and is {_describe(path)}; `{kind.command}` replaces only a {kind.kind} "
+            f"(format {kind.format}) it wrote: give a new --out or remove it yourself"
         )
 
 
@@ -182,27 +182,47 @@ def lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-@contextmanager
-def output_lock(path: str | Path) -> Iterator[Path]:
-    """Hold the exclusive lock of output ``path`` (see the module doc) for the block; `BadOutput` at once
-    when another process holds it."""
-    path = Path(path)
-    lock = lock_path(path)
-    with writable(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
+def _locked_fd(path: Path, lock: Path) -> int:
+    """An open descriptor holding the flock of ``lock``, the file now at that name (retried when the
+    holder before removed it between our open and our lock)."""
+    while True:
+        with writable(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise BadOutput(
                 f"{path} is being written by another process (it holds {lock.name}); wait for it to "
                 "finish or give another --out"
             ) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a file its holder had already removed: take the one there now
+
+
+@contextmanager
+def output_lock(path: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock of output ``path`` for the block; `BadOutput` at once when another process
+    holds it. The lock file ``.NAME.lock`` is removed by its holder just before it lets go (a waiter
+    that opened the removed file finds it gone and takes the new one), so a finished output leaves
+    none; a killed writer's stays, unlocked, and the next writer reuses it."""
+    path = Path(path)
+    lock = lock_path(path)
+    fd = _locked_fd(path, lock)
+    try:
         kill_point("files.locked")
         yield path
     finally:
-        os.close(fd)  # releases the lock; the lock file stays (removing it would let two writers in)
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 @contextmanager

@@ -41,6 +41,7 @@ from .killpoints import kill_point
 __all__ = [
     "CHUNK_TILES",
     "RESULT_COLUMNS",
+    "SHARED_SETTINGS",
     "STORE_KIND",
     "TABLE_MARKER",
     "Results",
@@ -64,6 +65,11 @@ COMPACT_ROWS = 64  # per-batch row files kept before they are merged into one
 CHUNK_TILES = 64  # tiles per zarr chunk (one chunk = 64 maps of one layer: ~1 MB at 56×56)
 META_KEYS = ("slide_id", "method", "layers", "attributions", "tiles_sha256", "n_tiles")
 STORE_FIX = "give a `smoothsal saliency` output"
+# Settings of a saliency job that must agree between the outputs of one slide (every method's).
+SHARED_SETTINGS = (
+    "arch", "num_classes", "checkpoint", "model_sha256", "mean", "std", "attributions", "layers",
+    "smoothgrad_samples", "smoothgrad_stdev", "seed", "target", "task", "dataset",
+)  # fmt: skip
 RESULTS_FIX = "give the per-tile .parquet tables that `smoothsal saliency --table` writes"
 # What every per-tile results table has (besides tv/{attribution}/{layer} columns).
 RESULT_COLUMNS = ("dataset", "slide_id", "method", "arch", "tile", "task", "pd_all", "pd_target")

@@ -377,5 +377,7 @@ def test_out_that_is_no_store_is_refused_not_deleted(cli, slide: Path, tiles: Pa
     args = saliency_args(slide, tiles, tmp_path, "original", "--smoothgrad-samples", "0")
     args[args.index("--out") + 1] = str(folder)
     rc, _, err = run(cli, args)
-    assert rc == 1 and err.count("\n") == 1 and f"{folder} exists and is not a saliency store" in err
+    assert (
+        rc == 1 and err.count("\n") == 1 and f"{folder} exists and is a folder smoothsal did not write" in err
+    )
     assert (folder / "notes.txt").read_text() == "keep me"

@@ -101,6 +101,9 @@ def write_report(
     notes = []
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
+    for slide in dict.fromkeys((e.dataset, e.slide_id) for e in collected.empty):
+        where = f"{slide[0]} / {slide[1]}" if slide[0] else slide[1]
+        notes.append(f"{where}: no tissue (0 tiles); left out of the tables and figures.")
     with output_dir(out, KIND) as tmp:
         for sub in ("tables", "figures/tv_per_layer", "figures/overview"):
             (tmp / sub).mkdir(parents=True)
@@ -121,6 +124,8 @@ def write_report(
         per_slide = next(t for t in built if t.name == "tv_per_slide").data
         for container in heatmaps:  # one at a time: a thousand slides never sit in memory together
             overview = read_overview(container, settings.thumbnail_px)
+            if not overview.heatmaps:  # a slide without tissue: its note says so
+                continue
             pair = _dataset_of(overview, collected)
             dataset, model = pair if pair else (overview.path.resolve().parent.parent.name, "")
             rows = per_slide[(per_slide["slide_id"] == overview.slide_id) & (per_slide["dataset"] == dataset)]
