@@ -118,7 +118,9 @@ def _tile(page: Page, path: str) -> tuple[int, bytes | None, str]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # one thread per connection, never waited for at exit
-    request_queue_size = 128  # listen backlog (the stdlib's 5 drops a browser's burst of tile requests)
+    request_queue_size = (
+        1024  # listen backlog (the stdlib's 5 drops bursts of tile requests; the kernel caps it)
+    )
     page: Page
     manifest_bytes: bytes
     verbose: bool
