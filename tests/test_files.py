@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -338,3 +340,27 @@ def test_case_6_store_and_table_appear_together_even_when_killed_between(cli, ma
     assert rerun.returncode == 0 and "at tile 6 of 6" in rerun.stderr, rerun.stderr
     check_made("saliency", out)
     assert store.results_meta(table) == store.open_store(out).meta
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("name", ["tiles", "train-surrogate"])
+def test_case_14_a_full_disk_is_one_line_naming_the_output_not_a_hidden_temporary(cli, made, tmp_path, name):
+    """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: the same failed write(2). torch.save's
+    own writer (train-surrogate) would say "unexpected pos …" instead."""
+    out = tmp_path / ("t.parquet" if name == "tiles" else "s.pt")
+    args = command(name, made, out)
+    run = subprocess.run(cli.command(*args), check=False, env=cli.env(), capture_output=True, text=True,
+                         timeout=600, preexec_fn=_file_size_limit(4000))  # fmt: skip
+    err = run.stderr.strip()
+    assert run.returncode == 1 and len(err.splitlines()) == 1, err
+    assert re.fullmatch(
+        rf"smoothsal {name}: error: {tmp_path}/[^/ ]+: cannot be written \(File too large\); .*", err
+    )
+    assert ".partial" not in err and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
