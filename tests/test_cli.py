@@ -44,7 +44,7 @@ from smoothsal.tissue import TissueMaskSettings
 def test_output_path_that_is_a_directory(cli, slides_dir, tmp_path):
     err = cli("tiles", slides_dir / CMU, "--out", tmp_path, expect=1).err
     assert err.count("\n") == 1 and err.startswith("smoothsal tiles: error: ")
-    assert f"{tmp_path} is a directory; give a file path inside it" in err
+    assert f"{tmp_path} is a directory; give a file path for --out, e.g. {tmp_path / 'out'}" in err
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
