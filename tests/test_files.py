@@ -199,7 +199,7 @@ def command(name: str, p: dict[str, Path], out: Path) -> list[object]:
         "compare": ["compare", p["tile_png"], *model, "--size", "64", "--out", out],
         "train-model": ["train-model", *model, "--tiles", p["tiles"], "--epochs", "1", "--out", out],
         "train-surrogate": ["train-surrogate", *model, "--tiles", p["tiles"], "--epochs", "1",
-                            "--no-progress", "--out", out],
+                            "--workers", "0", "--no-progress", "--out", out],
     }[name]  # fmt: skip
 
 
