@@ -19,6 +19,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/surrogate.smk"
 include: "workflow/rules/saliency.smk"
 include: "workflow/rules/heatmaps.smk"
+include: "workflow/rules/seams.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -41,6 +41,7 @@ from .container import (
 from .errors import BadOption, BadStore, BadTable
 from .files import atomic_path, check_file_out, output_dir
 from .killpoints import kill_point
+from .seams import seam_measure
 from .slides import Slide, SlideReader, best_level, open_slide, read_rgb
 from .stitching import BLENDS, Placement, blend_weights, blocks_of_tiles, place_tiles, stitch_block
 from .store import SHARED_SETTINGS, SaliencyStore, TileMaps, open_store
@@ -247,12 +248,14 @@ def write_heatmap(
     coarsest = np.asarray(group[str(len(shapes) - 1)][...])
     finite = coarsest[np.isfinite(coarsest)]
     lo, hi = np.percentile(finite, [1, 99]).tolist() if finite.size else [0.0, 1.0]
+    seams = seam_measure(level0, placement.top, placement.left, placement.tile_h, placement.tile_w)
     info = dict(attrs) | {
         "pixel_size_um": pixel_um,
         "downsample": placement.downsample,
         "fill": "NaN",
         "blend": settings.blend,
         "value_range_p1_p99": [lo, hi],
+        "seams": seams.as_json(),  # how much the map shows its tile grid (`seams`)
     }
     omero = {
         "channels": [{"label": name, "color": "FFFFFF", "active": True,
@@ -266,6 +269,16 @@ def write_heatmap(
     return info
 
 
+class _Rows:
+    """Tile i of a subset = row `index[i]` of the store's maps."""
+
+    def __init__(self, maps: TileMaps, index: np.ndarray) -> None:
+        self.maps, self.index = maps, index
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.maps[int(self.index[i])]
+
+
 def write_container(
     out: str | Path,
     slide: Slide,
@@ -275,10 +288,14 @@ def write_container(
     annotations: Annotations | None = None,
     extra_settings: Mapping[str, Any] | None = None,
     progress: bool = False,
+    rows: Sequence[int] | None = None,
 ) -> Path:
     """Write the container for checked inputs (see `check_inputs`); `slide.reader` supplies the tissue
-    image (any `SlideReader`), skipped when `settings.tissue` is false. Returns `out`."""
+    image (any `SlideReader`), skipped when `settings.tissue` is false. `rows`: stitch only these tiles
+    of the table (the container's tile grid then holds only them). Returns `out`."""
     out = Path(out)
+    index = np.arange(len(table)) if rows is None else np.asarray(rows, np.int64)
+    table = table.iloc[index]
     images: list[dict[str, Any]] = []
     with output_dir(out, KIND) as tmp:
         root = create_root(tmp, settings.ngff)
@@ -290,7 +307,7 @@ def write_container(
                 for layer in store.layers:
                     arr = store.array(attribution, layer)
                     placement = place_tiles(table, arr.shape[1:], slide.dimensions)
-                    maps = store.maps(attribution, layer)
+                    maps = _Rows(store.maps(attribution, layer), index)
                     path = f"heatmaps/{store.method}/{attribution}/{layer}"
                     attrs = {"kind": "heatmap", "method": store.method, "attribution": attribution, "layer": layer,
                              "stride": arr.attrs.get("stride"), "saliency": str(store.path)}  # fmt: skip
@@ -298,7 +315,7 @@ def write_container(
                         root.require_group(path), maps, placement, slide.mpp, settings, path, attrs, progress,
                     )  # fmt: skip
                     images.append({"path": path, **{k: info[k] for k in ("kind", "method", "attribution", "layer")},
-                                   "pixel_size_um": info["pixel_size_um"]})  # fmt: skip
+                                   "pixel_size_um": info["pixel_size_um"], "seam_score": info["seams"]["score"]})  # fmt: skip
         boxes = table[["x", "y", "w", "h"]].to_numpy(np.int64)
         tiles = create_array(root, "tiles", boxes.shape, (max(1, min(len(boxes), 65536)), 4), np.int64, 0)
         tiles[...] = boxes
@@ -395,6 +412,10 @@ def export_ome_tiff(container: str | Path, image: str, out: str | Path) -> Path:
     c = open_container(container)
     info = c.image(image)
     levels = range(len(info.levels))
+    for lv in info.levels:  # a TIFF has square pixels and no origin: the image must start at the corner
+        if not math.isclose(*lv.scale, rel_tol=1e-9) or max(map(abs, lv.origin)) > 1e-6 * lv.scale[1]:
+            raise BadStore(f"{c.path}: {lv.path} is not square pixels from the slide's corner; an OME-TIFF "
+                           "cannot hold it, rewrite the container with `smoothsal heatmaps`")  # fmt: skip
     pixel_um = info.levels[0].scale[0]
     rgb = info.kind == "tissue" or "c" in info.axes
     with atomic_path(out) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
@@ -412,7 +433,7 @@ def export_ome_tiff(container: str | Path, image: str, out: str | Path) -> Path:
             tif.write(
                 _tiff_tiles(arr, rgb), shape=shape, dtype=arr.dtype, tile=(TIFF_TILE, TIFF_TILE),
                 photometric="rgb" if rgb else "minisblack", compression="zlib",
-                resolution=(1e4 / (pixel_um * 2 ** int(k)), 1e4 / (pixel_um * 2 ** int(k))),
+                resolution=(1e4 / info.levels[k].scale[1], 1e4 / info.levels[k].scale[0]),
                 resolutionunit="CENTIMETER", **options,
             )  # fmt: skip
     return Path(out)

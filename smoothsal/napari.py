@@ -1,87 +1,173 @@
-"""The heatmap container in napari: the tissue (RGB) and every heatmap as layers in µm (scale and
-translation from the container, contrast limits from robust percentiles)."""
+"""napari reader for `smoothsal heatmaps` containers: the tissue and every heatmap as layers, in µm.
+
+`napari --plugin smoothsal SLIDE.ome.zarr` finds this reader through the npe2 manifest (``napari.yaml``,
+entry point ``napari.manifest`` in pyproject.toml); `smoothsal view --napari` calls `open_napari`. Both
+use `layer_data`, so they show the same thing:
+
+- ``tissue``: the RGB pyramid, opaque, at the bottom;
+- one layer per heatmap, named ``method/attribution/layer``, the first one visible. Every level keeps its
+  NGFF scale and translation (µm, pixel centres), so a 1/16-resolution layer-3 map covers the tissue at
+  its physical size.
+- colour map ``smoothsal-diverging``: matplotlib's RdBu_r with opacity |2t − 1|, i.e. zero transparent,
+  full blue at −L and full red at +L, blended over the tissue. Attributions are signed (evidence for
+  and against the target), so the limits are symmetric, ±L with L the 99th percentile of |value| over
+  the heatmap's defined pixels (its coarsest level, as the browser viewer does): a few extreme pixels
+  do not wash out the rest, and 0 always sits at the transparent centre. NaN (no tile) is transparent.
+
+The reader claims a path only when it is a Zarr group whose root attributes hold smoothsal's container
+metadata (`container.Container` opens it); for anything else (another OME-Zarr, one image inside a
+container) it returns None and leaves the path to other readers. napari's own builtin reader also declares
+``*.zarr`` directories (and napari-ome-zarr does too, when installed), so a plain `napari SLIDE.ome.zarr`
+asks which plugin to use: choose smoothsal, or pass ``--plugin smoothsal``. Checked with napari 0.9.2 and
+napari-ome-zarr 0.10.0: napari-ome-zarr returns no layers for a container's root ("No matching spec");
+given one image (SLIDE.ome.zarr/heatmaps/M/A/L) it opens it with the µm scale but without the half-pixel
+translation, and the tissue as three channel layers. napari's builtin reader fails on the root.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .container import Container
-from .errors import BadOption
+import numpy as np
 
-__all__ = ["NapariLayer", "napari_layers", "open_napari"]
+from .container import Container, ImageInfo
+from .errors import BadOption, SmoothsalError
+
+__all__ = [
+    "COLORMAP",
+    "LIMIT_PERCENTILE",
+    "add_layers",
+    "colormap",
+    "get_reader",
+    "is_container",
+    "layer_data",
+    "open_napari",
+    "read",
+    "symmetric_limit",
+]
+
+COLORMAP = "smoothsal-diverging"
+BASE_COLORMAP = "RdBu_r"  # matplotlib: blue (negative) → white → red (positive)
+LIMIT_PERCENTILE = 99.0  # contrast limits ±(this percentile of |value|)
+LayerData = tuple[Any, dict[str, Any], str]  # (a level, or the list of levels; kwargs; "image")
+INSTALL = "install it with `pip install 'smoothsal[view]'`, or use the browser viewer (leave out --napari)"
 
 
-@dataclass(frozen=True)
-class NapariLayer:
-    """What napari's ``add_image`` needs for one image: lazy pyramid levels in (y, x[, c]) order."""
+def is_container(path: str | Path) -> bool:
+    """Whether `path` is a smoothsal heatmap container (metadata only; no pixels are read)."""
+    path = Path(path)
+    if not path.is_dir() or not ((path / ".zattrs").is_file() or (path / "zarr.json").is_file()):
+        return False
+    try:
+        Container(path)
+    except (SmoothsalError, OSError):
+        return False
+    return True
 
-    name: str
-    data: tuple[Any, ...]
-    scale: tuple[float, float]
-    translate: tuple[float, float]
-    rgb: bool
-    contrast_limits: tuple[float, float] | None
-    visible: bool
+
+def get_reader(path: str | Sequence[str]) -> Callable[[str | Sequence[str]], list[LayerData]] | None:
+    """npe2 reader hook: `read` for one smoothsal container, None for anything else."""
+    if not isinstance(path, str | Path):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    return read if is_container(path) else None
 
 
-def napari_layers(container: str | Path | Container) -> list[NapariLayer]:
-    """Layer descriptions for napari: the tissue (RGB) and every heatmap (first one visible), µm units."""
+def read(path: str | Sequence[str]) -> list[LayerData]:
+    """npe2 reader: the layers of one container."""
+    return layer_data(path if isinstance(path, str | Path) else path[0])
+
+
+@functools.cache
+def colormap() -> Any:
+    """The diverging colour map with transparent zero (a napari Colormap)."""
+    from matplotlib import colormaps
+    from napari.utils.colormaps import Colormap
+
+    t = np.linspace(0.0, 1.0, 256)
+    rgba = colormaps[BASE_COLORMAP](t)
+    rgba[:, 3] = np.abs(2.0 * t - 1.0)
+    return Colormap(rgba, name=COLORMAP, display_name=COLORMAP)
+
+
+def symmetric_limit(values: np.ndarray, percentile: float = LIMIT_PERCENTILE) -> float:
+    """L for contrast limits ±L: the `percentile` of |value| over finite values (1.0 when none are)."""
+    finite = np.abs(values[np.isfinite(values)].astype(np.float64))
+    limit = float(np.percentile(finite, percentile)) if finite.size else 0.0
+    if limit <= 0.0:
+        limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    return limit
+
+
+def _levels(c: Container, im: ImageInfo) -> Any:
+    """Lazy dask arrays in (y, x[, c]) order, other axes at index 0: the list of levels, or the one level."""
     import dask.array as da
 
-    c = container if isinstance(container, Container) else Container(container)
-    layers, shown = [], False
+    kept = [a for a in im.axes if a in ("y", "x", "c")]
+    order = [kept.index(a) for a in ("y", "x", "c") if a in kept]
+    index = tuple(slice(None) if a in ("y", "x", "c") else 0 for a in im.axes)
+    levels = [da.from_zarr(c.array(im.index, k))[index].transpose(order) for k in range(len(im.levels))]
+    return levels if len(levels) > 1 else levels[0]
+
+
+def layer_data(path: str | Path | Container, percentile: float = LIMIT_PERCENTILE) -> list[LayerData]:
+    """napari LayerData tuples: the tissue (RGB) and every heatmap, in µm, first heatmap visible."""
+    c = path if isinstance(path, Container) else Container(path)
+    layers: list[LayerData] = []
+    shown = False
     for im in c.images:
-        data = []
-        for lv in range(len(im.levels)):
-            arr = da.from_zarr(c.array(im.index, lv))
-            index = tuple(slice(None) if a in ("y", "x", "c") else 0 for a in im.axes)
-            kept = [a for a in im.axes if a in ("y", "x", "c")]
-            data.append(arr[index].transpose([kept.index(a) for a in ("y", "x", "c") if a in kept]))
-        limits = None
-        if im.kind != "tissue":
-            q = c.quantiles(im.index)
-            limits = (q[2], q[-3]) if q and q[-3] > q[2] else None  # 1st and 99th percentiles
-        layers.append(
-            NapariLayer(
-                name=im.name,
-                data=tuple(data),
-                scale=im.levels[0].scale,
-                translate=im.levels[0].translation,  # napari, like NGFF, places pixel centres
-                rgb=im.kind == "tissue",
-                contrast_limits=limits,
-                visible=im.kind == "tissue" or not shown,
-            )
-        )
-        shown = shown or im.kind != "tissue"
+        common = {
+            "scale": im.levels[0].scale,
+            "translate": im.levels[0].translation,  # NGFF and napari both place pixel centres
+            "multiscale": len(im.levels) > 1,
+            "units": ("micrometer", "micrometer"),
+            "axis_labels": ("y", "x"),
+            "metadata": {"smoothsal": {"container": str(c.path), "image": im.path, "kind": im.kind}},
+        }
+        if im.kind == "tissue":
+            layers.append((_levels(c, im), common | {"name": "tissue", "rgb": True}, "image"))
+            continue
+        last = len(im.levels) - 1
+        h, w = im.levels[last].shape
+        limit = symmetric_limit(c.region(im.index, last, slice(0, h), slice(0, w)), percentile)
+        kwargs = common | {
+            "name": f"{im.method}/{im.attribution}/{im.layer}",
+            "colormap": colormap(),
+            "contrast_limits": (-limit, limit),
+            "blending": "translucent",
+            "opacity": 1.0,
+            "visible": not shown,
+        }
+        kwargs["metadata"]["smoothsal"] |= {
+            "method": im.method,
+            "attribution": im.attribution,
+            "layer": im.layer,
+        }
+        layers.append((_levels(c, im), kwargs, "image"))
+        shown = True
     return layers
 
 
-def open_napari(container: str | Path) -> None:
-    """Open the container in napari (tissue + heatmaps as layers in µm); needs napari installed."""
+def add_layers(viewer: Any, path: str | Path) -> list[Any]:
+    """Add the container's layers to an open napari viewer; returns them."""
+    return [getattr(viewer, f"add_{kind}")(data, **kwargs) for data, kwargs, kind in layer_data(path)]
+
+
+def open_napari(path: str | Path, run: bool = True) -> Any:
+    """A napari viewer showing the container, scale bar in µm; runs the event loop unless `run` is false."""
     try:
         import napari
     except ImportError:
-        raise BadOption(
-            "napari is not installed; install it with `pip install 'napari[all]'`, or use the browser viewer "
-            "(leave out --napari)"
-        ) from None
-    viewer = napari.Viewer(title=f"smoothsal: {Path(container).name}")
-    for layer in napari_layers(container):
-        viewer.add_image(
-            list(layer.data),
-            multiscale=len(layer.data) > 1,
-            name=layer.name,
-            scale=layer.scale,
-            translate=layer.translate,
-            rgb=layer.rgb,
-            contrast_limits=layer.contrast_limits,
-            colormap=None if layer.rgb else "inferno",
-            opacity=1.0 if layer.rgb else 0.6,
-            blending="translucent" if layer.rgb else "additive",
-            visible=layer.visible,
-        )
+        raise BadOption(f"napari is not installed; {INSTALL}") from None
+    c = Container(path)  # a bad container fails here, before a window opens
+    viewer = napari.Viewer(title=f"smoothsal: {Path(path).name}")
+    add_layers(viewer, c.path)
     viewer.scale_bar.visible = True
     viewer.scale_bar.unit = "um"
-    napari.run()
+    if run:
+        napari.run()
+    return viewer

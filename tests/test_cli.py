@@ -20,6 +20,7 @@ from smoothsal import (
     demo_models,
     evaluation,
     heatmaps,
+    qupath,
     report,
     saliency,
     surrogate,
@@ -157,6 +158,15 @@ def test_every_default_comes_from_a_settings_dataclass():
         assert {k: got[k] for k in defaults} == defaults, args[0]
     # and they are what the settings are when built with no arguments
     assert default(g, "tile_size") == g().tile_size == 224 and default(s, "smoothgrad_samples") == 20
+    # the commands of issue 17: QuPath export, seams
+    x = qupath.ExportSettings
+    assert {k: parsed("export", "c.ome.zarr", "--map", "m/a/l", "--out", "o")[k] for k in
+            ("percentiles", "min_pixels", "object_type")} == {"percentiles": list(default(x, "percentiles")),
+            "min_pixels": default(x, "min_pixels"), "object_type": default(x, "object_type")}  # fmt: skip
+    got = parsed(
+        "seams", "s", "--saliency", "m", "--tiles", "t", "--without", "w", "--with", "o", "--table", "t"
+    )
+    assert (got["tissue_mpp"], got["ngff"]) == (default(h, "tissue_mpp"), default(h, "ngff"))
 
 
 def test_the_config_schemas_defaults_are_the_settings_defaults():
@@ -178,6 +188,10 @@ def test_the_config_schemas_defaults_are_the_settings_defaults():
         for k in ("mask_mpp", "min_saturation", "closing_um", "min_object_um2", "min_hole_um2")
     }
     tiles |= {"label_threshold": default(tiling.LabelSettings, "threshold")}
+    # target_mpp and level exclude each other: the schema leaves target_mpp null so that `level` alone
+    # works, and the rule passes neither flag then, so the command's own default applies
+    assert tiles.pop("target_mpp") == 0.5
+    tiles["target_mpp"] = None
     assert defaults(dataset["tiles"]) == tiles
     assert defaults(dataset["surrogate"]) == {
         k: default(surrogate.TrainSettings, k) for k in ("epochs", "batch_size", "lr", "seed", "amp")
@@ -208,6 +222,17 @@ def test_the_config_schemas_defaults_are_the_settings_defaults():
     assert top["methods"]["default"] == list(METHODS) and top["attributions"]["default"] == list(
         attribution.ATTRIBUTIONS
     )
+
+
+def test_the_seams_schema_defaults_are_the_tilings():
+    """config seams: no slide unless listed; the whole slide unless a region is given (the tiling's default)."""
+    seams = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"][
+        "seams"
+    ]
+    assert {k: v["default"] for k, v in seams["properties"].items()} == {
+        "slides": [],
+        "roi": default(TileGridSettings, "roi"),
+    }
 
 
 # --- a slide whose tile data is corrupt -----------------------------------------------------------

@@ -3,6 +3,7 @@ and levels in µm, the tile grid, one-line errors for what is not a container or
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 import zarr
 from helpers import CMU
+from ngff import assert_valid_ngff
 
 from smoothsal import container, heatmaps
 from smoothsal.errors import BadOption, BadStore, MissingInput
@@ -43,6 +45,7 @@ def written(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
         slides_dir / CMU, [d / "original.zarr"], d / "tiles.parquet", d / "c.ome.zarr", heatmaps.HeatmapSettings(chunk=256),
         progress=False,
     )  # fmt: skip
+    assert_valid_ngff(out)
     return out, table
 
 
@@ -101,3 +104,44 @@ def test_what_is_not_a_container_or_is_damaged_is_one_line_naming_it(written, tm
     shutil.rmtree(damaged / "heatmaps/original/gradient/layer1/1")
     with pytest.raises(BadStore, match="lists level '1', which is missing"):
         container.open_container(damaged)
+
+
+# --- the NGFF check every container test uses (tests/ngff.py) fails on containers that break the spec ---
+
+LAYER1 = "heatmaps/original/gradient/layer1"
+
+
+def _edit_multiscales(path: Path, change) -> None:
+    attrs = path / LAYER1 / ".zattrs"
+    meta = json.loads(attrs.read_text())
+    change(meta["multiscales"][0])
+    attrs.write_text(json.dumps(meta))
+
+
+BROKEN = {
+    "a level missing": (lambda p: shutil.rmtree(p / LAYER1 / "1"), "Expected to find an array"),
+    "three axes for 2-D arrays": (
+        lambda p: _edit_multiscales(p, lambda ms: ms["axes"].insert(0, {"name": "c", "type": "channel"})),
+        "length of axes",
+    ),
+    "translation before scale": (
+        lambda p: _edit_multiscales(p, lambda ms: ms["datasets"][0]["coordinateTransformations"].reverse()),
+        "Expected a scale or",
+    ),
+    "another version": (lambda p: _edit_multiscales(p, lambda ms: ms.update(version="0.3")), "0.4"),
+    "an image without multiscales": (
+        lambda p: _edit_multiscales(p, lambda ms: ms.clear()),
+        "not a valid NGFF",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_the_ngff_check_fails_on_broken_containers(written, tmp_path, case):
+    break_it, message = BROKEN[case]
+    copy = tmp_path / "broken.ome.zarr"
+    shutil.copytree(written[0], copy)
+    assert set(assert_valid_ngff(copy)) == {"tissue", LAYER1}  # valid before it is broken
+    break_it(copy)
+    with pytest.raises(AssertionError, match=message):
+        assert_valid_ngff(copy)

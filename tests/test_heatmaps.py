@@ -16,6 +16,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from ngff import assert_valid_ngff
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 
@@ -110,6 +111,7 @@ def test_non_overlapping_tiles_land_exactly_and_empty_chunks_are_not_written(cmu
     store = write_store(tmp_path / "original.zarr", table, "original", maps)
     settings = heatmaps.HeatmapSettings(blend=blend, chunk=256, tissue=False)
     out = heatmaps.make_heatmaps(cmu, [store], tiles, tmp_path / "s.ome.zarr", settings, progress=False)
+    assert_valid_ngff(out)
     for (attribution, layer), values in maps.items():
         path = f"heatmaps/original/{attribution}/{layer}"
         stitched = level(out, path)
@@ -160,6 +162,7 @@ def test_window_blending_has_no_seams_and_mean_and_none_differ_where_tiles_overl
         out = heatmaps.make_heatmaps(
             cmu, stores, tiles, tmp_path / f"{blend}.ome.zarr", settings, progress=False
         )
+        assert_valid_ngff(out)
         for name in cases:
             results[blend, name] = level(out, f"heatmaps/{name}/gradient/layer1")
 
@@ -248,6 +251,7 @@ def test_container_opens_in_ome_zarr_reader_at_the_slides_physical_size(cli, cmu
             "--annotations", str(annotation), "--out", str(out), "--no-progress",
             "--ome-tiff", "heatmaps/backward_hook/gradient/layer1", str(tmp_path / "bh.ome.tif")]  # fmt: skip
     cli(*args)
+    assert_valid_ngff(out)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial left beside it
 
     meta = zarr.open_group(out, mode="r").attrs["smoothsal"]
@@ -320,6 +324,7 @@ def test_killed_job_leaves_no_container_and_a_rerun_completes_it(cli, cmu, grid,
     (partial,) = files.partial_paths(out)  # .s.ome.zarr.partial-PID of the killed writer
     assert (partial / "tissue" / "0").is_dir()  # it died mid-write
     cli(*cmd)
+    assert_valid_ngff(out)
     assert not partial.exists() and files.partial_paths(out) == []
     meta = open_container(out).meta
     assert [i["path"] for i in meta["images"]][-1] == "heatmaps/original/gradient/layer2"
@@ -428,6 +433,7 @@ def test_backward_hook_heatmaps_are_smoother_than_original_at_slide_scale(cli, c
     out = heatmaps.make_heatmaps(
         cmu, stores, tiles, tmp_path / "h.ome.zarr", heatmaps.HeatmapSettings(tissue=False), progress=False
     )
+    assert_valid_ngff(out)
     for layer, stride in (("layer1", 4), ("layer2", 8), ("layer3", 16)):
         side = 2 * 128 // stride
         tv = {
@@ -456,3 +462,4 @@ def test_out_that_is_no_container_is_refused_not_deleted(cli, cmu, grid, tmp_pat
     again = [*args[:-2], str(out), "--no-progress"]
     cli(*again)
     cli(*again)
+    assert_valid_ngff(out)

@@ -13,7 +13,8 @@ MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 CORE = ("models", "smoothing", "attribution", "metrics")  # the method itself: no slides, tiles, stores
 DATA_SIDE = ("slides", "tissue", "grid", "annotations", "tiles", "tiling", "store", "container", "heatmaps",
-             "saliency", "stitching", "report", "viewer", "napari", "evaluation", "demo")  # fmt: skip
+             "saliency", "stitching", "report", "viewer", "napari", "evaluation", "demo", "seams", "overlap",
+             "qupath")  # fmt: skip
 FORMAT_CALLS = {"read_parquet", "to_parquet", "open_group"}
 FORMAT_HOMES = {"tiles.py", "store.py", "container.py"}  # the tile table, the saliency output, the container
 

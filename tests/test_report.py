@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from ngff import assert_valid_ngff
 from ome_zarr.format import FormatV04
 from ome_zarr.writer import write_multiscales_metadata
 
@@ -141,6 +142,7 @@ def _container(path: Path, slide: str, methods: list[str], layers: list[str], se
                 values[method, attribution, layer] = z
     root.attrs["smoothsal"] = {"version": "test", "slide_id": slide, "slide_mpp": 0.5,
                                "slide_size_px": [512, 384], "images": images, "tiles": "tiles"}  # fmt: skip
+    assert_valid_ngff(path)
     return values
 
 
@@ -443,3 +445,30 @@ def test_case_9_a_slide_without_tissue_gives_an_empty_container_and_a_report_lin
               "--heatmaps", container, "--out", tmp_path / "report")  # fmt: skip
     assert "CMU-1-Small-Region: no tissue (0 tiles)" in run.out
     assert "CMU-1-Small-Region: no tissue (0 tiles)" in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_seam_section_shows_both_scores_and_the_maps_side_by_side(cli, table_paths, slides_dir, tmp_path):
+    """`--seams`: the table of `smoothsal seams` (synthetic falloff maps on a real slide's half-stride
+    tiles) comes back as the report's seam table (CSV, Markdown, HTML) and one figure per slide."""
+    from test_overlap import seam_run
+
+    (tmp_path / "seams").mkdir()
+    run = seam_run(cli, slides_dir, tmp_path / "seams")
+    out = tmp_path / "report"
+    cli("report", "--tables", *table_paths.values(), "--seams", run["table"], "--out", out)
+    written = pd.read_csv(out / "tables" / "seams.csv")
+    source = pd.read_csv(run["table"])
+    assert sorted(written["method"]) == sorted(source["method"])
+    merged = written.merge(source, on=["method", "attribution", "layer"], suffixes=("", "_src"))
+    np.testing.assert_allclose(merged["seams_without"], merged["seams_without_src"])
+    np.testing.assert_allclose(merged["seams_with"], merged["seams_with_src"])
+    np.testing.assert_allclose(merged["ratio"], merged["seams_with"] / merged["seams_without"])
+    original = merged.set_index("method").loc["original"]
+    cell = f"{original['seams_without']:.3f} → {original['seams_with']:.3f} ({original['ratio']:.2f})"
+    assert cell in (out / "tables" / "seams.md").read_text()
+    page = (out / "index.html").read_text()
+    assert 'id="seams"' in page and cell in page and "figures/seams/CMU-1-Small-Region.png" in page
+    from PIL import Image
+
+    figure = np.asarray(Image.open(out / "figures" / "seams" / "CMU-1-Small-Region.png").convert("RGB"))
+    assert figure.shape[0] > 300 and figure.std() > 10  # a real figure, not an empty canvas

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from ngff import assert_valid_ngff
 from ome_zarr.format import FormatV04
 from ome_zarr.writer import write_multiscales_metadata
 from PIL import Image
@@ -35,7 +36,6 @@ from skimage.transform import downscale_local_mean
 
 from smoothsal import viewer
 from smoothsal.errors import BadOutput, BadStore
-from smoothsal.napari import napari_layers
 
 SLIDE_MPP = 0.5
 SLIDE_PX = (4096, 3072)  # level-0 W, H → 2048 × 1536 µm
@@ -149,6 +149,7 @@ def write_container(
             {"class": 1, "name": "Tumor", "vertices": [[x / SLIDE_MPP, y / SLIDE_MPP] for x, y in square]}
         ],
     }
+    assert_valid_ngff(path)
     return path
 
 
@@ -545,6 +546,7 @@ def test_whole_slide_container_opens_without_reading_whole_levels(
                        "attribution": "gradient", "layer": "layer1"})  # fmt: skip
     root["tissue/0"][:, 512:1024, 1024:1536] = 7  # one real chunk at level 0
     root["heatmaps/original/gradient/layer1/0"][100:200, 300:400] = 2.5
+    assert_valid_ngff(tmp_path / "big.ome.zarr")
     last = root["heatmaps/original/gradient/layer1"]
     coarsest = str(len(last.attrs["multiscales"][0]["datasets"]) - 1)
     last[coarsest][:4, :4] = [[1, 2, 3, 4]] * 4
@@ -592,25 +594,6 @@ def test_export_replaces_an_earlier_export_only(container: Path, tmp_path: Path)
     assert (other / "notes.txt").read_text() == "mine"
 
 
-def test_napari_layers_and_message_without_napari(cli, container: Path) -> None:
-    layers = napari_layers(container)
-    assert [layer.name for layer in layers][:2] == ["tissue", "original / gradient / layer1"]
-    tissue, first = layers[0], layers[1]
-    assert tissue.rgb and tissue.data[0].shape == (768, 1024, 3) and tissue.scale == (2.0, 2.0)
-    assert tissue.translate == (1.0, 1.0)  # pixel centres, as NGFF and napari place them
-    assert first.data[0].shape == (768, 1024) and first.scale == (2.0, 2.0) and len(first.data) == 3
-    assert first.visible and not any(layer.visible for layer in layers[2:])
-    lo, hi = first.contrast_limits
-    assert 0 <= lo < hi <= 1.02
-    try:
-        import napari  # noqa: F401
-    except ImportError:
-        err = cli("view", container, "--napari", expect=1).err
-        assert (
-            "napari is not installed" in err and "pip install" in err and len(err.strip().splitlines()) == 1
-        )
-
-
 def test_bad_containers_fail_with_one_line(cli, tmp_path: Path) -> None:
     err = cli("view", tmp_path / "missing.ome.zarr", "--port", "0", expect=1).err
     assert "missing.ome.zarr: heatmap container not found (not a directory)" in err and err.count("\n") == 1
@@ -631,6 +614,7 @@ def test_browser_on_a_real_container(cli, browser: object, slides_dir: Path, tmp
         "--no-progress", "--out", out / "original.zarr")  # fmt: skip
     cli("heatmaps", slide, "--saliency", out / "original.zarr", "--tiles", out / "t.parquet", "--no-progress",
         "--out", out / "cmu.ome.zarr")  # fmt: skip
+    assert_valid_ngff(out / "cmu.ome.zarr")
     boxes = np.asarray(zarr.open_group(str(out / "cmu.ome.zarr"), mode="r")["tiles"][...])
     mpp = 0.499
     with running(viewer.make_server(out / "cmu.ome.zarr", port=0)) as url:

@@ -18,10 +18,12 @@ import uuid
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 import zarr
+from ngff import assert_valid_ngff
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 
@@ -288,6 +290,7 @@ def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tm
 
 def check_container(path: Path, slide: str) -> None:
     """Every method × attribution × layer heatmap opens with ome-zarr-py as a µm-scaled 2-D pyramid."""
+    assert_valid_ngff(path)
     meta = zarr.open_group(path, mode="r").attrs["smoothsal"]
     assert meta["slide_id"] == slide
     heatmaps = {
@@ -386,8 +389,10 @@ def test_shipped_config_is_the_demo(shipped: Path) -> None:
     """The shipped config plans the whole demo: demo data, both models, surrogates, every eval slide."""
     jobs = planned_jobs(shipped, "--configfile", str(ROOT / "config.yaml"))
     counts = pd.Series([rule for rule, _ in jobs]).value_counts().to_dict()
+    # and config seams: one slide again at half stride (tiles, 4 methods' saliency, both stitchings)
     assert counts == {"demo_data": 1, "tiles": 9, "train_model": 2, "train_surrogate": 2, "saliency": 3 * 4,
-                      "heatmaps": 3, "report": 1}  # fmt: skip
+                      "heatmaps": 3, "report": 1,
+                      "seams_tiles": 1, "seams_saliency": 4, "seams": 1}  # fmt: skip
 
 
 @pytest.fixture
@@ -510,6 +515,11 @@ def c16_model(**settings):
         pytest.param(lambda c: c.update(layers=["encoder.layer1"]),  # a FlexibleUNet name, not a ResNet's
                      ["config layers (dataset c16, arch resnet18): unknown layer 'encoder.layer1'"],
                      id="layer-of-another-arch"),
+        pytest.param(lambda c: c.update(seams={"slides": ["c16/cmu_pyramid"]}),
+                     ["dataset c16: seams.slides lists slide ids that are not in its eval slides: 'cmu_pyramid'"],
+                     id="seams-train-slide"),
+        pytest.param(lambda c: c.update(seams={"slides": ["c17/cmu"]}),
+                     ["config seams.slides: 'c17/cmu' names no dataset; use one of c16"], id="seams-no-dataset"),
         pytest.param(c16(class_map="Tumor"),
                      ["dataset c16 (class_map 'Tumor')", "cannot read 'Tumor'", "NAME=ID"], id="class_map-malformed"),
     ],
@@ -739,3 +749,33 @@ def test_system_setup_installs_what_the_tests_need_then_only_looks() -> None:
     if os.geteuid() == 0:  # CI runs as root; a user who cannot become root needs no root when all is there
         nobody = run_setup("nobody")
         assert nobody.returncode == 0 and "(0 installed now)" in nobody.stderr, nobody.stderr
+
+
+def test_seam_run_stitches_one_half_stride_run_both_ways(sheet_dataset: Path) -> None:
+    """config seams: the eval slide tiled again at half stride (rule seams_tiles), every method's saliency
+    on those tiles (seams_saliency), both stitchings and their seam scores (seams), in the report."""
+    edit_config(sheet_dataset, lambda c: c.update(
+        methods=["original", "backward_hook"], seams={"slides": ["c16/cmu"], "roi": [768, 768, 512, 512]},
+    ) or c["datasets"]["c16"].update(tiles=TILES))  # fmt: skip
+    planned = {rule for rule, _ in planned_jobs(sheet_dataset)}
+    assert {"seams_tiles", "seams_saliency", "seams"} <= planned
+    run_local(sheet_dataset)
+    seams = sheet_dataset / "results" / "c16" / "seams" / "cmu"
+    half = pd.read_parquet(seams / "tiles.parquet")
+    assert (half["w"] == 128).all() and set(np.diff(np.unique(half["x"]))) == {64}  # stride: half a tile
+    table = pd.read_csv(seams / "seams.csv")
+    assert len(table) == 2 * len(ATTRIBUTIONS) * len(LAYERS) and set(table["method"]) == {
+        "original",
+        "backward_hook",
+    }
+    assert (table["tiles_with"] == len(half)).all() and (0 < table["tiles_without"]).all()
+    assert (table["tiles_without"] < table["tiles_with"]).all() and (table["overlap"] == 2).all()
+    # 16-px layer1 maps have band and interior at half stride; 4-px layer3 maps have no interior (NaN)
+    assert table.loc[table["layer"] == "layer1", ["seams_without", "seams_with"]].notna().all().all()
+    for name in ("without", "with"):
+        assert_valid_ngff(seams / f"{name}.ome.zarr")
+    report = sheet_dataset / "results" / "report"
+    assert (report / "tables" / "seams.csv").is_file() and (
+        report / "figures" / "seams" / "cmu.png"
+    ).is_file()
+    assert 'id="seams"' in (report / "index.html").read_text()

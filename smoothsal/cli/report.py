@@ -21,6 +21,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     # fmt: off
     p.add_argument("--tables", type=Path, nargs="+", required=True, metavar="TABLE", help="per-tile tables (.parquet) from `smoothsal saliency --table`")
     p.add_argument("--heatmaps", type=Path, nargs="*", default=[], metavar="CONTAINER", help="heatmap containers (.ome.zarr) from `smoothsal heatmaps`: one overview figure each")
+    p.add_argument("--seams", type=Path, nargs="*", default=[], metavar="TABLE", help="seam tables (.csv) from `smoothsal seams`: seam scores without / with overlap and their figures")
     p.add_argument("--out", type=Path, required=True, help="report directory (replaced as a whole)")
     p.add_argument("--title", default=default(r, "title"), help="title of index.html")
     p.add_argument("--percentile", type=float, default=default(r, "percentile"), help=f"colour limit per overview row: this percentile of |value| (default {default(r, 'percentile'):g})")
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> None:
     settings = ReportSettings(
         title=args.title, percentile=args.percentile, alpha=args.alpha, thumbnail_px=args.thumbnail_px
     )
-    result = write_report(args.tables, args.out, args.heatmaps, settings)
+    result = write_report(args.tables, args.out, args.heatmaps, settings, seams=args.seams)
     print(
         f"{result.out / 'index.html'}: {len(result.tables)} tables, {len(result.figures)} figures "
         f"from {len(args.tables)} per-tile tables" + "".join(f"; {n}" for n in result.notes)

@@ -17,6 +17,7 @@ from ..errors import BadOption
 from ..files import OutputKind, output_dir
 from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
 from .html import index_html
+from .seams import read_seams, seam_figure, seam_table
 from .tables import Collected, Table, collect, pool, report_tables
 
 __all__ = [
@@ -93,11 +94,16 @@ def write_report(
     out: str | Path,
     heatmaps: Sequence[str | Path] = (),
     settings: ReportSettings = ReportSettings(),
+    seams: Sequence[str | Path] = (),
 ) -> ReportResult:
-    """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically."""
+    """Tables (CSV + Markdown), figures (PNG + SVG) and ``index.html`` under ``out``, written atomically;
+    with ``seams`` (tables of `smoothsal seams`) also the seam table and figures."""
     out = Path(out)
     collected = collect(tables)
     built = report_tables(collected)
+    seam_rows = read_seams(seams)
+    if not seam_rows.empty:
+        built.append(seam_table(seam_rows))
     notes = []
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
@@ -105,12 +111,12 @@ def write_report(
         where = f"{slide[0]} / {slide[1]}" if slide[0] else slide[1]
         notes.append(f"{where}: no tissue (0 tiles); left out of the tables and figures.")
     with output_dir(out, KIND) as tmp:
-        for sub in ("tables", "figures/tv_per_layer", "figures/overview"):
+        for sub in ("tables", "figures/tv_per_layer", "figures/overview", "figures/seams"):
             (tmp / sub).mkdir(parents=True)
         for table in built:
             table.data.to_csv(tmp / "tables" / f"{table.name}.csv", index=False)
             (tmp / "tables" / f"{table.name}.md").write_text(table.markdown())
-        figures: dict[str, list[tuple[str, str]]] = {"tv_per_layer": [], "overview": []}
+        figures: dict[str, list[tuple[str, str]]] = {"tv_per_layer": [], "overview": [], "seams": []}
         tv = next(t for t in built if t.name == "tv").data
         for (dataset, model), layers in collected.layers.items():
             sel = tv[(tv["dataset"] == dataset) & (tv["model"] == model)]
@@ -141,6 +147,10 @@ def write_report(
             stem = f"figures/overview/{_slug(dataset, overview.slide_id)}"
             _save(fig, tmp / stem, settings.dpi)
             figures["overview"].append((stem, caption))
+        for slide_id, rows in seam_rows.groupby("slide_id", sort=False) if not seam_rows.empty else ():
+            stem = f"figures/seams/{_slug(str(slide_id))}"
+            _save(seam_figure(rows, settings), tmp / stem, settings.dpi)
+            figures["seams"].append((stem, f"{slide_id}: layer1 without and with overlap + window blending"))
         (tmp / "index.html").write_text(index_html(settings, collected, built, figures, notes))
     return ReportResult(
         out,

@@ -100,5 +100,8 @@ def index_html(
             "|value| over its methods.</p>"
         )
         parts.extend(_figure(stem, caption) for stem, caption in figures["overview"])
+    if "seams" in by_name:
+        parts.append(_table_section(by_name["seams"]))
+        parts.extend(_figure(stem, caption) for stem, caption in figures.get("seams", []))
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -493,3 +493,37 @@ def get_report_heatmaps(wildcards):
 
 def get_final_outputs():
     return ["results/report/index.html"]
+
+
+# --- seams: eval slides tiled again at half stride (rule seams) --------------------------------------
+
+
+def read_seam_slides():
+    """(dataset, slide id) of config seams.slides; each must be an eval slide of that dataset."""
+    pairs = []
+    for entry in config["seams"]["slides"]:
+        dataset, slide = entry.split("/", 1)
+        if dataset not in DATASETS:
+            raise WorkflowError(f"config seams.slides: {entry!r} names no dataset; use one of {', '.join(DATASETS)}")
+        check_ids(dataset, "seams.slides", [slide], slides_of(dataset, "eval"), "its eval slides")
+        pairs.append((dataset, slide))
+    return pairs
+
+
+SEAM_SLIDES = read_seam_slides()
+
+
+def seams_tiles_settings(wildcards):
+    """The dataset's tiling at half stride, on config seams.roi, every tile (no sample)."""
+    ds = DATASETS[wildcards.dataset]
+    tiles = {**ds["tiles"], "stride": ds["tiles"]["tile_size"] // 2, "roi": config["seams"]["roi"], "max_tiles": None}
+    return cli_args({**tiles, "class_map": ds["class_map"]})
+
+
+def get_seam_stores(wildcards):
+    return expand("results/{dataset}/seams/{slide}/saliency/{method}.zarr", dataset=wildcards.dataset,
+                  slide=wildcards.slide, method=METHODS)  # fmt: skip
+
+
+def get_report_seams(wildcards):
+    return [f"results/{dataset}/seams/{slide}/seams.csv" for dataset, slide in SEAM_SLIDES]

@@ -5,6 +5,7 @@ rule report:
     input:
         tables=get_report_tables,
         heatmaps=get_report_heatmaps,
+        seams=get_report_seams,
     output:
         index="results/report/index.html",
         tables=report(
@@ -27,7 +28,15 @@ rule report:
             category="Figures",
             subcategory="Slide overviews",
         ),
+        seams=report(
+            directory("results/report/figures/seams"),
+            patterns=["{name}.png"],
+            caption="../report/seams.rst",
+            category="Figures",
+            subcategory="Seams",
+        ),
     params:
+        seams=lambda wildcards, input: optional("--seams", input.seams),
         version=VERSION,
     log:
         "results/logs/report.log",
@@ -40,5 +49,6 @@ rule report:
     conda:
         "../../envs/smoothsal.yaml"
     shell:
-        "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q} --out results/report"
+        "smoothsal report --tables {input.tables:q} --heatmaps {input.heatmaps:q} {params.seams}"
+        " --out results/report"
         " > {log:q} 2>&1"
