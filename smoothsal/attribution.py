@@ -46,8 +46,8 @@ class SmoothGrad:
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise BadOption(f"SmoothGrad samples must be >= 1, got {self.samples}")
-        if self.stdev < 0:
-            raise BadOption(f"SmoothGrad stdev must be >= 0, got {self.stdev}")
+        if not self.stdev >= 0 or self.stdev == float("inf"):  # NaN fails every comparison
+            raise BadOption(f"--smoothgrad-stdev must be a finite number >= 0, got {self.stdev}")
 
 
 # --- the ReLU that knows both derivatives -----------------------------------------------------

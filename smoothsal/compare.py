@@ -14,7 +14,7 @@ from torch import nn
 
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
 from .errors import BadInput, BadOption, one_line
-from .files import atomic_path
+from .files import atomic_path, check_file_out
 from .metrics import total_variation
 from .models import check_input_size
 from .smoothing import METHODS, SurrogatePaths, method_info, smooth
@@ -128,6 +128,7 @@ def run_compare(
         raise BadOption(
             f"--out {out}: unknown figure format {kind!r}; give a file ending in .png, .svg or .pdf"
         )
+    check_file_out(out)
     rgb = read_tile_image(tile, settings.size)
     network, surrogate, norm = model.load()
     check_input_size(network, settings.size, model.arch, "--size")

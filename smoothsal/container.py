@@ -29,10 +29,11 @@ import numpy as np
 import zarr
 
 from .annotations import Annotations
-from .errors import BadOption, BadOutput, BadStore, MissingInput, one_line
-from .files import is_zarr_group
+from .errors import BadOption, BadStore, MissingInput, one_line
+from .files import MARKER_KEY, OutputKind, check_replaceable
 
 __all__ = [
+    "KIND",
     "Container",
     "ImageInfo",
     "Level",
@@ -45,6 +46,7 @@ __all__ = [
     "ngff_format",
     "open_container",
     "reduce2",
+    "write_marker",
     "write_multiscales",
     "write_pyramid",
 ]
@@ -88,7 +90,7 @@ def create_array(
         kwargs |= {"compressors": BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")}
         if dims:
             kwargs["dimension_names"] = list(dims)
-    chunks = tuple(min(c, s) for c, s in zip(chunks, shape))
+    chunks = tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, **kwargs)
 
 
@@ -170,12 +172,17 @@ def write_multiscales(
     )
 
 
+KIND = OutputKind("heatmap-container", "smoothsal heatmaps", format=1, zarr=True)  # the output marker
+
+
 def check_existing(path: Path) -> None:
-    """An existing ``--out`` is replaced only if it is a Zarr group (never a user's folder)."""
-    if not is_zarr_group(path):
-        raise BadOutput(
-            f"{path} exists and is not a Zarr container; give a new path (SLIDE.ome.zarr) or remove it"
-        )
+    """An existing ``--out`` is replaced only if `smoothsal heatmaps` wrote it (`files.check_replaceable`)."""
+    check_replaceable(path, KIND)
+
+
+def write_marker(root: zarr.Group) -> None:
+    """Mark a finished container as this command's output (`files` module doc)."""
+    root.attrs[MARKER_KEY] = KIND.marker
 
 
 def annotation_list(annotations: Annotations) -> list[dict[str, Any]]:
@@ -299,7 +306,8 @@ class Container:
         except (FileNotFoundError, ValueError, KeyError, zarr.errors.BaseZarrError) as err:
             raise BadStore(f"{self.path}: not a readable Zarr group ({one_line(err)}); {FIX}") from None
         meta = dict(self.root.attrs).get("smoothsal")
-        if not isinstance(meta, dict) or not meta.get("images"):
+        empty = isinstance(meta, dict) and meta.get("n_tiles") == 0 and meta.get("images") == []
+        if not isinstance(meta, dict) or not (meta.get("images") or empty):
             raise BadStore(f"{self.path}: no 'smoothsal' root attributes listing images; {FIX}")
         self.meta: dict[str, Any] = meta
         try:

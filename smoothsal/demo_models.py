@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .annotations import read_annotations, tile_label_mask
 from .errors import BadOption, BadTable
+from .files import check_file_out
 from .models import (
     ARCHITECTURES,
     IMAGENET_MEAN,
@@ -248,6 +249,7 @@ def run_model_training(
     """`smoothsal train-model`: read the tiles (and, for a segmenter, one annotation file per tile
     table, same order), train, write the checkpoint."""
     check_arch(settings.arch)
+    check_file_out(out)
     table = read_tile_tables(tables)
     torch.manual_seed(settings.seed)
     probe, tile_size = (

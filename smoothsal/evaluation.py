@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from . import __version__
 from .errors import BadOption
-from .files import atomic_path
+from .files import atomic_path, check_file_out
 from .models import check_input_size
 from .predictions import TARGETS, check_target, choose_targets, class_logits, prediction_columns
 from .smoothing import SurrogatePaths, check_methods, smooth
@@ -209,6 +209,7 @@ def run_evaluation(
 ) -> EvalResult:
     """The `evaluate` stage: read the tiles, load the model (and surrogate), compare, write the summary
     (CSV, and markdown: default OUT with .md) and optionally the per-tile table (Parquet)."""
+    check_file_out(out, markdown or Path(out).with_suffix(".md"), per_tile)
     table = read_tile_tables(tables)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network, surrogate, norm = model.load(device)

@@ -1,18 +1,78 @@
-"""Writing outputs so that a killed job never leaves a file that looks complete."""
+"""Writing outputs so that a killed job never leaves a file that looks complete, two writers never mix
+their work, and nothing a command did not write is ever deleted or overwritten.
+
+The rule for directory outputs (saliency stores, heatmap containers, reports, viewer exports): each
+carries a *marker*, ``{"kind": …, "format": N}``, written by the one command that makes that kind of
+output: in the root attributes (key ``smoothsal_output``) of a Zarr group, in a hidden file
+``.smoothsal-output.json`` inside any other directory. An existing ``--out`` is replaced only if it
+carries the marker of the command now writing (same kind, same format version) or is an empty directory;
+anything else is refused with one line naming it (`BadOutput`) and left untouched.
+
+Single-file outputs (tables, figures, checkpoints, logs) are written under a hidden temporary name and
+renamed over the target: an existing *file* of that name is replaced whole, a directory or a link there
+is refused before any work (`check_file_out`). The per-tile saliency table goes further: it replaces only
+a table that `smoothsal saliency` wrote (`store.check_out`).
+
+A writer holds an exclusive lock on its output for the whole run: ``fcntl.flock`` on a hidden file
+``.NAME.lock`` beside it (the OS releases the lock when the process dies, however it dies; only the
+holder removes the file, and a writer checks that the file it locked is still the one of that name). A second writer of the same output fails
+at once, naming it. The work goes to a hidden sibling named after the writer's process
+(``.NAME.partial-PID``) and replaces the output in one rename when complete; what killed writers left is
+cleared only by a writer holding the lock.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import BadOutput, SmoothsalError, one_line
+from .killpoints import kill_point
 
-__all__ = ["atomic_dir", "atomic_path", "is_zarr_group", "partial_paths", "replace_dir"]
+__all__ = [
+    "MARKER_FILE",
+    "MARKER_KEY",
+    "OutputKind",
+    "atomic_dir",
+    "atomic_path",
+    "check_file_out",
+    "check_replaceable",
+    "is_zarr_group",
+    "lock_path",
+    "output_dir",
+    "output_lock",
+    "output_locks",
+    "partial_paths",
+    "read_marker",
+    "replace_dir",
+    "writable",
+]
 
 _MARK = ".partial-"
+MARKER_KEY = "smoothsal_output"  # root attribute of a Zarr output
+MARKER_FILE = ".smoothsal-output.json"  # marker inside any other directory output
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One kind of directory output: its marker and the command that writes it (for messages)."""
+
+    kind: str  # e.g. "saliency-store"
+    command: str  # e.g. "smoothsal saliency"
+    format: int = 1  # bumped when the layout changes: an output of another format is not replaced
+    zarr: bool = False  # a Zarr group (marker in its root attributes; the writer puts it there)
+
+    @property
+    def marker(self) -> dict[str, Any]:
+        return {"kind": self.kind, "format": self.format}
 
 
 @contextmanager
@@ -21,11 +81,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     if path.is_dir():
         raise BadOutput(f"{path} is a directory; give a file path inside it, e.g. {path / 'out'}")
-    with _writable(path):
+    with writable(path):
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{_MARK}{os.getpid()}")
     try:
-        with _writable(path):
+        with writable(path):
             yield tmp
             os.replace(tmp, path)
     finally:
@@ -33,16 +93,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def _writable(path: Path) -> Iterator[None]:
-    """The OS refusing to write ``path`` (permissions, a full disk, a read-only file system) is bad output."""
+def writable(path: Path) -> Iterator[None]:
+    """The OS refusing to write ``path`` (permissions, a full disk, a read-only file system) is bad output;
+    the message names ``path`` (the output the user gave), never a hidden temporary."""
     try:
         yield
     except SmoothsalError:
         raise
     except OSError as err:
-        raise BadOutput(
-            f"{path}: cannot be written ({one_line(err)}); give an --out you may write to"
-        ) from err
+        reason = os.strerror(err.errno) if err.errno else one_line(err)
+        raise BadOutput(f"{path}: cannot be written ({reason}); give an --out you may write to") from err
+
+
+def check_file_out(*paths: str | Path | None, option: str = "--out") -> None:
+    """Before any work: each single-file output may be written (a directory or a link there is refused,
+    never replaced; its folder can be created and written). A file there is replaced atomically: single
+    files are replaced whole, folders never (see the module doc)."""
+    for path in filter(None, paths):
+        path = Path(path)
+        if path.is_dir() or path.is_symlink():
+            kind = "a link" if path.is_symlink() else "a directory"
+            raise BadOutput(f"{path} is {kind}; give a file path for {option}, e.g. {path / 'out'}")
+        with writable(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent))
 
 
 def partial_paths(path: str | Path) -> list[Path]:
@@ -56,8 +131,112 @@ def is_zarr_group(path: Path) -> bool:
     return path.is_dir() and ((path / ".zgroup").is_file() or (path / "zarr.json").is_file())
 
 
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_marker(path: str | Path) -> dict[str, Any] | None:
+    """The output marker a directory carries (see the module doc), None when it has none."""
+    path = Path(path)
+    if (path / "zarr.json").is_file():
+        meta = _json(path / "zarr.json")
+        found = (meta.get("attributes") or {}).get(MARKER_KEY) if isinstance(meta, dict) else None
+    elif (path / ".zgroup").is_file():
+        attrs = _json(path / ".zattrs")
+        found = attrs.get(MARKER_KEY) if isinstance(attrs, dict) else None
+    else:
+        found = _json(path / MARKER_FILE)
+    return found if isinstance(found, dict) else None
+
+
+def _describe(path: Path) -> str:
+    marker = read_marker(path)
+    if marker is not None:
+        return f"a {marker.get('kind')} (format {marker.get('format')})"
+    return "a Zarr group of another program" if is_zarr_group(path) else "a folder smoothsal did not write"
+
+
+def check_replaceable(path: str | Path, kind: OutputKind) -> None:
+    """Raise `BadOutput` unless ``path`` is absent, an empty directory, or carries ``kind``'s marker."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise BadOutput(
+            f"{path} exists and is not a directory that `{kind.command}` wrote; give a new --out or "
+            "remove it yourself"
+        )
+    if not path.exists() or read_marker(path) == kind.marker:
+        return
+    with writable(path):
+        empty = not any(path.iterdir())
+    if not empty:
+        raise BadOutput(
+            f"{path} exists and is {_describe(path)}; `{kind.command}` replaces only a {kind.kind} "
+            f"(format {kind.format}) it wrote: give a new --out or remove it yourself"
+        )
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+def _locked_fd(path: Path, lock: Path) -> int:
+    """An open descriptor holding the flock of ``lock``, the file now at that name (retried when the
+    holder before removed it between our open and our lock)."""
+    while True:
+        with writable(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BadOutput(
+                f"{path} is being written by another process (it holds {lock.name}); wait for it to "
+                "finish or give another --out"
+            ) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a file its holder had already removed: take the one there now
+
+
+@contextmanager
+def output_lock(path: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock of output ``path`` for the block; `BadOutput` at once when another process
+    holds it. The lock file ``.NAME.lock`` is removed by its holder just before it lets go (a waiter
+    that opened the removed file finds it gone and takes the new one), so a finished output leaves
+    none; a killed writer's stays, unlocked, and the next writer reuses it."""
+    path = Path(path)
+    lock = lock_path(path)
+    fd = _locked_fd(path, lock)
+    try:
+        kill_point("files.locked")
+        yield path
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+@contextmanager
+def output_locks(*paths: str | Path) -> Iterator[None]:
+    """The locks of several outputs of one command (always taken in the order given)."""
+    with ExitStack() as stack:
+        for path in paths:
+            stack.enter_context(output_lock(path))
+        yield
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory ``src`` to ``dst``; a former ``dst`` is removed only afterwards."""
+    """Move the finished directory ``src`` to ``dst``; a former ``dst`` is removed only afterwards.
+    Call it holding ``dst``'s lock."""
     old = dst.with_name(f".{dst.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -67,24 +246,46 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _clear_partials(path: Path) -> None:
+    """Remove what killed writers of ``path`` left (only a holder of the lock calls this)."""
+    for stale in partial_paths(path):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(path: str | Path, check_existing: Callable[[Path], None]) -> Iterator[Path]:
-    """A fresh hidden sibling ``.NAME.partial`` (not yet created) that replaces ``path`` only if the block
-    completes; one a killed run left is removed first.
+    """A fresh hidden sibling ``.NAME.partial-PID`` (not yet created) that replaces ``path`` only if the
+    block completes, all under ``path``'s lock.
 
-    An existing ``path`` is first given to ``check_existing``, which raises if it is not ours to replace:
-    a typo such as ``--out results/`` must never delete a folder.
+    An existing ``path`` is given to ``check_existing`` before anything is written and again just before
+    the replace; it raises if ``path`` is not ours to replace.
     """
     path = Path(path)
-    if path.exists():
-        check_existing(path)
-    with _writable(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with _writable(path):
-            yield tmp
-            replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(path):
+        if path.exists() or path.is_symlink():
+            check_existing(path)
+        _clear_partials(path)
+        tmp = path.with_name(f".{path.name}{_MARK}{os.getpid()}")
+        try:
+            with writable(path):
+                yield tmp
+                if path.exists() or path.is_symlink():
+                    check_existing(path)
+                replace_dir(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def output_dir(path: str | Path, kind: OutputKind) -> Iterator[Path]:
+    """`atomic_dir` for one kind of output: an existing ``path`` is replaced only if it carries ``kind``'s
+    marker (or is an empty directory); the finished output carries it (a Zarr writer sets the root
+    attribute itself, `MARKER_KEY`; any other directory gets `MARKER_FILE` here)."""
+    with atomic_dir(path, lambda p: check_replaceable(p, kind)) as tmp:
+        yield tmp
+        if not kind.zarr:
+            tmp.mkdir(exist_ok=True)
+            (tmp / MARKER_FILE).write_text(json.dumps(kind.marker) + "\n")
+        if read_marker(tmp) != kind.marker:
+            raise RuntimeError(f"{tmp}: the writer did not set the {kind.kind} marker")  # a bug

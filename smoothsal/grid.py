@@ -41,6 +41,8 @@ class TileGridSettings:
     def __post_init__(self) -> None:
         if self.tile_size < 1 or (self.stride is not None and self.stride < 1):
             raise BadOption(f"tile size and stride must be >= 1 px, got {self.tile_size} / {self.stride}")
+        if not 0 <= self.min_tissue <= 1:
+            raise BadOption(f"--min-tissue is a tissue fraction in [0, 1], got {self.min_tissue}")
         if self.max_tiles is not None and self.max_tiles < 0:
             raise BadOption(f"--max-tiles must be >= 0, got {self.max_tiles}")
         if self.level is None and self.target_mpp <= 0:

@@ -29,21 +29,22 @@ from tqdm import tqdm
 from . import __version__
 from .annotations import Annotations, check_annotations_within, read_annotations
 from .container import (
+    KIND,
     annotation_list,
-    check_existing,
     create_array,
     create_root,
     open_container,
+    write_marker,
     write_multiscales,
     write_pyramid,
 )
 from .errors import BadOption, BadStore, BadTable
-from .files import atomic_dir, atomic_path
+from .files import atomic_path, check_file_out, output_dir
 from .killpoints import kill_point
 from .seams import seam_measure
 from .slides import Slide, SlideReader, best_level, open_slide, read_rgb
 from .stitching import BLENDS, Placement, blend_weights, blocks_of_tiles, place_tiles, stitch_block
-from .store import SaliencyStore, TileMaps, open_store
+from .store import SHARED_SETTINGS, SaliencyStore, TileMaps, open_store
 from .tiles import read_tile_table, tiles_sha256
 
 __all__ = [
@@ -56,11 +57,6 @@ __all__ = [
 ]
 
 NGFF_VERSIONS = ("0.4", "0.5")
-# Settings of the saliency job that must agree between the stores of one slide (when both record them).
-SHARED_SETTINGS = (
-    "arch", "num_classes", "checkpoint", "model_sha256", "mean", "std", "attributions", "layers",
-    "smoothgrad_samples", "smoothgrad_stdev", "seed", "target", "task", "dataset",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,9 +85,10 @@ class HeatmapSettings:
 
 
 def _check_table(slide: Slide, table: pd.DataFrame, tiles: Path) -> None:
-    """The tile table (already checked to be this slide's, `tiles.read_tile_table`) fits the slide."""
+    """The tile table (already checked to be this slide's, `tiles.read_tile_table`) fits the slide; an
+    empty one (no tissue) gives a container without heatmaps."""
     if table.empty:
-        raise BadTable(f"{tiles}: the tile table has no tiles; nothing to stitch")
+        return
     mpp = float(table["slide_mpp"].iloc[0])
     if not math.isclose(mpp, slide.mpp, rel_tol=1e-3):
         raise BadOption(
@@ -111,7 +108,8 @@ def _check_table(slide: Slide, table: pd.DataFrame, tiles: Path) -> None:
 
 def _check_store(store: SaliencyStore, table: pd.DataFrame, tiles: Path) -> None:
     """One store was computed on exactly these tiles."""
-    meta, name, slide_id = store.meta, store.path, str(table["slide_id"].iloc[0])
+    meta, name = store.meta, store.path
+    slide_id = str(table["slide_id"].iloc[0]) if len(table) else str(meta["slide_id"])
     if str(meta["slide_id"]) != slide_id:
         raise BadStore(
             f"{name}: saliency of slide {meta['slide_id']!r} but {tiles} is slide {slide_id!r}; "
@@ -299,12 +297,12 @@ def write_container(
     index = np.arange(len(table)) if rows is None else np.asarray(rows, np.int64)
     table = table.iloc[index]
     images: list[dict[str, Any]] = []
-    with atomic_dir(out, check_existing) as tmp:
+    with output_dir(out, KIND) as tmp:
         root = create_root(tmp, settings.ngff)
         if settings.tissue:
             info = write_tissue(root.create_group("tissue"), slide, settings, progress)
             images.append({"path": "tissue", "kind": "tissue", "pixel_size_um": info["pixel_size_um"]})
-        for store in stores:
+        for store in stores if len(table) else ():  # no tiles (no tissue): no heatmap images
             for attribution in store.attributions:
                 for layer in store.layers:
                     arr = store.array(attribution, layer)
@@ -323,7 +321,8 @@ def write_container(
         tiles[...] = boxes
         meta: dict[str, Any] = {
             "version": __version__,
-            "slide_id": str(table["slide_id"].iloc[0]),
+            "slide_id": str(stores[0].meta["slide_id"]),
+            "n_tiles": len(table),
             "slide_path": str(slide.path),
             "slide_mpp": slide.mpp,
             "slide_size_px": list(slide.dimensions),
@@ -338,6 +337,7 @@ def write_container(
         if annotations is not None:
             meta["annotations"] = annotation_list(annotations)
         root.attrs["smoothsal"] = json.loads(json.dumps(meta, default=str))
+        write_marker(root)
     return out
 
 
@@ -356,6 +356,7 @@ def make_heatmaps(
     """The `heatmaps` stage for one slide: read and check inputs, write the container atomically, then
     export the images named in `ome_tiff` ((image path, file) pairs) as pyramidal OME-TIFFs."""
     tiles = Path(tiles)
+    check_file_out(*(path for _, path in ome_tiff), option="--ome-tiff")
     table = read_tile_table(tiles, slide_path)
     stores = [open_store(p) for p in saliency]
     ann = read_annotations(annotations, class_map) if annotations else None

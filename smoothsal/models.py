@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -244,8 +245,10 @@ def load_torch_dict(path: Path, what: str, fix: str) -> dict:
 
 def save_torch_file(obj: object, path: str | Path) -> None:
     """``torch.save`` to a temporary file renamed into place: a kill never leaves a torn file."""
+    buffer = io.BytesIO()  # serialised in memory, then written by Python: a full disk is then an
+    torch.save(obj, buffer)  # OSError (BadOutput naming the file), not torch's internal writer message
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def file_sha256(path: str | Path) -> str:

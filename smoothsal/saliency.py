@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import __version__
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
 from .errors import BadOption, BadTable
+from .files import output_locks
 from .hooks import Hooks
 from .killpoints import kill_point
 from .metrics import total_variation
@@ -296,9 +297,19 @@ def run_saliency(
     checkpoint: Path | None = None,
     surrogate: Path | None = None,
 ) -> SaliencyResult:
-    """Saliency store + per-tile table of one slide under one method (resumable; see module doc)."""
+    """Saliency store + per-tile table of one slide under one method (resumable; see module doc).
+
+    Both outputs are locked for the whole run and checked before any work (`store.check_out`)."""
+    with output_locks(options.out, options.table):
+        check_out(options.out, options.table)
+        return _run(slide, tiles, settings, options, checkpoint, surrogate)
+
+
+def _run(
+    slide: Path, tiles: Path, settings: SaliencySettings, options: RunOptions, checkpoint: Path | None,
+    surrogate: Path | None,
+) -> SaliencyResult:  # fmt: skip
     began = time.perf_counter()
-    check_out(options.out)
     settings, table = _prepare(Path(slide), Path(tiles), settings, checkpoint, surrogate)
     device = _resolve_device(options.device)
     n = len(table)

@@ -90,6 +90,11 @@ class Slide:
 def open_reader(path: str | Path) -> openslide.OpenSlide:
     """Open a slide with OpenSlide, turning its errors into one-line errors that name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise BadSlide(
+            f"{path}: is a directory, not a slide file; give the slide's file (for MRXS the .mrxs beside "
+            "its folder)"
+        )
     if not path.is_file():
         raise MissingInput(f"{path}: slide not found; check the path")
     try:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,22 +34,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from .errors import BadOutput, BadStore, BadTable, MissingInput, one_line
-from .files import atomic_path, is_zarr_group, replace_dir
+from .errors import BadOption, BadOutput, BadStore, BadTable, MissingInput, one_line
+from .files import MARKER_KEY, OutputKind, atomic_path, check_replaceable, read_marker, replace_dir, writable
+from .killpoints import kill_point
 
 __all__ = [
     "CHUNK_TILES",
     "RESULT_COLUMNS",
+    "SHARED_SETTINGS",
+    "STORE_KIND",
+    "TABLE_MARKER",
     "Results",
     "SaliencyStore",
     "StoreWriter",
     "TileMaps",
     "check_out",
+    "chunk_file",
     "open_store",
     "partial_dir",
     "read_results",
     "results_columns",
     "results_meta",
+    "table_marker",
     "tv_columns",
     "write_results",
 ]
@@ -57,6 +65,11 @@ COMPACT_ROWS = 64  # per-batch row files kept before they are merged into one
 CHUNK_TILES = 64  # tiles per zarr chunk (one chunk = 64 maps of one layer: ~1 MB at 56×56)
 META_KEYS = ("slide_id", "method", "layers", "attributions", "tiles_sha256", "n_tiles")
 STORE_FIX = "give a `smoothsal saliency` output"
+# Settings of a saliency job that must agree between the outputs of one slide (every method's).
+SHARED_SETTINGS = (
+    "arch", "num_classes", "checkpoint", "model_sha256", "mean", "std", "attributions", "layers",
+    "smoothgrad_samples", "smoothgrad_stdev", "seed", "target", "task", "dataset",
+)  # fmt: skip
 RESULTS_FIX = "give the per-tile .parquet tables that `smoothsal saliency --table` writes"
 # What every per-tile results table has (besides tv/{attribution}/{layer} columns).
 RESULT_COLUMNS = ("dataset", "slide_id", "method", "arch", "tile", "task", "pd_all", "pd_target")
@@ -146,13 +159,24 @@ class TileMaps:
         return block[i - k * self.step]
 
     def _read(self, k: int) -> np.ndarray:
+        chunk = chunk_file(Path(self.path), self.array, k)
+        if not chunk.is_file():  # every chunk of a finished store is written, NaN or not
+            raise BadStore(
+                f"{chunk}: missing, a chunk (tiles {k * self.step}…) of array {self.array.path} in store "
+                f"{self.path}; the store is damaged, rerun `smoothsal saliency`"
+            )
         try:
             return np.asarray(self.array[k * self.step : (k + 1) * self.step], dtype=np.float32)
         except (RuntimeError, ValueError, OSError, zarr.errors.BaseZarrError) as err:  # e.g. blosc errors
             raise BadStore(
-                f"{self.path}: array {self.array.path} (tiles {k * self.step}…) cannot be read "
-                f"({one_line(err)}); the store is damaged, rerun `smoothsal saliency`"
+                f"{chunk}: cannot be read ({one_line(err)}), a chunk (tiles {k * self.step}…) of array "
+                f"{self.array.path} in store {self.path}; the store is damaged, rerun `smoothsal saliency`"
             ) from None
+
+
+def chunk_file(store: Path, array: zarr.Array, k: int) -> Path:
+    """The file of chunk ``k`` (along tiles) of a store array (Zarr v2, '.'-separated chunk keys)."""
+    return store / array.path / ".".join([str(k)] + ["0"] * (array.ndim - 1))
 
 
 # --- the results table ----------------------------------------------------------------------------
@@ -171,10 +195,14 @@ def results_columns(num_classes: int, attributions: Sequence[str], layers: Seque
 
 def write_results(table: pd.DataFrame, path: str | Path, meta: Mapping[str, Any]) -> None:
     """A per-tile results table with ``meta`` as JSON in its schema metadata, written atomically."""
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"smoothsal": json.dumps(meta)})
     with atomic_path(path) as tmp:
-        pq.write_table(arrow, tmp)
+        _write_table(table, tmp, meta)
+
+
+def _write_table(table: pd.DataFrame, path: Path, meta: Mapping[str, Any]) -> None:
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    extra = {b"smoothsal": json.dumps(meta), MARKER_KEY.encode(): json.dumps(TABLE_MARKER)}
+    pq.write_table(arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **extra}), path)
 
 
 def _schema(path: Path) -> pa.Schema:
@@ -232,13 +260,44 @@ def read_results(path: str | Path, optional: Sequence[str] = ()) -> Results:
 # --- writing: partial state, resume, the finished outputs -----------------------------------------
 
 
-def check_out(out: Path) -> None:
-    """``--out`` is replaced at the end: refuse anything there that is not a Zarr store (a typo such as
-    ``--out results/`` must not delete a folder)."""
-    if out.exists() and not is_zarr_group(out):
-        raise BadOutput(
-            f"{out} exists and is not a saliency store; give a new path ending in {{method}}.zarr, or remove it"
+STORE_KIND = OutputKind("saliency-store", "smoothsal saliency", format=1, zarr=True)
+TABLE_MARKER = {"kind": "saliency-table", "format": 1}  # in the results table's schema metadata
+
+
+def check_out(out: Path, table: Path | None = None) -> None:
+    """Before any work: the store may replace what is at ``out`` only if `smoothsal saliency` wrote it
+    (`files.check_replaceable`), the table at ``table`` only if it is a results table it wrote (a
+    Parquet file carrying ``TABLE_MARKER``); else one line naming the path, and nothing is touched."""
+    check_replaceable(out, STORE_KIND)
+    if table is None:
+        return
+    if Path(table).resolve() == Path(out).resolve():
+        raise BadOption(
+            f"--table {table} is the same path as --out; give {Path(out).with_suffix('.parquet')}"
         )
+    if table.is_dir() or table.is_symlink():
+        raise BadOutput(
+            f"{table} is a directory or a link; give a new file path for --table (METHOD.parquet)"
+        )
+    if table.exists() and table_marker(table) != TABLE_MARKER:
+        raise BadOutput(
+            f"{table} exists and is not a per-tile table that `smoothsal saliency` wrote; give a new "
+            "--table or remove it yourself"
+        )
+    with writable(table):  # an unwritable directory is found now, not after the work
+        table.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=table.parent, prefix=f".{table.name}.partial-")
+        os.close(fd)
+        os.unlink(probe)
+
+
+def table_marker(path: Path) -> dict | None:
+    """The output marker in a Parquet file's schema metadata (None: not a table we wrote)."""
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(MARKER_KEY.encode())
+        return json.loads(raw) if raw else None
+    except (OSError, ValueError, pa.ArrowException):
+        return None
 
 
 def partial_dir(out: Path) -> Path:
@@ -254,11 +313,12 @@ class _State:
     store: Path
     rows: Path
     progress: Path
+    table: Path  # the finished table, moved into place right after the store
 
     @classmethod
     def of(cls, out: Path) -> _State:
         root = partial_dir(out)
-        return cls(root, root / out.name, root / "rows", root / "progress.json")
+        return cls(root, root / out.name, root / "rows", root / "progress.json", root / "table.parquet")
 
     def read_progress(self) -> dict | None:
         try:
@@ -315,8 +375,9 @@ def _empty_dtype(column: str) -> str:
 
 
 def _start(
-    state: _State, meta: dict, shapes: Mapping[str, tuple[int, int]], tile_size: int, targets_sha256: str = ""
-) -> tuple[zarr.Group, int]:
+    state: _State, out: Path, meta: dict, shapes: Mapping[str, tuple[int, int]], tile_size: int,
+    targets_sha256: str = "",
+) -> tuple[zarr.Group | None, int]:  # fmt: skip
     """Open the partial state when it belongs to these settings, tiles and labels, else start afresh."""
     n = int(meta["n_tiles"])
     progress = state.read_progress()
@@ -324,6 +385,9 @@ def _start(
         "settings": meta["settings"], "tiles_sha256": meta["tiles_sha256"], "n_tiles": n,
         "targets_sha256": targets_sha256,
     }  # fmt: skip
+    moved = progress is not None and progress.get("moved") and state.table.is_file()
+    if moved and progress.get("key") == key and read_marker(out) == STORE_KIND.marker:
+        return None, n  # killed between moving the store and the table: `_finish` moves the table
     if progress is not None and progress.get("key") == key and state.store.is_dir():
         try:
             group = zarr.open_group(state.store, mode="r+", zarr_format=2)
@@ -341,7 +405,7 @@ def _start(
     shutil.rmtree(state.root, ignore_errors=True)
     state.rows.mkdir(parents=True)
     group = zarr.open_group(state.store, mode="w", zarr_format=2)
-    group.attrs["smoothsal"] = meta
+    group.attrs.update({"smoothsal": meta, MARKER_KEY: STORE_KIND.marker})
     for a in meta["attributions"]:
         for layer in meta["layers"]:
             h, w = shapes.get(layer, (0, 0))
@@ -355,20 +419,28 @@ def _start(
 
 
 def _finish(state: _State, out: Path, results: Path, meta: dict, columns: Sequence[str] | None) -> None:
+    """Store and table appear together: the table is written into the partial state first, then the
+    store and the table are moved into place; a kill in between is completed by the next run."""
     n = int(meta["n_tiles"])
     progress = state.read_progress()
     if progress is None or _done(progress["batches"]) < n:
         raise BadStore(f"saliency: {state.root} does not hold every tile; rerun the job")
-    parts = sorted(state.rows.glob("*.parquet"))
-    if parts:
-        table = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).sort_values("tile")
-        table = table.drop_duplicates("tile").reset_index(drop=True)
-        table = table[list(columns)] if columns is not None else table
-    else:
-        table = pd.DataFrame({c: pd.Series(dtype=_empty_dtype(c)) for c in columns or ()})
-    zarr.consolidate_metadata(zarr.open_group(state.store, mode="r+", zarr_format=2).store)
-    replace_dir(state.store, out)
-    write_results(table, results, meta)
+    if not progress.get("moved"):
+        parts = sorted(state.rows.glob("*.parquet"))
+        if parts:
+            table = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).sort_values("tile")
+            table = table.drop_duplicates("tile").reset_index(drop=True)
+            table = table[list(columns)] if columns is not None else table
+        else:
+            table = pd.DataFrame({c: pd.Series(dtype=_empty_dtype(c)) for c in columns or ()})
+        with atomic_path(state.table) as tmp:
+            _write_table(table, tmp, meta)
+        zarr.consolidate_metadata(zarr.open_group(state.store, mode="r+", zarr_format=2).store)
+        replace_dir(state.store, out)
+        state.write_progress(progress | {"moved": True})
+        kill_point("saliency.finish")  # tests: killed between the two renames
+    with writable(results):
+        os.replace(state.table, results)
     shutil.rmtree(state.root, ignore_errors=True)
 
 
@@ -389,7 +461,7 @@ class StoreWriter:
     def open(self, shapes: Mapping[str, tuple[int, int]], tile_size: int, labels_sha256: str = "") -> int:
         """Create or resume the partial store: one array per attribution × layer, ``shapes`` (h, w)
         per layer (a missing layer: 0 × 0, for a slide without tiles)."""
-        self.group, done = _start(self.state, self.meta, shapes, tile_size, labels_sha256)
+        self.group, done = _start(self.state, self.out, self.meta, shapes, tile_size, labels_sha256)
         self.progress = self.state.read_progress()
         return done
 
@@ -398,7 +470,10 @@ class StoreWriter:
     ) -> None:
         """Tiles [start, stop): their maps per (attribution, layer) and their results rows."""
         for (attribution, layer), values in maps.items():
-            self.group[f"{attribution}/{layer}"][start:stop] = values
+            # every chunk is written, NaN or not: a missing chunk file then means a damaged store
+            self.group[f"{attribution}/{layer}"].with_config({"write_empty_chunks": True})[start:stop] = (
+                values
+            )
         with atomic_path(self.state.rows / f"{start:09d}.parquet") as tmp:
             rows.to_parquet(tmp, index=False)
         _add_batch(self.progress["batches"], start, stop)

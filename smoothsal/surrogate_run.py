@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from .errors import BadCheckpoint, BadOption
-from .files import atomic_path, partial_paths
+from .files import atomic_path, check_file_out, partial_paths
 from .killpoints import kill_point
 from .models import check_input_size, in_channels, load_model, load_torch_dict, save_torch_file
 from .smoothing import SurrogatePaths, smooth
@@ -489,6 +489,7 @@ def train_from_tables(
 ) -> RunResult:
     """The `train-surrogate` stage: read the tile tables, derive the settings (``choices`` are the
     other fields of ``TrainSettings``: arch, num_classes, epochs, …), train, write the surrogate."""
+    check_file_out(options.out, options.state_path, options.log_path)
     table = read_tile_tables(tables)
     settings = TrainSettings.for_tiles(table, checkpoint=checkpoint, mean=mean, std=std, **choices)
     return run_training(settings, table, options, checkpoint=checkpoint)

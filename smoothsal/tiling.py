@@ -22,7 +22,7 @@ from .annotations import (
     tile_label_mask,
 )
 from .errors import BadOption
-from .files import atomic_path
+from .files import atomic_path, check_file_out
 from .grid import TileGridSettings, check_tile_fits, grid_positions, slide_region, tile_geometry
 from .slides import Slide, open_slide
 from .tiles import write_tile_table
@@ -206,6 +206,7 @@ def make_tiles(
 ) -> Tiling:
     """The `tiles` stage for one slide: tile it, write the overview (default: OUT with .png), then the
     table (last: the table marks a finished slide). The label columns cover every class of the map."""
+    check_file_out(out, overview or Path(out).with_suffix(".png"))
     class_map = DEFAULT_CLASS_MAP if class_map is None else class_map
     labels = replace(settings.labels, n_classes=max(1, n_classes(class_map)))
     regions = read_annotations(annotations, class_map) if annotations else None

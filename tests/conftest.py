@@ -134,10 +134,11 @@ class Cli:
             env=self.env(kill_at),
         )  # fmt: skip
 
-    def popen(self, *args: object, **kwargs: object) -> subprocess.Popen:
+    def popen(self, *args: object, kill_at: str = "", **kwargs: object) -> subprocess.Popen:
         """A running command; Ctrl-C (SIGINT) reaches it whatever this process blocks or ignores."""
         kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True} | kwargs
-        return subprocess.Popen(self.command(*args), env=self.env(), preexec_fn=_sigint_default, **kwargs)  # noqa: PLW1509 (no threads fork here)
+        env = self.env(kill_at)
+        return subprocess.Popen(self.command(*args), env=env, preexec_fn=_sigint_default, **kwargs)  # noqa: PLW1509 (no threads fork here)
 
 
 def _sigint_default() -> None:

@@ -12,7 +12,7 @@ import openslide
 import pandas as pd
 import pytest
 import yaml
-from helpers import CMU, ROOT
+from helpers import CMU, ROOT, TISSUE_TILES
 
 from smoothsal import (
     attribution,
@@ -33,6 +33,7 @@ from smoothsal.compare import CompareSettings
 from smoothsal.errors import BadSlide
 from smoothsal.grid import TileGridSettings
 from smoothsal.models import IMAGENET_MEAN, IMAGENET_STD
+from smoothsal.slides import open_slide
 from smoothsal.smoothing import METHODS
 from smoothsal.store import StoreWriter
 from smoothsal.surrogate_run import RunOptions as TrainRunOptions
@@ -45,7 +46,7 @@ from smoothsal.tissue import TissueMaskSettings
 def test_output_path_that_is_a_directory(cli, slides_dir, tmp_path):
     err = cli("tiles", slides_dir / CMU, "--out", tmp_path, expect=1).err
     assert err.count("\n") == 1 and err.startswith("smoothsal tiles: error: ")
-    assert f"{tmp_path} is a directory; give a file path inside it" in err
+    assert f"{tmp_path} is a directory; give a file path for --out, e.g. {tmp_path / 'out'}" in err
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
@@ -317,3 +318,42 @@ def test_corrupt_tile_data_is_one_line_naming_the_slide_in_every_command(cli, co
     assert "Traceback" not in err and "DataLoader worker" not in err
     out = corrupt["dir"] / "out"  # nothing that looks finished (saliency keeps its hidden work state)
     assert not out.exists() or not [p.name for p in out.iterdir() if not p.name.startswith(".")]
+
+
+# --- issue 18, case 14: each a message naming the file or option and the fix -------------------------
+
+
+def case_14_args(name: str, slides_dir: Path, tiles_dir: Path, tmp_path: Path) -> tuple[list[object], str]:
+    slide = slides_dir / CMU
+    tiles = tmp_path / "t.parquet"
+    if name in ("layers fc", "smoothgrad stdev nan"):
+        with open_slide(slide) as opened:
+            table = tiling.tile_slide(
+                opened, TileGridSettings(tile_size=64, target_mpp=2.0, max_tiles=2)
+            ).table
+        write_tile_table(table, tiles)
+    sal = ["saliency", slide, "--tiles", tiles, "--arch", "resnet18", "--num-classes", "2", "--method",
+           "original", "--no-progress", "--out", tmp_path / "m.zarr", "--table", tmp_path / "m.parquet"]  # fmt: skip
+    (tmp_path / "dir.svs").mkdir()
+    (tmp_path / "figures").mkdir()
+    return {
+        "layers fc": ([*sal, "--layers", "fc"], "layer 'fc' gives outputs of shape [2] per tile, not maps"),
+        "smoothgrad stdev nan": ([*sal, "--layers", "layer1", "--smoothgrad-stdev", "nan"],
+                                 "--smoothgrad-stdev must be a finite number >= 0, got nan"),
+        "min tissue 2": (["tiles", slide, "--min-tissue", "2", "--out", tiles],
+                         "--min-tissue is a tissue fraction in [0, 1], got 2.0"),
+        "directory as slide": (["tiles", tmp_path / "dir.svs", "--out", tiles],
+                               f"{tmp_path / 'dir.svs'}: is a directory, not a slide file"),
+        "compare --out DIR": (["compare", tiles_dir / TISSUE_TILES[0], "--size", "64", "--out",
+                               tmp_path / "figures"],
+                              f"{tmp_path / 'figures'} is a directory; give a file path for --out"),
+    }[name]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", ["layers fc", "smoothgrad stdev nan", "min tissue 2", "directory as slide", "compare --out DIR"]
+)
+def test_case_14_bad_options_and_paths_are_one_line_naming_them(cli, slides_dir, tiles_dir, tmp_path, name):
+    args, message = case_14_args(name, slides_dir, tiles_dir, tmp_path)
+    err = cli(*args, expect=1).err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err

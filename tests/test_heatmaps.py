@@ -20,7 +20,7 @@ from ngff import assert_valid_ngff
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 
-from smoothsal import heatmaps, slides
+from smoothsal import files, heatmaps, slides
 from smoothsal.container import open_container
 from smoothsal.grid import TileGridSettings
 from smoothsal.metrics import total_variation
@@ -321,11 +321,11 @@ def test_killed_job_leaves_no_container_and_a_rerun_completes_it(cli, cmu, grid,
     killed = cli.process(*cmd, kill_at="heatmaps.block=2")  # SIGKILLs itself after 2 stitched blocks
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()
-    partial = tmp_path / ".s.ome.zarr.partial"
+    (partial,) = files.partial_paths(out)  # .s.ome.zarr.partial-PID of the killed writer
     assert (partial / "tissue" / "0").is_dir()  # it died mid-write
     cli(*cmd)
     assert_valid_ngff(out)
-    assert not partial.exists()
+    assert not partial.exists() and files.partial_paths(out) == []
     meta = open_container(out).meta
     assert [i["path"] for i in meta["images"]][-1] == "heatmaps/original/gradient/layer2"
     assert np.isfinite(level(out, "heatmaps/original/gradient/layer2")).any()
@@ -454,7 +454,9 @@ def test_out_that_is_no_container_is_refused_not_deleted(cli, cmu, grid, tmp_pat
     args = ["heatmaps", str(cmu), "--saliency", str(store), "--tiles", str(tiles), "--no-tissue",
             "--out", str(folder), "--no-progress"]  # fmt: skip
     err = cli(*args, expect=1).err.strip()
-    assert len(err.splitlines()) == 1 and f"{folder} exists and is not a Zarr container" in err, err
+    assert len(err.splitlines()) == 1 and f"{folder} exists and is a folder smoothsal did not write" in err, (
+        err
+    )
     assert (folder / "notes.txt").read_text() == "keep me"
     out = tmp_path / "s.ome.zarr"  # a container there is replaced as before
     again = [*args[:-2], str(out), "--no-progress"]

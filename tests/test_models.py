@@ -9,6 +9,7 @@ from helpers import module_calls, num_classes, with_real_statistics
 from torch import nn
 
 import smoothsal as ss
+from smoothsal.errors import BadCheckpoint
 from smoothsal.models import ARCHITECTURES
 
 
@@ -92,3 +93,14 @@ def test_unknown_layer_names_the_allowed_values():
     model = ss.load_model("resnet18", num_classes=2)
     with pytest.raises(ValueError, match="unknown layer 'layer7'.*aliases layer1, layer2, layer3, layer4"):
         ss.resolve_layer(model, "layer7")
+
+
+def test_case_13_weights_of_another_class_count_name_each_tensor_shape_and_the_option(tmp_path):
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=5).state_dict(), tmp_path / "r5.pt")
+    with pytest.raises(BadCheckpoint) as err:
+        ss.load_model("resnet18", num_classes=2, checkpoint=tmp_path / "r5.pt")
+    assert str(err.value) == (
+        f"checkpoint {tmp_path / 'r5.pt'} does not fit arch 'resnet18': tensors of other shapes: fc.weight "
+        "(5, 512) (model: (2, 512)), fc.bias (5,) (model: (2,)); check --num-classes (the last layer's "
+        "outputs) and --arch"
+    )

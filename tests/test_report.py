@@ -365,7 +365,9 @@ def test_table_without_required_columns_is_one_line_naming_the_file(cli, frames,
 
 def test_out_with_other_files_is_refused(table_paths, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(BadOutput, match="holds files that are no report"):
+    with pytest.raises(
+        BadOutput, match="is a folder smoothsal did not write; `smoothsal report` replaces only a report"
+    ):
         report.write_report(list(table_paths.values())[:1], tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
@@ -388,6 +390,61 @@ def test_table_without_dataset_name_takes_it_from_the_results_layout(frames, tmp
     collected = report.collect([path])
     assert collected.tiles["dataset"].tolist() == ["camelyon16"]
     assert collected.layers == {("camelyon16", "resnet18"): CAMELYON_LAYERS}
+
+
+def _run_meta(frame: pd.DataFrame, tiles: str = "abc", **settings: object) -> dict:
+    """The metadata `smoothsal saliency` writes with a per-tile table (store.results_meta)."""
+    return {"version": "test", "slide_id": str(frame["slide_id"].iloc[0]), "method": str(frame["method"].iloc[0]),
+            "layers": CAMELYON_LAYERS, "attributions": list(ATTRIBUTIONS), "tiles_sha256": tiles,
+            "n_tiles": len(frame), "settings": {"arch": "resnet18", "smoothgrad_samples": 1, **settings}}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", ["tile set", "settings"])
+def test_case_10_tables_of_one_slide_from_different_runs_are_refused_naming_both(frames, tmp_path, change):
+    a = frames["camelyon16", "tumor_a", "original"]
+    b = frames["camelyon16", "tumor_a", "backward_hook"]
+    first, second = tmp_path / "original.parquet", tmp_path / "backward_hook.parquet"
+    write_results(a, first, _run_meta(a))
+    if change == "tile set":  # 6 of the 7 tiles: another tile table
+        b = b.iloc[:6]
+        write_results(b, second, _run_meta(b, tiles="def"))
+        word = "tile set"
+    else:
+        write_results(b, second, _run_meta(b, smoothgrad_samples=2))
+        word = "smoothgrad_samples (2 vs 1)"
+    with pytest.raises(SmoothsalError, match="different") as err:
+        report.write_report([first, second], tmp_path / "report")
+    assert str(second) in str(err.value) and str(first) in str(err.value) and word in str(err.value)
+    assert not (tmp_path / "report").exists()
+    write_results(b, second, _run_meta(b, tiles="abc" if change == "settings" else "def"))  # same run: fine
+    if change == "settings":
+        report.write_report([first, second], tmp_path / "report")
+
+
+def test_case_9_a_slide_without_tissue_gives_an_empty_container_and_a_report_line(
+    cli, slides_dir, table_paths, tmp_path
+):
+    """A real slide region with no tissue: 0 tiles → saliency → heatmaps (a valid container without
+    heatmaps) → report (a "no tissue" line; the other slides as before)."""
+    from smoothsal.container import open_container
+
+    slide = slides_dir / "CMU-1-Small-Region.svs"
+    tiles, store_path = tmp_path / "empty.parquet", tmp_path / "original.zarr"
+    cli("tiles", slide, "--tile-size", "64", "--target-mpp", "2.0", "--roi", "0", "0", "600", "600",
+        "--min-tissue", "0.5", "--out", tiles)  # fmt: skip
+    cli("saliency", slide, "--tiles", tiles, "--arch", "resnet18", "--num-classes", "2", "--method", "original",
+        "--layers", "layer1", "--smoothgrad-samples", "1", "--no-progress", "--out", store_path,
+        "--table", tmp_path / "original.parquet")  # fmt: skip
+    container = tmp_path / "CMU-1-Small-Region.ome.zarr"
+    cli("heatmaps", slide, "--saliency", store_path, "--tiles", tiles, "--tissue-mpp", "8", "--no-progress",
+        "--out", container)  # fmt: skip
+    opened = open_container(container)
+    assert [i.path for i in opened.images] == ["tissue"] and opened.tile_boxes().shape == (0, 4)
+    assert opened.meta["n_tiles"] == 0 and opened.meta["slide_id"] == "CMU-1-Small-Region"
+    run = cli("report", "--tables", *table_paths.values(), tmp_path / "original.parquet",
+              "--heatmaps", container, "--out", tmp_path / "report")  # fmt: skip
+    assert "CMU-1-Small-Region: no tissue (0 tiles)" in run.out
+    assert "CMU-1-Small-Region: no tissue (0 tiles)" in (tmp_path / "report" / "index.html").read_text()
 
 
 def test_seam_section_shows_both_scores_and_the_maps_side_by_side(cli, table_paths, slides_dir, tmp_path):

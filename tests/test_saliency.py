@@ -202,7 +202,7 @@ def test_segmentation_targets_majority_class_and_masks_prediction_difference(
     cli, slide: Path, tiles: Path, tmp_path: Path
 ):
     table = read_tile_table(tiles).head(4).assign(majority_class=[0, 1, 2, 1])
-    seg_tiles = tmp_path / "seg.parquet"
+    seg_tiles = tmp_path / "seg-tiles.parquet"  # not --table: saliency never overwrites its input
     write_tile_table(table, seg_tiles)
     args = [
         "saliency", str(slide), "--tiles", str(seg_tiles), "--arch", "unet_resnet34", "--num-classes", "3",
@@ -345,7 +345,7 @@ def test_segmentation_tiles_without_annotation_target_the_originals_predicted_ma
     """No annotation (majority_class missing) is no label: the target is the original's predicted
     majority non-background class, as for unlabelled classification tiles, not the background."""
     table = read_tile_table(tiles).head(3).assign(majority_class=pd.array([None, 2, None], dtype="Int64"))
-    seg_tiles = tmp_path / "seg.parquet"
+    seg_tiles = tmp_path / "seg-tiles.parquet"  # not --table: saliency never overwrites its input
     write_tile_table(table, seg_tiles)
     model, _, norm = load_with_surrogate("unet_resnet34", num_classes=3)
     with torch.no_grad():  # a model that predicts class 1 (not background) on some pixels
@@ -377,5 +377,7 @@ def test_out_that_is_no_store_is_refused_not_deleted(cli, slide: Path, tiles: Pa
     args = saliency_args(slide, tiles, tmp_path, "original", "--smoothgrad-samples", "0")
     args[args.index("--out") + 1] = str(folder)
     rc, _, err = run(cli, args)
-    assert rc == 1 and err.count("\n") == 1 and f"{folder} exists and is not a saliency store" in err
+    assert (
+        rc == 1 and err.count("\n") == 1 and f"{folder} exists and is a folder smoothsal did not write" in err
+    )
     assert (folder / "notes.txt").read_text() == "keep me"

@@ -72,17 +72,26 @@ def test_another_meta_starts_over(tmp_path, caplog):
     assert relabelled.open({"layer1": SHAPE}, 64, labels_sha256="other labels") == 0
 
 
-def test_a_damaged_chunk_is_one_line_naming_the_store(tmp_path):
+def test_case_11_a_damaged_or_deleted_chunk_is_one_line_naming_store_array_and_file(tmp_path):
     out, results = tmp_path / "m.zarr", tmp_path / "m.parquet"
-    writer = store.StoreWriter(out, results, meta())
+    writer = store.StoreWriter(out, results, meta(n=70))
     writer.open({"layer1": SHAPE}, 64)
-    writer.write_batch(0, N, maps(0, N), rows(0, N))
+    values = {
+        key: np.full((70, *SHAPE), np.nan, "f4") for key in maps(0, 1)
+    }  # NaN maps: chunks still written
+    writer.write_batch(0, 70, values, rows(0, 70))
     writer.finish()
-    chunk = next(p for p in (out / "deeplift" / "layer1").iterdir() if not p.name.startswith("."))
-    chunk.write_bytes(b"\x00garbage" * 10)
+    chunks = out / "deeplift" / "layer1"
+    assert sorted(p.name for p in chunks.iterdir() if not p.name.startswith(".")) == ["0.0.0", "1.0.0"]
+    (chunks / "0.0.0").write_bytes(b"\x00garbage" * 10)
+    (chunks / "1.0.0").unlink()
     tile_maps = store.open_store(out).maps("deeplift", "layer1")
-    with pytest.raises(BadStore, match=r"m\.zarr: array deeplift/layer1 \(tiles 0…\) cannot be read .*rerun"):
+    damaged = r"m\.zarr/deeplift/layer1/0\.0\.0: cannot be read \(.*\), a chunk \(tiles 0…\) of array deeplift/layer1 in store .*m\.zarr; the store is damaged, rerun"
+    with pytest.raises(BadStore, match=damaged):
         tile_maps[0]
+    missing = r"m\.zarr/deeplift/layer1/1\.0\.0: missing, a chunk \(tiles 64…\) of array deeplift/layer1 in store .*m\.zarr; .*rerun `smoothsal saliency`$"
+    with pytest.raises(BadStore, match=missing):  # no longer a silent NaN
+        tile_maps[65]
 
 
 def test_what_is_not_a_store_or_results_table_is_named(tmp_path):

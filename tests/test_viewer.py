@@ -9,6 +9,7 @@ sitting on its disk in the screenshot shows that map and tissue are aligned.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import io
@@ -588,7 +589,7 @@ def test_export_replaces_an_earlier_export_only(container: Path, tmp_path: Path)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(BadOutput, match="not an earlier export"):
+    with pytest.raises(BadOutput, match="`smoothsal view --export` replaces only a viewer-export"):
         viewer.export(container, other, progress=False)
     assert (other / "notes.txt").read_text() == "mine"
 
@@ -635,3 +636,37 @@ def test_browser_on_a_real_container(cli, browser: object, slides_dir: Path, tmp
                 near[round(y0) + 2 : round(y1) - 2, round(x0) + 2 : round(x1) - 2] = False
             assert drawn[inside & ~near].mean() > 0.95, layer
             assert drawn[~inside & ~near].mean() < 0.002, layer
+
+
+def test_case_17_view_stops_on_sigterm_listens_with_a_deep_backlog_and_serves_tiles_in_parallel(
+    cli, container: Path
+) -> None:
+    """Started as `smoothsal view C &` from a script starts it (SIGINT ignored); `kill` (SIGTERM) must stop
+    it cleanly. The kernel's listen queue (ss: Send-Q of a listening socket) is the server's backlog."""
+    proc = subprocess.Popen(
+        cli.command("view", container, "--port", "0"), env=cli.env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
+    )  # fmt: skip
+    try:
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline()).group(1))
+        listen = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        )
+        backlog = min(1024, int(Path("/proc/sys/net/core/somaxconn").read_text()))  # the kernel's cap
+        assert [int(row.split()[2]) for row in listen.stdout.splitlines()] == [backlog], listen.stdout
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            statuses = list(pool.map(lambda _: raw_get(port, "/tiles/0/0/0/0.jpg")[0], range(64)))
+        assert statuses == [200] * 64
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = "still running 60 s after SIGTERM"
+    assert code == 0, (code, proc.stderr.read()[-3000:])
+
+
+def test_case_14_a_port_out_of_range_is_one_line(cli, container: Path) -> None:
+    err = cli("view", container, "--port", "99999", expect=1).err.strip()
+    assert err == "smoothsal view: error: --port must lie in 0…65535 (0: any free port), got 99999"

@@ -28,9 +28,10 @@ def read_asap(path: Path) -> list[Region]:
             "<ASAP_Annotations><Annotations>); give ASAP XML or QuPath GeoJSON"
         )
     regions = []
-    for ann in annotations:
-        if ann.get("Type", "Polygon") in ("Dot", "PointSet"):
-            continue  # points have no area
+    for index, ann in enumerate(annotations):
+        kind = ann.get("Type", "Polygon")
+        if kind in ("Dot", "PointSet"):
+            raise BadAnnotation(_no_area(path, index, ann, f"is a {kind} (no area)"))
         try:
             coords = sorted(
                 (
@@ -45,8 +46,17 @@ def read_asap(path: Path) -> list[Region]:
                 f"{path}: annotation {ann.get('Name')!r} has a coordinate without numeric X/Y; "
                 "fix or remove it"
             ) from None
-        if len(coords) >= 3:
-            vertices = np.array([(x, y) for _, x, y in coords], dtype=np.float64)
-            group = ann.get("PartOfGroup", "None")
-            regions.append(Region(ann.get("Name", ""), group, vertices))
+        if len(coords) < 3:
+            raise BadAnnotation(_no_area(path, index, ann, f"has {len(coords)} vertices (a polygon needs 3)"))
+        vertices = np.array([(x, y) for _, x, y in coords], dtype=np.float64)
+        group = ann.get("PartOfGroup", "None")
+        regions.append(Region(ann.get("Name", ""), group, vertices))
     return regions
+
+
+def _no_area(path: Path, index: int, ann: ET.Element, what: str) -> str:
+    """Dropping it would label its tiles as background: refuse, naming the annotation."""
+    return (
+        f"{path}: annotation {index} ({ann.get('Name')!r}, group {ann.get('PartOfGroup')!r}) {what}; "
+        "draw it as a polygon or remove it"
+    )

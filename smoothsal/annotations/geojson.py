@@ -1,5 +1,6 @@
 """GeoJSON annotations (QuPath exports): Polygon and MultiPolygon features, the classification's
-name as the class name; points and lines are left out (they have no area)."""
+name as the class name. Points, lines and rings of fewer than 3 vertices are refused, naming the
+feature: they have no area, and dropping them would label their tiles as background."""
 
 from __future__ import annotations
 
@@ -35,16 +36,20 @@ def read_geojson(path: Path) -> list[Region]:
     regions = []
     for i, feature in enumerate(features):
         try:
-            regions.extend(_feature_regions(feature, i))
+            found = _feature_regions(feature, i)
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise BadAnnotation(
                 f"{path}: feature {i} is not a valid GeoJSON Polygon/MultiPolygon "
                 f"({one_line(err)}); fix or remove it"
             ) from None
+        if isinstance(found, str):
+            raise BadAnnotation(f"{path}: feature {i} {found}; draw it as a polygon or remove it")
+        regions.extend(found)
     return regions
 
 
-def _feature_regions(feature: dict, index: int) -> list[Region]:
+def _feature_regions(feature: dict, index: int) -> list[Region] | str:
+    """The feature's polygons, or what makes it unusable (no area)."""
     props = feature.get("properties") or {}
     cls = props.get("classification")
     name = cls.get("name") if isinstance(cls, dict) else cls
@@ -56,12 +61,12 @@ def _feature_regions(feature: dict, index: int) -> list[Region]:
     elif kind == "MultiPolygon":
         polygons = geometry["coordinates"]
     else:
-        return []  # points and lines have no area
+        return f"({name!r}) is a {kind} (no area)"
     regions = []
     for rings in polygons:
         arrays = [np.asarray(ring, dtype=np.float64)[:, :2] for ring in rings]
-        if len(arrays[0]) >= 3:
-            regions.append(
-                Region(str(props.get("name", f"feature {index}")), name, arrays[0], tuple(arrays[1:]))
-            )
+        distinct = len(np.unique(arrays[0], axis=0))  # a closed ring repeats its first vertex
+        if distinct < 3:
+            return f"({name!r}) has a ring of {distinct} distinct vertices (a polygon needs 3)"
+        regions.append(Region(str(props.get("name", f"feature {index}")), name, arrays[0], tuple(arrays[1:])))
     return regions

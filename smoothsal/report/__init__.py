@@ -13,9 +13,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..errors import BadOption, BadOutput
+from ..errors import BadOption
 from ..faithfulness_tables import read_faithfulness
-from ..files import atomic_dir
+from ..files import OutputKind, output_dir
 from .faithfulness import faithfulness_section
 from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
 from .fit import fit_path_table, fit_table, loss_curve_figure, read_fits
@@ -79,21 +79,7 @@ def _dataset_of(overview: Overview, collected: Collected) -> tuple[str, str] | N
     return pairs[0] if len(pairs) == 1 else (by_path[0] if len(by_path) == 1 else None)
 
 
-_REPORT_ENTRIES = {"index.html", "tables", "figures"}
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise BadOutput(f"{out} exists and is not a directory; give a directory for --out")
-    if out.is_dir():
-        other = sorted(
-            p.name for p in out.iterdir() if p.name not in _REPORT_ENTRIES and not p.name.startswith(".")
-        )
-        if other:
-            raise BadOutput(
-                f"{out} holds files that are no report ({', '.join(other[:3])}); "
-                "give a new or empty directory"
-            )
+KIND = OutputKind("report", "smoothsal report", format=1)  # the output marker (`files` module doc)
 
 
 @dataclass(frozen=True)
@@ -137,7 +123,10 @@ def write_report(
     notes = []
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
-    with atomic_dir(out, _check_out) as tmp:
+    for slide in dict.fromkeys((e.dataset, e.slide_id) for e in collected.empty):
+        where = f"{slide[0]} / {slide[1]}" if slide[0] else slide[1]
+        notes.append(f"{where}: no tissue (0 tiles); left out of the tables and figures.")
+    with output_dir(out, KIND) as tmp:
         for sub in ("tables", "tv_per_layer", "overview", "surrogate_fit", "seams", "faithfulness"):
             (tmp / (sub if sub == "tables" else f"figures/{sub}")).mkdir(parents=True)
         for table in built:
@@ -157,6 +146,8 @@ def write_report(
         per_slide = next(t for t in built if t.name == "tv_per_slide").data
         for container in heatmaps:  # one at a time: a thousand slides never sit in memory together
             overview = read_overview(container, settings.thumbnail_px)
+            if not overview.heatmaps:  # a slide without tissue: its note says so
+                continue
             pair = _dataset_of(overview, collected)
             dataset, model = pair if pair else (overview.path.resolve().parent.parent.name, "")
             rows = per_slide[(per_slide["slide_id"] == overview.slide_id) & (per_slide["dataset"] == dataset)]

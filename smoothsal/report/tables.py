@@ -20,6 +20,7 @@ import pandas as pd
 from ..errors import BadTable
 from ..smoothing import METHODS, check_methods, method_info
 from ..store import RESULTS_FIX, read_results
+from .checks import EmptySlide, SlideRuns
 
 __all__ = [
     "ATTRIBUTION_NAMES",
@@ -68,6 +69,7 @@ class Collected:
     tiles: pd.DataFrame
     layers: dict[tuple[str, str], list[str]]
     attributions: list[str]
+    empty: tuple[EmptySlide, ...] = ()  # slides without tissue (0 tiles): a line in the report
 
 
 def _moments(table: pd.DataFrame, measures: list[str]) -> pd.DataFrame:
@@ -97,6 +99,7 @@ def collect(paths: Iterable[str | Path]) -> Collected:
     layers: dict[tuple[str, str], list[str]] = {}
     attributions: list[str] = []
     read = [Path(p) for p in paths]
+    runs = SlideRuns()
     for path in read:
         results = read_results(path, OPTIONAL)
         check_methods(sorted(set(results.table["method"].astype(str))))
@@ -105,6 +108,8 @@ def collect(paths: Iterable[str | Path]) -> Collected:
         table["model"] = table["model"].fillna("").astype(str)
         table["slide_id"] = table["slide_id"].astype(str)
         table["method"] = table["method"].astype(str)
+        first = table.iloc[0] if len(table) else {}
+        runs.add(path, *(str(first.get(k, "")) for k in ("dataset", "slide_id", "method")), len(table))
         for key in table[KEYS].drop_duplicates().itertuples(index=False):
             if tuple(key) in seen:
                 raise BadTable(
@@ -127,7 +132,7 @@ def collect(paths: Iterable[str | Path]) -> Collected:
         where = str(read[0]) if len(read) == 1 else f"all {len(read)} per-tile tables"
         raise BadTable(f"{where}: no tile has a TV value (empty tables?); {RESULTS_FIX}")
     attributions = ordered(attributions, tuple(ATTRIBUTION_NAMES))  # the paper's order: DeepLift first
-    return Collected(moments, pd.concat(tiles, ignore_index=True), layers, attributions)
+    return Collected(moments, pd.concat(tiles, ignore_index=True), layers, attributions, tuple(runs.empty))
 
 
 def pool(moments: pd.DataFrame, by: list[str]) -> pd.DataFrame:

@@ -7,12 +7,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadOutput, BadStore
-from ..files import atomic_dir
+from ..errors import BadStore
+from ..files import OutputKind, output_dir
 from .page import Page
 from .server import STATIC_DIR, STATIC_FILES, page_json
 
-__all__ = ["ExportSummary", "export"]
+__all__ = ["KIND", "ExportSummary", "export"]
+
+KIND = OutputKind("viewer-export", "smoothsal view --export", format=1)  # the output marker
 
 
 @dataclass(frozen=True)
@@ -25,14 +27,14 @@ class ExportSummary:
 def export(container: str | Path, out: str | Path, progress: bool = True) -> ExportSummary:
     """Write the page, manifest and every tile under ``out`` for a plain static web server.
 
-    Written under a temporary sibling and renamed at the end; an earlier export at ``out`` is replaced,
-    any other existing non-empty folder is refused.
+    Written under a temporary sibling and renamed at the end; only an earlier export at ``out`` (one
+    carrying the export marker, `files` module doc) or an empty folder is replaced, anything else refused.
     """
     from tqdm import tqdm
 
     c = Page(container)
     out = Path(out)
-    with atomic_dir(out, _check_export) as tmp:
+    with output_dir(out, KIND) as tmp:
         tmp.mkdir()
         for name in STATIC_FILES:
             shutil.copyfile(STATIC_DIR / name, tmp / name)
@@ -58,10 +60,3 @@ def export(container: str | Path, out: str | Path, progress: bool = True) -> Exp
             target.write_bytes(body)
             written, size = written + 1, size + len(body)
     return ExportSummary(out, written, size)
-
-
-def _check_export(out: Path) -> None:
-    if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file()):
-        raise BadOutput(
-            f"{out} exists and is not an earlier export; remove it or give another --export folder"
-        )

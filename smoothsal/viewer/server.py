@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -116,10 +117,17 @@ def _tile(page: Page, path: str) -> tuple[int, bytes | None, str]:
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+    daemon_threads = True  # one thread per connection, never waited for at exit
+    request_queue_size = (
+        1024  # listen backlog (the stdlib's 5 drops bursts of tile requests; the kernel caps it)
+    )
     page: Page
     manifest_bytes: bytes
     verbose: bool
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # leaves serve_forever in the main thread; the server is then closed
 
 
 def page_json(obj: Any) -> bytes:
@@ -128,6 +136,8 @@ def page_json(obj: Any) -> bytes:
 
 def make_server(container: str | Path | Container | Page, port: int = 0, verbose: bool = False) -> _Server:
     """A server for ``container`` bound to 127.0.0.1:``port`` (0: any free port); call ``serve_forever``."""
+    if not 0 <= port <= 65535:
+        raise BadOption(f"--port must lie in 0…65535 (0: any free port), got {port}")
     page = container if isinstance(container, Page) else Page(container)
     manifest = page_json(page.manifest())
     try:
@@ -143,8 +153,10 @@ def make_server(container: str | Path | Container | Page, port: int = 0, verbose
 def serve(
     container: str | Path, port: int = DEFAULT_PORT, open_browser: bool = False, verbose: bool = False
 ) -> None:
-    """Serve the viewer until interrupted (Ctrl-C)."""
+    """Serve the viewer until interrupted: Ctrl-C (SIGINT) or SIGTERM (what `kill` and service managers
+    send; a server started with ``&`` from a script ignores SIGINT)."""
     server = make_server(container, port, verbose)
+    signal.signal(signal.SIGTERM, _stop)
     url = f"http://{HOST}:{server.server_address[1]}/"
     print(f"serving {container} at {url} (local only; Ctrl-C to stop)", flush=True)
     if open_browser:
