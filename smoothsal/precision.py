@@ -29,6 +29,7 @@ __all__ = [
     "compute_model",
     "cuda_fp32_math",
     "fold_batchnorms",
+    "forward",
     "weights_version",
 ]
 
@@ -166,3 +167,13 @@ def as_compute_input(x: torch.Tensor, arithmetic: Arithmetic) -> torch.Tensor:
     """``x`` in the dtype and layout the compute model takes (``x`` itself in fp32)."""
     layout = torch.channels_last if arithmetic.channels_last else torch.preserve_format
     return x.to(dtype=arithmetic.dtype, memory_format=layout)
+
+
+def forward(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """``model(x)`` without autograd, in the arithmetic ``attribute(precision=...)`` uses (on the same
+    cached copy), as fp32: e.g. the predictions beside bf16 maps, which in fp32 would cost ~13 % of the
+    bf16 attribution time of a batch (two forwards of 8 tiles against 20 samples each)."""
+    arithmetic = arithmetic_of(precision, x.device)
+    with torch.no_grad(), cuda_fp32_math(x.device, arithmetic.tf32):
+        net = compute_model(model, arithmetic, x[:1], [])
+        return net(as_compute_input(x, arithmetic)).float()
