@@ -6,22 +6,20 @@ free memory, ``smoothsal saliency --device cuda`` resumes after a kill to the sa
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import CMU, PRECISION_LAYERS, SURROGATE_EPOCHS, agreement, missed, train_args
+from helpers import PRECISION_SMOOTHGRAD as SMOOTHGRAD
 from helpers import model as build_model
-from test_precision import SMOOTHGRAD, agreement, missed, trained  # noqa: F401 (trained: a fixture)
-from test_saliency import assert_same_outputs, saliency_args
 
 import smoothsal as ss
-from smoothsal.cli import main
+from smoothsal import store
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,14 +27,7 @@ pytestmark = [
         not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
     ),
 ]
-LAYERS = ["layer1", "layer2", "layer3"]
-
-
-def killed_after(batches: int) -> tuple[list[str], dict[str, str]]:
-    """Extra arguments and environment that make `smoothsal saliency` SIGKILL itself after ``batches``
-    batches. When the kill switch becomes an env var (issue 13), this is the one line to change:
-    ``return [], {"SMOOTHSAL_KILL_AT": f"saliency.batch={batches}"}``."""
-    return ["--stop-after-batches", str(batches)], {}
+LAYERS = list(PRECISION_LAYERS)
 
 
 def max_relative_difference(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -79,7 +70,7 @@ def test_cuda_fp32_equals_cpu_with_tf32_off(arch):
 
 
 @pytest.mark.parametrize("low", ["bf16", "tf32"])
-def test_low_precision_gates_hold_on_cuda(trained, low):  # noqa: F811
+def test_low_precision_gates_hold_on_cuda(trained, low):
     """The gates of test_precision (the trained demo classifier, SmoothGrad, every method, layer1-3)
     for bf16 and tf32 against fp32, all on CUDA; DeepLift without SmoothGrad too."""
     assert not missed(agreement(*trained, SMOOTHGRAD, device="cuda", low=low))
@@ -107,93 +98,78 @@ def test_auto_max_batch_fits_the_free_memory_and_changes_no_result():
         assert auto["gradient"][layer].isfinite().all()
 
 
+SAMPLES = 2
+
+
+def saliency_args(slide: Path, tiles: Path, out: Path, *extra: str) -> list[object]:
+    """`smoothsal saliency` of forward_hook maps at layer1-3, SmoothGrad with SAMPLES samples, on CUDA."""
+    return ["saliency", slide, "--tiles", tiles, "--arch", "resnet18", "--num-classes", "2", "--method",
+            "forward_hook", "--layers", *LAYERS, "--smoothgrad-samples", SAMPLES, "--no-progress", "--device",
+            "cuda", "--workers", "0", "--out", out / "forward_hook.zarr", "--table", out / "forward_hook.parquet",
+            *extra]  # fmt: skip
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    """Two saliency runs' stores (metadata and maps) and tables agree (to the rounding of other batches)."""
+    stores = [store.open_store(d / "forward_hook.zarr") for d in (a, b)]
+    assert stores[0].meta == stores[1].meta
+    for attribution in stores[0].attributions:
+        for layer in stores[0].layers:
+            ref, ours = (s.array(attribution, layer)[:] for s in stores)
+            np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    tables = [store.read_results(d / "forward_hook.parquet").table for d in (a, b)]
+    pd.testing.assert_frame_equal(tables[0], tables[1], rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
-def cmu(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    slide = slides_dir / "CMU-1-Small-Region.svs"
+def cmu_tiles(cli, slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    slide = slides_dir / CMU
     tiles = tmp_path_factory.mktemp("cuda_tiles") / "cmu.parquet"
-    assert main(["tiles", str(slide), "--tile-size", "64", "--max-tiles", "12", "--out", str(tiles)]) == 0
+    cli("tiles", slide, "--tile-size", "64", "--max-tiles", "12", "--out", tiles)
     return slide, tiles
 
 
-def test_cuda_saliency_killed_then_resumed_gives_the_uninterrupted_result(cmu, tmp_path: Path):
+def test_cuda_saliency_killed_then_resumed_gives_the_uninterrupted_result(cli, cmu_tiles, tmp_path: Path):
     """`smoothsal saliency --device cuda`: SIGKILLed after 2 batches of 3, resumed with batches of 4: the
     store and table of an uninterrupted run with batches of 5."""
-    slide, tiles = cmu
+    slide, tiles = cmu_tiles
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    cuda = ["--device", "cuda", "--workers", "0"]
-    assert main([*saliency_args(slide, tiles, reference, "forward_hook", *cuda), "--batch-size", "5"]) == 0
-    args = saliency_args(slide, tiles, resumed, "forward_hook", *cuda)
-    kill_args, kill_env = killed_after(2)
-    killed = subprocess.run(
-        [sys.executable, "-m", "smoothsal.cli", *args, "--batch-size", "3", *kill_args],
-        env=os.environ | kill_env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    cli(*saliency_args(slide, tiles, reference), "--batch-size", "5")
+    args = saliency_args(slide, tiles, resumed)
+    killed = cli.process(*args, "--batch-size", "3", kill_at="saliency.batch=2")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (resumed / "forward_hook.zarr").exists()
-    assert main([*args, "--batch-size", "4"]) == 0
+    cli(*args, "--batch-size", "4")
     assert_same_outputs(reference, resumed)
 
 
 # --- train-surrogate: nccl on GPU against gloo on CPU ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def surrogate_inputs(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """test_training's setting: 32 labelled 64-px tiles of CMU-1-Small-Region.svs, a seeded resnet18."""
-    import torchvision
-
-    work = tmp_path_factory.mktemp("cuda_training")
-    annotation = work / "left-half.geojson"
-    polygon = [[0, 0], [1100, 0], [1100, 2967], [0, 2967], [0, 0]]
-    feature = {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
-               "geometry": {"type": "Polygon", "coordinates": [polygon]}}  # fmt: skip
-    annotation.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
-    tiles = work / "tiles.parquet"
-    args = ["tiles", str(slides_dir / "CMU-1-Small-Region.svs"), "--annotations", str(annotation)]
-    args += [
-        "--tile-size",
-        "64",
-        "--target-mpp",
-        "2.0",
-        "--max-tiles",
-        "32",
-        "--seed",
-        "0",
-        "--out",
-        str(tiles),
-    ]
-    assert main(args) == 0
-    torch.manual_seed(0)
-    checkpoint = work / "model.pt"
-    torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), checkpoint)
-    return tiles, checkpoint
-
-
-def train_surrogate(tiles: Path, checkpoint: Path, out: Path, nproc: int, env: dict[str, str]) -> str:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    args = ["train-surrogate", "--arch", "resnet18", "--num-classes", "2", "--checkpoint", str(checkpoint),
-            "--tiles", str(tiles), "--out", str(out), "--epochs", "3", "--batch-size", "8", "--workers", "0",
-            "--no-progress"]  # fmt: skip
+def train_surrogate(cli, tiles: Path, model: Path, out: Path, nproc: int, env: dict[str, str]) -> str:
+    """conftest's tiny train-surrogate setting (32 tiles of CMU, seeded resnet18, 3 epochs × 4 steps)."""
     run = subprocess.run(
-        [*launch, "-m", "smoothsal.cli", *args], env=os.environ | env, capture_output=True, text=True,
-        timeout=600, check=False,
+        cli.command(*train_args(tiles, model, out), nproc=nproc), env=cli.env() | env, capture_output=True,
+        text=True, timeout=600, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
 
 
-def test_train_surrogate_under_torchrun_with_nccl_matches_gloo_on_cpu(surrogate_inputs, tmp_path: Path):
+def test_train_surrogate_under_torchrun_with_nccl_matches_gloo_on_cpu(
+    cli, surrogate_tiles: Path, surrogate_model: Path, tmp_path: Path
+):
     """12 steps (3 epochs × 4, global batch 8): nccl on the GPUs (1 or 2 processes, TF32 off through
-    NVIDIA_TF32_OVERRIDE=0) and 2 gloo processes on CPU agree to test_training's tolerances (losses rtol
-    1e-4, weights rtol 1e-3 / atol 1e-5)."""
-    tiles, checkpoint = surrogate_inputs
+    NVIDIA_TF32_OVERRIDE=0) and 2 gloo processes on CPU agree to test_surrogate_run's tolerances (losses
+    rtol 1e-4, weights rtol 1e-3 / atol 1e-5)."""
     gpus = min(2, torch.cuda.device_count())
-    nccl = train_surrogate(tiles, checkpoint, tmp_path / "nccl.pt", gpus, {"NVIDIA_TF32_OVERRIDE": "0"})
+    args = (cli, surrogate_tiles, surrogate_model)
+    nccl = train_surrogate(*args, tmp_path / "nccl.pt", gpus, {"NVIDIA_TF32_OVERRIDE": "0"})
     assert f"{gpus} process(es)" in nccl and "peak GPU MB" in nccl
-    gloo = train_surrogate(tiles, checkpoint, tmp_path / "gloo.pt", 2, {"CUDA_VISIBLE_DEVICES": ""})
+    gloo = train_surrogate(*args, tmp_path / "gloo.pt", 2, {"CUDA_VISIBLE_DEVICES": ""})
     assert "2 process(es)" in gloo and "peak GPU MB" not in gloo
     losses = [pd.read_csv(tmp_path / f"{n}.losses.csv") for n in ("nccl", "gloo")]
-    assert list(losses[0]["steps"]) == [4, 8, 12]
+    assert list(losses[0]["steps"]) == [4 * (e + 1) for e in range(SURROGATE_EPOCHS)]
     pd.testing.assert_frame_equal(losses[0], losses[1], rtol=1e-4)
     a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["state_dict"] for n in ("nccl", "gloo"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
