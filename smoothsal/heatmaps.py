@@ -58,7 +58,7 @@ NGFF_VERSIONS = ("0.4", "0.5")
 # Settings of the saliency job that must agree between the stores of one slide (when both record them).
 SHARED_SETTINGS = (
     "arch", "num_classes", "checkpoint", "model_sha256", "mean", "std", "attributions", "layers",
-    "smoothgrad_samples", "smoothgrad_stdev", "seed", "target", "task", "dataset",
+    "smoothgrad_samples", "smoothgrad_stdev", "seed", "target", "task", "dataset", "precision",
 )  # fmt: skip
 
 
