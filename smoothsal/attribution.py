@@ -6,6 +6,11 @@ multipliers at every layer at once; the gradient comes from a second backward ov
 The baseline's activations do not depend on the tile: they are computed once per model and input
 size. Results equal Captum's ``LayerDeepLift(multiply_by_inputs=True)`` and
 ``LayerGradientXActivation(multiply_by_inputs=False)`` in a ``NoiseTunnel``.
+
+``precision`` chooses the arithmetic of the pass: ``fp32`` (exact; TF32 off on CUDA), ``tf32`` (CUDA
+only: fp32 storage, TF32 tensor-core convolutions) or ``bf16`` (AMX on CPU, tensor cores on GPU),
+which runs on a converted copy of the model (the given model is never changed). Noise, SmoothGrad
+sums, DeepLift deltas and the returned maps are fp32 whatever the precision.
 """
 
 from __future__ import annotations
@@ -21,10 +26,25 @@ from torch import nn
 from .errors import BadOption
 from .hooks import Hooks
 from .models import ReluUses, in_channels, layer_map, module_stack
+from .precision import (
+    PRECISIONS,
+    Arithmetic,
+    arithmetic_of,
+    as_compute_input,
+    compute_model,
+    cuda_fp32_math,
+    weights_version,
+)
 
-__all__ = ["ATTRIBUTIONS", "SmoothGrad", "attribute", "target_scalar"]
+__all__ = ["ATTRIBUTIONS", "CPU_MAX_BATCH", "PRECISIONS", "SmoothGrad", "attribute", "target_scalar"]
 
 ATTRIBUTIONS = ("gradient", "deeplift")
+CPU_MAX_BATCH = 32  # max_batch="auto" off CUDA: inputs per forward/backward
+_GPU_MAX_BATCH = 256  # more does not run faster on one GPU, only holds memory
+_GPU_MEMORY_SHARE = 0.5  # of the free GPU memory that max_batch="auto" plans to use
+# Peak memory of the pass per byte of leaf-module outputs of one input: 0.7–0.85 measured on CPU
+# (ResNet18/50, fp32/bf16, RSS growth); twice that for the CUDA allocator's slack and cuDNN workspaces.
+_PEAK_PER_OUTPUT = 1.5
 _EPS = 1e-10  # Captum's DeepLift eps: below it the plain derivative is used
 # Nonlinearities that Captum's DeepLift treats with a rule of their own; one-pass DeepLift here
 # implements the ReLU rule only, so these must not sit between a requested layer and the output.
@@ -50,16 +70,21 @@ class SmoothGrad:
             raise BadOption(f"--smoothgrad-stdev must be a finite number >= 0, got {self.stdev}")
 
 
-# --- the ReLU that knows both derivatives -----------------------------------------------------
+# --- the ReLUs that know both derivatives -----------------------------------------------------
 
 
 class _Mode:
-    """Which derivative the ReLUs pass back in the current backward pass."""
+    """Which derivatives this pass needs and which one the ReLUs pass back in the current backward."""
 
-    deeplift = False
+    def __init__(self, attributions: Sequence[str]):
+        self.wants_gradient = "gradient" in attributions
+        self.wants_deeplift = "deeplift" in attributions
+        self.deeplift = False
 
 
 class _TwoRuleReLU(torch.autograd.Function):
+    """fp32: Captum's rule exactly (plain derivative where |z − z₀| < eps)."""
+
     @staticmethod
     def forward(ctx, z: torch.Tensor, z0: torch.Tensor, mode: _Mode) -> torch.Tensor:
         out = torch.relu(z)
@@ -78,6 +103,29 @@ class _TwoRuleReLU(torch.autograd.Function):
         return torch.where(delta_in.abs() < _EPS, plain, rescaled), None, None
 
 
+class _LowPrecisionReLU(torch.autograd.Function):
+    """bf16: the DeepLift multiplier (relu(z) − relu(z₀)) / (z − z₀) is formed once, in the forward,
+    as (relu(z) + relu(z₀)) / (|z| + |z₀| + tiny). The two are equal in every sign case, and the plain
+    derivative where z = z₀; this one is a ratio of sums of non-negative terms, so low precision
+    never cancels and no threshold is needed, and it is exactly 1 or 0 where z and z₀ share a sign.
+    The backward is then one multiply (or ReLU's own backward for the gradient)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, pos0: torch.Tensor, abs0: torch.Tensor, mode: _Mode) -> torch.Tensor:
+        out = torch.relu(z)
+        multiplier = (out + pos0).div_(z.abs().add_(abs0)) if mode.wants_deeplift else None
+        ctx.save_for_backward(out if mode.wants_gradient else None, multiplier)
+        ctx.mode = mode
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, multiplier = ctx.saved_tensors
+        if ctx.mode.deeplift:
+            return grad * multiplier, None, None, None
+        return torch.ops.aten.threshold_backward(grad, out, 0), None, None, None
+
+
 # --- the baseline -----------------------------------------------------------------------------
 
 
@@ -86,19 +134,15 @@ class _Baseline:
     relu_inputs: dict[nn.Module, torch.Tensor]
     layer_outputs: dict[str, torch.Tensor]
     order: list[nn.Module]  # modules in call order, to check what runs after the layers
+    output_bytes: int  # bytes of all leaf-module outputs for one input (sizes the batch on GPU)
 
 
 _BASELINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Baseline]] = weakref.WeakKeyDictionary()
 
 
-def _weights_version(model: nn.Module) -> int:
-    """Changes whenever a parameter or buffer is modified in place (training, load_state_dict)."""
-    return sum(t._version for t in model.parameters()) + sum(t._version for t in model.buffers())
-
-
 def _baseline(model: nn.Module, like: torch.Tensor, layers: list[str]) -> _Baseline:
     """Activations of the zero input: once per model, input size and weights."""
-    key = (tuple(like.shape[1:]), like.dtype, like.device, tuple(layers), _weights_version(model))
+    key = (tuple(like.shape[1:]), like.dtype, like.device, tuple(layers), weights_version(model))
     cache = _BASELINES.setdefault(model, {})
     if key not in cache:
         cache.clear()
@@ -110,9 +154,17 @@ def _run_baseline(model: nn.Module, zero: torch.Tensor, layers: list[str]) -> _B
     relu_inputs: dict[nn.Module, torch.Tensor] = {}
     layer_outputs: dict[str, torch.Tensor] = {}
     order: list[nn.Module] = []
+    sizes: list[int] = []
+
+    def record(module: nn.Module, inputs: tuple, output: object) -> None:
+        order.append(module)
+        leaf = not any(True for _ in module.children())
+        if leaf and isinstance(output, torch.Tensor) and not any(output is i for i in inputs):  # not Identity
+            sizes.append(output.numel() * output.element_size())
+
     with Hooks() as hooks, module_stack(model) as modules, ReluUses(modules) as uses, torch.no_grad():
         for module in model.modules():
-            hooks.forward(module, lambda m, i, o: order.append(m))
+            hooks.forward(module, record)
             if isinstance(module, nn.ReLU):
                 hooks.forward(module, lambda m, i, o: relu_inputs.__setitem__(m, i[0].detach()))
         for name in layers:
@@ -120,7 +172,7 @@ def _run_baseline(model: nn.Module, zero: torch.Tensor, layers: list[str]) -> _B
             hooks.forward(model.get_submodule(name), hook)
         model(zero)
     _check_canonical(model, uses)
-    return _Baseline(relu_inputs, layer_outputs, order)
+    return _Baseline(relu_inputs, layer_outputs, order, sum(sizes))
 
 
 def _check_canonical(model: nn.Module, uses: ReluUses) -> None:
@@ -181,13 +233,34 @@ def target_scalar(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return picked.flatten(1).sum(1)
 
 
+def _max_batch(max_batch: int | str, baseline: _Baseline | None, device: torch.device) -> int:
+    """``max_batch`` as given, or for ``"auto"``: CPU_MAX_BATCH off CUDA, and on CUDA what a share
+    of the free memory holds at the measured peak per input (needs the baseline)."""
+    if max_batch == "auto":
+        if device.type != "cuda" or baseline is None:
+            return CPU_MAX_BATCH
+        free = torch.cuda.mem_get_info(device)[0]
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        per_input = _PEAK_PER_OUTPUT * baseline.output_bytes
+        return max(1, min(_GPU_MAX_BATCH, int(_GPU_MEMORY_SHARE * free / per_input)))
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise BadOption(f"max_batch must be an integer >= 1 or 'auto', got {max_batch!r}")
+    return max_batch
+
+
 # --- the pass ---------------------------------------------------------------------------------
 
 
 @contextmanager
-def _two_rule_forward(relu: nn.ReLU, z0: torch.Tensor, mode: _Mode) -> Iterator[None]:
-    """Runs ``relu`` as a ``_TwoRuleReLU`` while active (instance-level forward, restored after)."""
-    relu.forward = lambda z: _TwoRuleReLU.apply(z, z0, mode)
+def _two_rule_forward(relu: nn.ReLU, baseline: _Baseline, mode: _Mode, low: bool) -> Iterator[None]:
+    """Runs ``relu`` with both derivatives while active (instance-level forward, restored after)."""
+    z0 = baseline.relu_inputs[relu]
+    if low:  # outside the graph (before the first layer) a plain ReLU: no multiplier needed
+        pos0, abs0 = torch.relu(z0), z0.abs() + torch.finfo(z0.dtype).tiny
+        rule = lambda z: _LowPrecisionReLU.apply(z, pos0, abs0, mode) if torch.is_grad_enabled() else z.relu()
+    else:
+        rule = lambda z: _TwoRuleReLU.apply(z, z0, mode)
+    relu.forward = rule
     try:
         yield
     finally:
@@ -196,32 +269,28 @@ def _two_rule_forward(relu: nn.ReLU, z0: torch.Tensor, mode: _Mode) -> Iterator[
 
 @contextmanager
 def _instrumented(
-    model: nn.Module, baseline: _Baseline, layers: list[str], mode: _Mode
+    model: nn.Module, baseline: _Baseline, layers: list[str], mode: _Mode, low: bool
 ) -> Iterator[dict[str, torch.Tensor]]:
     """While active, ReLUs carry both derivatives and the layers' outputs are collected.
 
-    Autograd records from the first requested layer on only: the stem needs no graph.
+    Autograd records from the first requested layer's output on: nothing before it needs a graph.
     """
     outputs: dict[str, torch.Tensor] = {}
 
-    def start_graph(_m: nn.Module, _inputs: tuple) -> None:
-        torch.set_grad_enabled(True)
-
     def collect(_m: nn.Module, _inputs: tuple, out: torch.Tensor, name: str) -> torch.Tensor:
-        if not out.requires_grad:  # frozen weights: make the layer a leaf of the graph
+        if not out.requires_grad:  # the first layer, or frozen weights: a leaf of the graph
             out = out.detach().requires_grad_()
         outputs[name] = out
+        torch.set_grad_enabled(True)
         return out
 
     with ExitStack() as stack:
         for module in model.modules():
             if isinstance(module, nn.ReLU):
-                stack.enter_context(_two_rule_forward(module, baseline.relu_inputs[module], mode))
+                stack.enter_context(_two_rule_forward(module, baseline, mode, low))
         hooks = stack.enter_context(Hooks())
         for name in layers:
-            module = model.get_submodule(name)
-            hooks.forward_pre(module, start_graph)
-            hooks.forward(module, lambda m, i, o, n=name: collect(m, i, o, n))
+            hooks.forward(model.get_submodule(name), lambda m, i, o, n=name: collect(m, i, o, n))
         stack.enter_context(torch.no_grad())
         yield outputs
 
@@ -244,16 +313,19 @@ def attribute(
     target: int | Sequence[int] | torch.Tensor,
     attributions: Sequence[str] = ATTRIBUTIONS,
     smoothgrad: SmoothGrad | None = None,
-    max_batch: int = 32,
+    max_batch: int | str = "auto",
     noise_seeds: Sequence[int] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Hidden-layer attributions: attribution → layer (as named, ``blocks`` expanded) → [B, C, h, w].
 
     One forward and one backward per attribution for all layers together, over the SmoothGrad
-    samples in chunks of at most ``max_batch`` inputs (bounded memory). ``model`` must be in eval
-    mode and canonical form (``load_model`` gives that). ``noise_seeds`` (one per tile) draws each
-    tile's SmoothGrad noise from its own generator, so a tile's result does not depend on which
-    other tiles share its batch (``smoothgrad.seed`` is then unused).
+    samples in chunks of at most ``max_batch`` inputs (bounded memory; ``"auto"``: CPU_MAX_BATCH on
+    CPU, sized from the free memory on CUDA). ``model`` must be in eval mode and canonical form
+    (``load_model`` gives that). ``noise_seeds`` (one per tile) draws each tile's SmoothGrad noise
+    from its own generator, so a tile's result does not depend on which other tiles share its batch
+    (``smoothgrad.seed`` is then unused). ``precision``: one of PRECISIONS (see the module). Maps
+    are float32.
     """
     unknown = [a for a in attributions if a not in ATTRIBUTIONS]
     if unknown or not attributions:
@@ -261,42 +333,99 @@ def attribute(
     _check_input(model, x)
     if model.training:
         raise BadOption("model is in training mode; call model.eval() (BatchNorm must be frozen)")
+    arithmetic = arithmetic_of(precision, x.device)
+    _max_batch(max_batch, None, x.device)  # a bad value fails before any work
     keys = layer_map(model, layers)
     resolved = list(dict.fromkeys(keys.values()))
     target = _as_target(target, x.shape[0]).to(x.device)
-    baseline = _baseline(model, x, resolved)
-    if "deeplift" in attributions:
-        _check_rules(model, baseline, resolved)
-    generator = None
-    if smoothgrad is not None and smoothgrad.seed is not None:
-        generator = torch.Generator(device=x.device).manual_seed(smoothgrad.seed)
-    tile_generators = _tile_generators(noise_seeds, x) if smoothgrad is not None else None
-    totals = {a: {n: None for n in resolved} for a in attributions}
-    mode = _Mode()
-    for tiles, samples in _chunks(x.shape[0], smoothgrad, max_batch):
-        inputs = x[tiles].repeat_interleave(samples, 0)
-        if tile_generators is not None:
-            inputs = inputs + _tile_noise(tile_generators[tiles], samples, smoothgrad.stdev, x)
-        elif smoothgrad is not None:
-            inputs = inputs + torch.normal(
-                0.0, smoothgrad.stdev, inputs.shape, generator=generator, device=x.device
-            ).to(x.dtype)
-        with _instrumented(model, baseline, resolved, mode) as acts:
-            output = model(inputs)
-        scalar = target_scalar(output, target[tiles].repeat_interleave(samples)).sum()
-        for k, attribution in enumerate(attributions):
-            mode.deeplift = attribution == "deeplift"
-            grads = torch.autograd.grad(
-                scalar, [acts[n] for n in resolved], retain_graph=k + 1 < len(attributions)
-            )
-            for name, grad in zip(resolved, grads, strict=True):
-                value = grad
-                if mode.deeplift:
-                    value = (acts[name].detach() - baseline.layer_outputs[name]) * grad
-                value = value.unflatten(0, (-1, samples)).sum(1)
-                _accumulate(totals[attribution], name, tiles, value, x.shape[0])
+    with cuda_fp32_math(x.device, arithmetic.tf32):
+        net = compute_model(model, arithmetic, x[:1], resolved)
+        baseline = _baseline(net, as_compute_input(x[:1], arithmetic), resolved)
+        if "deeplift" in attributions:
+            _check_rules(net, baseline, resolved)
+        setup = _Pass(net, baseline, resolved, tuple(attributions), arithmetic)
+        chunks = _chunks(x.shape[0], smoothgrad, _max_batch(max_batch, baseline, x.device))
+        totals = _run(setup, x, target, chunks, smoothgrad, noise_seeds)
     count = smoothgrad.samples if smoothgrad else 1
     return {a: {key: totals[a][name] / count for key, name in keys.items()} for a in attributions}
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every chunk runs through: the compute model, its baseline, the layers and attributions."""
+
+    net: nn.Module
+    baseline: _Baseline
+    layers: list[str]
+    attributions: tuple[str, ...]
+    arithmetic: Arithmetic
+
+
+def _run(
+    setup: _Pass,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    chunks: Iterator[tuple[slice, int]],
+    smoothgrad: SmoothGrad | None,
+    noise_seeds: Sequence[int] | None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The chunks' forward and backward passes; per attribution and layer, the fp32 sum over samples."""
+    noise = _Noise(smoothgrad, noise_seeds, x)
+    layers, baseline = setup.layers, setup.baseline
+    totals = {a: {n: None for n in layers} for a in setup.attributions}
+    mode = _Mode(setup.attributions)
+    for tiles, samples in chunks:
+        inputs = as_compute_input(noise.add(x, tiles, samples), setup.arithmetic)
+        with _instrumented(setup.net, baseline, layers, mode, setup.arithmetic.low) as acts:
+            output = setup.net(inputs)
+        scalar = target_scalar(output, target[tiles].repeat_interleave(samples)).sum()
+        for k, attribution in enumerate(setup.attributions):
+            mode.deeplift = attribution == "deeplift"
+            retain = k + 1 < len(setup.attributions)
+            grads = torch.autograd.grad(scalar, [acts[n] for n in layers], retain_graph=retain)
+            for name, grad in zip(layers, grads, strict=True):
+                value = grad
+                if mode.deeplift:  # the delta in fp32: activation and baseline are close
+                    value = (_fp32(acts[name].detach()) - _fp32(baseline.layer_outputs[name])) * grad
+                _accumulate(totals[attribution], name, tiles, _sample_sum(value, samples), x.shape[0])
+    return totals
+
+
+class _Noise:
+    """SmoothGrad's noise: one generator per tile (``noise_seeds``), one for all, or none."""
+
+    def __init__(self, smoothgrad: SmoothGrad | None, seeds: Sequence[int] | None, x: torch.Tensor):
+        self.smoothgrad = smoothgrad
+        self.tiles = _tile_generators(seeds, x) if smoothgrad is not None else None
+        self.generator = None
+        if smoothgrad is not None and smoothgrad.seed is not None:
+            self.generator = torch.Generator(device=x.device).manual_seed(smoothgrad.seed)
+
+    def add(self, x: torch.Tensor, tiles: slice, samples: int) -> torch.Tensor:
+        """The chunk's inputs: each tile of ``tiles`` repeated ``samples`` times, plus its noise."""
+        inputs = x[tiles].repeat_interleave(samples, 0)
+        if self.tiles is not None:
+            return inputs + _tile_noise(self.tiles[tiles], samples, self.smoothgrad.stdev, x)
+        if self.smoothgrad is not None:
+            noise = torch.normal(
+                0.0, self.smoothgrad.stdev, inputs.shape, generator=self.generator, device=x.device
+            )
+            return inputs + noise.to(x.dtype)
+        return inputs
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32)
+
+
+def _sample_sum(value: torch.Tensor, samples: int) -> torch.Tensor:
+    """[T·S, C, h, w] → the fp32 sum over each tile's S samples, reduced in memory order (a
+    channels_last tensor reduced as NCHW takes two orders of magnitude longer: 30–50 ms against
+    0.2 ms for [20, 128, 28, 28] here)."""
+    if value.is_contiguous() or not value.is_contiguous(memory_format=torch.channels_last):
+        return value.unflatten(0, (-1, samples)).sum(1, dtype=torch.float32)
+    nhwc = value.permute(0, 2, 3, 1)
+    return nhwc.unflatten(0, (-1, samples)).sum(1, dtype=torch.float32).permute(0, 3, 1, 2)
 
 
 def _tile_generators(seeds: Sequence[int] | None, x: torch.Tensor) -> list[torch.Generator] | None:
@@ -326,6 +455,10 @@ def _tile_noise(
 def _accumulate(
     totals: dict[str, torch.Tensor | None], name: str, tiles: slice, value: torch.Tensor, batch: int
 ) -> None:
-    if totals[name] is None:
+    if totals[name] is None and tiles == slice(0, batch):
+        totals[name] = value.contiguous()
+    elif totals[name] is None:
         totals[name] = value.new_zeros((batch, *value.shape[1:]))
-    totals[name][tiles] += value
+        totals[name][tiles] += value
+    else:
+        totals[name][tiles] += value

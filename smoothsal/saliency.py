@@ -24,13 +24,14 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from . import __version__
-from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
+from .attribution import ATTRIBUTIONS, PRECISIONS, SmoothGrad, attribute
 from .errors import BadOption, BadTable
 from .files import output_locks
 from .hooks import Hooks
 from .killpoints import kill_point
 from .metrics import total_variation
 from .models import check_input_size, layer_map, weights_sha256
+from .precision import arithmetic_of, forward
 from .predictions import TASKS, check_target, check_task, choose_targets, class_logits, prediction_columns
 from .smoothing import check_methods, smooth
 from .store import StoreWriter, check_out, results_columns
@@ -73,6 +74,7 @@ class SaliencySettings:
     surrogate_sha256: str | None = None
     mean: tuple[float, ...] | None = None  # None: the surrogate's or ImageNet's
     std: tuple[float, ...] | None = None
+    precision: str = "fp32"  # arithmetic of the maps and predictions: fp32 (exact), bf16, tf32 (CUDA)
 
     def __post_init__(self) -> None:
         check_methods(self.method)
@@ -86,6 +88,8 @@ class SaliencySettings:
             raise BadOption(f"unknown task {self.task!r}; allowed: {', '.join(TASKS)}")
         if self.smoothgrad_samples < 0 or self.smoothgrad_stdev < 0:
             raise BadOption("SmoothGrad samples and stdev must be >= 0 (samples 0 = SmoothGrad off)")
+        if self.precision not in PRECISIONS:
+            raise BadOption(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
 
     @property
     def smoothgrad(self) -> SmoothGrad | None:
@@ -108,7 +112,7 @@ class RunOptions:
     workers: int | None = None  # DataLoader workers; None = min(4, cores − 1)
     device: str = "auto"
     progress: bool = True
-    max_batch: int = 32  # inputs per attribution forward/backward (bounds memory)
+    max_batch: int | str = "auto"  # inputs per attribution forward/backward (bounds memory; see attribute)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -204,6 +208,18 @@ def _load_models(
     return _Models(model, method, {k: modules[k] for k in order}, shapes["layers"]), norm
 
 
+def _warm_up(settings: SaliencySettings, models: _Models, tile_size: int, device: torch.device) -> None:
+    """The one-time work of the first batch, before the tile loop: the models' converted copies (bf16)
+    and DeepLift's baseline, which ``attribute`` caches per model and input size."""
+    example = torch.zeros(1, 3, tile_size, tile_size, device=device)
+    forward(models.original, example, settings.precision)
+    forward(models.method, example, settings.precision)
+    attribute(
+        models.method, example, layers=list(models.layers), target=0, attributions=settings.attributions,
+        precision=settings.precision,
+    )  # fmt: skip
+
+
 # --- per batch ------------------------------------------------------------------------------------
 
 
@@ -217,9 +233,8 @@ def _batch(
     """One batch: channel-summed maps per (attribution, layer) and the batch's table rows."""
     labels = tile_labels(rows)
     majority = majority_classes(rows) if settings.task == "segmentation" else None
-    with torch.no_grad():
-        original = models.original(x).float()
-        out = original if settings.method == "original" else models.method(x).float()
+    original = forward(models.original, x, settings.precision)  # fp32 logits, in the maps' arithmetic
+    out = original if settings.method == "original" else forward(models.method, x, settings.precision)
     if settings.task == "classification":
         original, out = class_logits(original), class_logits(out)
     target = choose_targets(original, labels, settings.target, task=settings.task, majority=majority)
@@ -229,7 +244,7 @@ def _batch(
     maps = attribute(
         models.method, x, layers=list(models.layers), target=target.to(x.device),
         attributions=settings.attributions, smoothgrad=settings.smoothgrad, max_batch=max_batch,
-        noise_seeds=seeds,
+        noise_seeds=seeds, precision=settings.precision,
     )  # fmt: skip
     summed, tv = {}, {}
     for a in settings.attributions:
@@ -312,6 +327,7 @@ def _run(
     began = time.perf_counter()
     settings, table = _prepare(Path(slide), Path(tiles), settings, checkpoint, surrogate)
     device = _resolve_device(options.device)
+    arithmetic_of(settings.precision, device)  # tf32 off CUDA fails here, before any work
     n = len(table)
     tile_size = int(table["tile_size"].iloc[0]) if n else _EMPTY_EXAMPLE
     models, norm = _load_models(settings, checkpoint, surrogate, tile_size, device)
@@ -336,6 +352,8 @@ def _run(
         dataset, batch_size=options.batch_size, num_workers=workers if len(dataset) else 0,
         pin_memory=device.type == "cuda",
     )  # fmt: skip
+    if len(dataset):
+        _warm_up(settings, models, tile_size, device)
     loop_began = time.perf_counter()
     with tqdm(
         total=n, initial=done, unit="tile", desc=f"saliency {settings.method} {slide_id}",

@@ -41,11 +41,38 @@ __all__ = [
 SHIFTS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
+def _roll_add(t: torch.Tensor, dim: int, shift: int) -> torch.Tensor:
+    """``t + torch.roll(t, shift, dim)`` for shift ±1, written slice by slice: same sums, no copy
+    of ``t``, and the memory layout kept (torch.roll returns NCHW: slow next to channels_last)."""
+    n = t.shape[dim]
+    out = torch.empty_like(t)
+    body, edge = (1, 0) if shift > 0 else (0, n - 1)  # where t's rolled copy lands without wrapping
+    torch.add(t.narrow(dim, body, n - 1), t.narrow(dim, 1 - body, n - 1), out=out.narrow(dim, body, n - 1))
+    torch.add(t.narrow(dim, edge, 1), t.narrow(dim, n - 1 - edge, 1), out=out.narrow(dim, edge, 1))
+    return out
+
+
+def _roll_mean_of(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` rolled spatially (wrap-around) by the four shifts of a 2×2 cell: width first."""
+    return _roll_add(_roll_add(t, 3, 1), 2, 1).mul_(0.25)
+
+
+class _RollMean(torch.autograd.Function):
+    """The roll-mean; its gradient is the roll-mean with negative shifts, height first (the
+    adjoint, summed in the order autograd would sum it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return _roll_mean_of(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _roll_add(_roll_add(grad, 2, -1), 3, -1).mul_(0.25)
+
+
 def _roll_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` rolled spatially (wrap-around) by the four shifts of a 2×2 cell."""
-    rolled = t + torch.roll(t, (0, 1), (2, 3))
-    rolled = rolled + torch.roll(rolled, (1, 0), (2, 3))
-    return rolled * 0.25
+    return _RollMean.apply(t)
 
 
 # --- finding the convs ------------------------------------------------------------------------
@@ -92,7 +119,7 @@ class _RollMeanGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _roll_mean(grad)
+        return _roll_mean_of(grad)
 
 
 class _Recast(nn.Conv2d):

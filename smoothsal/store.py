@@ -68,7 +68,7 @@ STORE_FIX = "give a `smoothsal saliency` output"
 # Settings of a saliency job that must agree between the outputs of one slide (every method's).
 SHARED_SETTINGS = (
     "arch", "num_classes", "checkpoint", "model_sha256", "mean", "std", "attributions", "layers",
-    "smoothgrad_samples", "smoothgrad_stdev", "seed", "target", "task", "dataset",
+    "smoothgrad_samples", "smoothgrad_stdev", "seed", "target", "task", "dataset", "precision",
 )  # fmt: skip
 RESULTS_FIX = "give the per-tile .parquet tables that `smoothsal saliency --table` writes"
 # What every per-tile results table has (besides tv/{attribution}/{layer} columns).

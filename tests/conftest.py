@@ -23,13 +23,15 @@ from helpers import (
     SURROGATE_TILES,
     SYNTHETIC_MPP,
     SYNTHETIC_SIZE,
+    crops,
     demo_data,
+    spec,
     tile,
     train_args,
 )
 from skimage.transform import downscale_local_mean
 
-from smoothsal import slides, tissue
+from smoothsal import demo, slides, tissue
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SMOOTHSAL_DATA", ROOT.parent / "shared" / "data"))
@@ -219,3 +221,30 @@ def demo_dir(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_tiles(cli: Cli, demo_dir: Path) -> dict[str, Path]:
     """Tile tables of the three demo slides, made by `smoothsal tiles` with their annotations."""
     return {name: tile(cli, demo_dir, name) for name in DEMO_SLIDES}
+
+
+# --- a classifier trained on the demo slides (test_precision, test_gpu) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def trained(cli: Cli, demo_dir: Path, demo_tiles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """(model, surrogate, x): the demo test's classifier (ResNet18, 2 epochs on tumor_001 + normal_001,
+    64-px tiles), a surrogate trained for it, and 4 crops of each slide."""
+    import torch
+
+    import smoothsal as ss
+    from smoothsal.tiles import read_tile_table
+
+    names = ("tumor_001", "normal_001")
+    checkpoint = tmp_path_factory.mktemp("trained") / "model.pt"
+    tables = [demo_tiles[n] for n in names]
+    cli("train-model", "--arch", "resnet18", "--num-classes", "2", "--tiles", *tables, "--epochs", "2",
+        "--batch-size", "16", "--out", checkpoint, "--no-progress")  # fmt: skip
+    model = ss.load_model("resnet18", num_classes=2, checkpoint=checkpoint)
+    x = []
+    for name, table in zip(names, tables, strict=True):
+        slide, _, _ = demo.slide_paths(demo_dir, spec(name))
+        x.append(crops(slide, read_tile_table(table), 4))
+    x = torch.cat(x)
+    surrogate = ss.train_surrogate(model, [x[:4], x[4:]], epochs=2)
+    return model, surrogate, x

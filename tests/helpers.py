@@ -176,3 +176,105 @@ def tile(cli, out: Path, name: str) -> Path:
     extra = ["--class-map", DEMO_CLASS_MAP] if name.startswith("digi") else []
     cli("tiles", slide, "--annotations", annotation, "--out", table, *DEMO_TILE_ARGS, *extra)
     return table
+
+
+# --- bf16 against fp32 on a trained classifier (test_precision, test_gpu) ----------------------------
+
+PRECISION_LAYERS = ("layer1", "layer2", "layer3")
+PRECISION_CROP = 128  # px at 1 µm/px (slide level 1 of a demo slide): layer3 maps of 8 × 8
+PRECISION_SMOOTHGRAD = ss.SmoothGrad(10, 0.2)  # the paper's σ; half its samples (20), to keep tests short
+
+
+def crops(slide: Path, table, n: int) -> torch.Tensor:
+    """``n`` normalised PRECISION_CROP-px crops at level 1, spread over the tiles of ``table`` (tumour
+    first)."""
+    import openslide
+
+    size = PRECISION_CROP
+    rows = table.sort_values("label", ascending=False, kind="stable")
+    rows = rows.iloc[np.linspace(0, len(rows) - 1, n).round().astype(int)]
+    out = []
+    with openslide.OpenSlide(slide) as reader:
+        assert abs(reader.level_downsamples[1] - 2.0) < 1e-6
+        width, height = reader.dimensions
+        for x, y in rows[["x", "y"]].to_numpy(int):
+            x, y = min(x, width - 2 * size), min(y, height - 2 * size)
+            rgb = np.asarray(reader.read_region((int(x), int(y)), 1, (size, size)).convert("RGB"))
+            out.append(torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1))
+    return (torch.stack(out) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per tile: cosine of the mean-free maps (1 = the same picture up to a positive scale)."""
+    a, b = a.flatten(1), b.flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per tile: ‖ours − ref‖₂ / ‖ref‖₂."""
+    return (ours - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-30)
+
+
+_SMOOTHED: dict[tuple, tuple[nn.Module, nn.Module]] = {}
+
+
+def smoothed(model: nn.Module, surrogate, method: str, device: str) -> nn.Module:
+    """``model`` smoothed by ``method`` on ``device``, made once (attribute caches its converted copies
+    and baselines with it, so the tests after the first do not pay for them again)."""
+    key = (id(model), method, device)
+    if key not in _SMOOTHED:
+        net = ss.smooth(model, method, surrogate=surrogate if method == "surrogate" else None).to(device)
+        _SMOOTHED[key] = (model, net)  # the model kept alive: its id stays its own
+    return _SMOOTHED[key][1]
+
+
+def agreement(
+    model, surrogate, x, smoothgrad, attributions=ss.ATTRIBUTIONS, device="cpu", low="bf16"
+) -> list[tuple]:
+    """(method, attribution, layer, cosine min, median, relative error median, max, TV change) of
+    precision ``low`` against fp32 on ``device``, per tile on the channel-summed maps (TV on the maps,
+    mean over tiles)."""
+    from smoothsal.metrics import total_variation
+
+    rows = []
+    seeds = list(range(len(x))) if smoothgrad else None
+    for method in ss.METHODS:
+        net = smoothed(model, surrogate, method, device)
+        args = {
+            "layers": PRECISION_LAYERS,
+            "target": 1,
+            "attributions": attributions,
+            "smoothgrad": smoothgrad,
+        }
+        maps = {
+            p: ss.attribute(net, x.to(device), **args, noise_seeds=seeds, precision=p) for p in ("fp32", low)
+        }
+        for a in attributions:
+            for layer in PRECISION_LAYERS:
+                ref, lower = maps["fp32"][a][layer].cpu(), maps[low][a][layer]
+                assert lower.dtype == torch.float32 and lower.shape == ref.shape
+                lower = lower.cpu()
+                cos = centred_cosine(lower.sum(1), ref.sum(1))
+                rel = relative_error(lower.sum(1), ref.sum(1))
+                tv = float(total_variation(lower).mean() / total_variation(ref).mean() - 1)
+                rows.append((method, a, layer, cos.min(), cos.median(), rel.median(), rel.max(), tv))
+    print(
+        *(
+            f"{m:14s} {a:9s} {l}: cosine min {c:.4f} median {cm:.4f}, relative error median {r:.4f} "
+            f"max {rm:.4f}, TV {tv:+.2%}"
+            for m, a, l, c, cm, r, rm, tv in rows
+        ),
+        sep="\n",
+    )
+    return rows
+
+
+def missed(rows: list[tuple]) -> list[tuple]:
+    """The rows that miss a gate: cosine median >= 0.98 and min >= 0.95, mean TV within 2 %, and for
+    DeepLift a median relative error <= 3 %."""
+    return [
+        r
+        for r in rows
+        if not (r[4] >= 0.98 and r[3] >= 0.95 and abs(r[7]) <= 0.02 and (r[1] != "deeplift" or r[5] <= 0.03))
+    ]

@@ -140,7 +140,7 @@ def test_every_default_comes_from_a_settings_dataclass():
             "attributions": list(default(s, "attributions")), "smoothgrad_samples": default(s, "smoothgrad_samples"),
             "smoothgrad_stdev": default(s, "smoothgrad_stdev"), "seed": default(s, "seed"),
             "target": default(s, "target"), "task": default(s, "task"), "dataset": default(s, "dataset"),
-            "batch_size": default(o, "batch_size"), "device": default(o, "device"), "progress": default(o, "progress"),
+            "precision": default(s, "precision"), "batch_size": default(o, "batch_size"), "device": default(o, "device"), "progress": default(o, "progress"),
         },
         ("heatmaps", "s", "--saliency", "m", "--tiles", "t", "--out", "o"): {
             "tissue_mpp": default(h, "tissue_mpp"), "tissue": default(h, "tissue"), "blend": default(h, "blend"),
@@ -216,6 +216,7 @@ def test_the_config_schemas_defaults_are_the_settings_defaults():
     assert defaults(top["saliency"]) == {
         "batch_size": default(o, "batch_size"),
         "device": default(o, "device"),
+        "precision": default(s, "precision"),
     }
     assert defaults(top["heatmaps"]) == {
         k: default(heatmaps.HeatmapSettings, k) for k in ("blend", "tissue_mpp", "ngff")

@@ -381,3 +381,38 @@ def test_out_that_is_no_store_is_refused_not_deleted(cli, slide: Path, tiles: Pa
         rc == 1 and err.count("\n") == 1 and f"{folder} exists and is a folder smoothsal did not write" in err
     )
     assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_precision_is_a_setting_recorded_in_the_store_and_guards_resume(
+    cli, batch5: Path, slide: Path, tiles: Path, tmp_path: Path, caplog
+):
+    """`--precision bf16`: recorded in the store's and the table's metadata, float32 maps near the fp32
+    run's, predictions in bf16 (the original's own prediction difference stays exactly 0); a bf16
+    partial state is not resumed by an fp32 run, which starts over and gives the fp32 result."""
+    bf16 = tmp_path / "bf16"
+    args = saliency_args(slide, tiles, bf16, "forward_hook", "--workers", "0", "--precision", "bf16")
+    assert run(cli, args)[0] == 0
+    meta, maps = read_store(bf16 / "forward_hook.zarr")
+    ref_meta, ref_maps = read_store(batch5 / "forward_hook.zarr")
+    assert meta["settings"]["precision"] == "bf16" and ref_meta["settings"]["precision"] == "fp32"
+    assert store.results_meta(bf16 / "forward_hook.parquet")["settings"]["precision"] == "bf16"
+    for key, ref in ref_maps.items():  # random init: bf16 follows DeepLift closely, the gradient loosely
+        assert maps[key].dtype == np.float32 and maps[key].shape == ref.shape
+        a, b = torch.from_numpy(maps[key]).flatten(1), torch.from_numpy(ref).flatten(1)
+        cosine = torch.nn.functional.cosine_similarity(
+            a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        )
+        assert float(cosine.min()) >= (0.95 if key.startswith("deeplift") else 0.5), (key, cosine)
+    table, ref_table = (pd.read_parquet(d / "forward_hook.parquet") for d in (bf16, batch5))
+    np.testing.assert_allclose(table["prob_1"], ref_table["prob_1"], atol=0.02)
+    np.testing.assert_allclose(table["pd_all"], ref_table["pd_all"], atol=0.02)
+
+    killed = cli.process(*args, "--batch-size", "3", kill_at="saliency.batch=1", timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    fp32 = saliency_args(slide, tiles, bf16, "forward_hook", "--workers", "0", "--batch-size", "5")
+    shutil.rmtree(bf16 / "forward_hook.zarr")
+    (bf16 / "forward_hook.parquet").unlink()
+    rc, stdout, _ = run(cli, fp32)
+    assert rc == 0 and "12 computed" in stdout and "resumed" not in stdout
+    assert "other settings or tiles; starting over" in caplog.text
+    assert_same_outputs(batch5, bf16)

@@ -352,8 +352,11 @@ def test_settings_rerun_what_they_affect(full_run: Path, tmp_path: Path) -> None
     expected |= {j for d, s in eval_slides for j in faithfulness_jobs(d, s)}
     expected |= {job("heatmaps", dataset=d, slide=s) for d, s in eval_slides} | {job("report")}
     assert planned_after(lambda c: c["smoothgrad"].update(samples=3)) == expected
-    # one dataset's surrogate epochs: its surrogate and its surrogate saliency maps only
+    # precision (a saliency option that changes results): the same jobs
     edit_config(workdir, lambda c: c["smoothgrad"].update(samples=2))
+    assert planned_after(lambda c: c["saliency"].update(precision="bf16")) == expected
+    # one dataset's surrogate epochs: its surrogate and its surrogate saliency maps only
+    edit_config(workdir, lambda c: c["saliency"].update(precision="fp32"))
     expected = {job("train_surrogate", dataset="c16")}
     expected |= {job("saliency", dataset="c16", slide=s, method="surrogate") for s in EVAL_SLIDES["c16"]}
     expected |= {j for s in EVAL_SLIDES["c16"] for j in faithfulness_jobs("c16", s, ["surrogate"])}
@@ -540,6 +543,20 @@ def test_tiles_level_reads_that_level_unresized(sheet_dataset: Path) -> None:
     assert (
         (table["w"] == 64).all() and (table["h"] == 64).all() and (table["mpp"] == table["slide_mpp"]).all()
     )
+
+
+def test_precision_reaches_every_saliency_job(sheet_dataset: Path) -> None:
+    """`saliency: {precision: bf16}` is passed to each saliency command (as a setting, beside the
+    SmoothGrad ones; the run options stay apart); an unknown precision stops the dry run."""
+    edit_config(sheet_dataset, lambda c: c["saliency"].update(precision="bf16"))
+    commands = snakemake(sheet_dataset, "--dry-run", "--printshellcmds").stdout
+    saliency = [
+        line for line in commands.splitlines() if line.startswith("Shell command: smoothsal saliency")
+    ]
+    assert len(saliency) == 4 and all(line.count("--precision bf16") == 1 for line in saliency), saliency
+    edit_config(sheet_dataset, lambda c: c["saliency"].update(precision="fp16"))
+    result = snakemake(sheet_dataset, "--dry-run", check=False)
+    assert result.returncode != 0 and "'fp16' is not one of" in result.stdout + result.stderr
 
 
 def c16(**settings):

@@ -384,8 +384,15 @@ def saliency_settings(wildcards):
         "seed": sg["seed"],
         "target": ds["target"],
         "task": ds["task"],
+        "precision": config["saliency"]["precision"],  # changes results: a param, reruns when changed
     }
     return f"{model_args(wildcards.dataset)} {cli_args(settings)}"
+
+
+def saliency_run_options(threads):
+    """The saliency jobs' speed-only options (config saliency without precision, which is a setting)."""
+    options = {k: v for k, v in config["saliency"].items() if k != "precision"}
+    return RunOptions(**options, workers=threads - 1)
 
 
 def heatmaps_settings(wildcards):

@@ -15,7 +15,7 @@ rule saliency:
         checkpoint=lambda wildcards, input: optional("--checkpoint", input.model),
         surrogate=lambda wildcards, input: optional("--surrogate", input.surrogate),
         version=VERSION,
-        run=lambda wildcards, threads: RunOptions(**config["saliency"], workers=threads - 1),
+        run=lambda wildcards, threads: saliency_run_options(threads),
     log:
         "results/logs/saliency/{dataset}/{slide}/{method}.log",
     benchmark:
