@@ -160,7 +160,8 @@ def _describe(path: Path) -> str:
 
 
 def check_replaceable(path: str | Path, kind: OutputKind) -> None:
-    """Raise `BadOutput` unless ``path`` is absent, an empty directory, or carries ``kind``'s marker."""
+    """Raise `BadOutput` unless ``path`` is absent, holds nothing (no file or link at any depth: Snakemake
+    creates the folders of a rule's outputs before the job), or carries ``kind``'s marker."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise BadOutput(
@@ -170,12 +171,20 @@ def check_replaceable(path: str | Path, kind: OutputKind) -> None:
     if not path.exists() or read_marker(path) == kind.marker:
         return
     with writable(path):
-        empty = not any(path.iterdir())
+        empty = _holds_nothing(path)
     if not empty:
         raise BadOutput(
             f"{path} exists and is {_describe(path)}; `{kind.command}` replaces only a {kind.kind} "
             f"(format {kind.format}) it wrote: give a new --out or remove it yourself"
         )
+
+
+def _holds_nothing(path: Path) -> bool:
+    """Whether ``path`` is a tree of folders only: no file and no link anywhere below it."""
+    for root, dirs, files in os.walk(path):
+        if files or any((Path(root) / d).is_symlink() for d in dirs):
+            return False
+    return True
 
 
 def lock_path(path: Path) -> Path:

@@ -104,6 +104,17 @@ def test_output_dir_replaces_only_its_own_kind_and_marks_what_it_writes(tmp_path
     with files.output_dir(empty, KIND) as tmp:  # an empty folder holds nothing to lose
         tmp.mkdir()
     assert files.read_marker(empty) == KIND.marker
+    made = tmp_path / "made"  # what Snakemake leaves before a job: the folders of the rule's outputs
+    (made / "figures" / "overview").mkdir(parents=True)
+    with files.output_dir(made, KIND) as tmp:
+        tmp.mkdir()
+    assert files.read_marker(made) == KIND.marker
+    nested = tmp_path / "nested"  # a file however deep is something to lose
+    (nested / "a" / "b").mkdir(parents=True)
+    (nested / "a" / "b" / "mine.csv").write_text("x")
+    with pytest.raises(BadOutput, match="nested exists"), files.output_dir(nested, KIND):
+        pass
+    assert (nested / "a" / "b" / "mine.csv").read_text() == "x"
 
 
 @pytest.mark.parametrize(
