@@ -114,10 +114,14 @@ def check_file_out(*paths: str | Path | None, option: str = "--out") -> None:
         if path.is_dir() or path.is_symlink():
             kind = "a link" if path.is_symlink() else "a directory"
             raise BadOutput(f"{path} is {kind}; give a file path for {option}, e.g. {path / 'out'}")
+        folder = path.parent  # made when the output is written: bad input leaves no empty folder behind
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
         with writable(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(path.parent, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent))
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
 
 
 def partial_paths(path: str | Path) -> list[Path]:

@@ -248,7 +248,7 @@ def fake_surrogate(arch: str, path: Path) -> Path:
     torch.manual_seed(0)
     model = ss.load_model(arch, num_classes=2)
     paths = ss.SurrogatePaths.for_model(model, torch.zeros(1, 3, 64, 64))
-    settings = TrainSettings(arch, 2, "random-init", "-", 1, 64, epochs=1, batch_size=1)
+    settings = TrainSettings(arch, 2, "random-init", "-", 1, 64, epochs=1, batch_size=1, patience=0)
     save_surrogate(path, paths, SurrogateMeta(settings, paths.specs, model_fingerprint(model)))
     return path
 

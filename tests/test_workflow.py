@@ -265,7 +265,9 @@ def test_full_run_writes_every_output(full_run: Path) -> None:
     for log in ["demo_data.log", "report.log", "tiles/c16/cmu.log", "saliency/digi/digi_003/surrogate.log",
                 "train_surrogate/c16.log", "train_model/digi.log", "heatmaps/c16/test_001.log"]:  # fmt: skip
         assert (results / "logs" / log).is_file(), log
-    assert len(list((results / "benchmarks").rglob("*.tsv"))) == 1 + 6 + 2 + 2 + 12 + 3 + 1
+    assert (
+        len(list((results / "benchmarks").rglob("*.tsv"))) == 1 + 6 + 2 + 2 + 12 + 12 + 3 + 1
+    )  # + faithfulness
 
 
 def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tmp_path: Path) -> None:
@@ -285,7 +287,12 @@ def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tm
     results = json.loads(re.search(r"var results = (\{.*?\});\n", html, re.DOTALL).group(1))
     categories = json.loads(re.search(r"var categories = (\{.*?\});\n", html, re.DOTALL).group(1))
     assert set(categories) == {"Tables", "Figures"}, categories
-    assert set(categories["Figures"]) == {"TV per layer", "Slide overviews", "Surrogate fit"}, categories
+    assert set(categories["Figures"]) == {
+        "TV per layer",
+        "Slide overviews",
+        "Surrogate fit",
+        "Faithfulness",
+    }, categories
     assert {"c16_resnet18_losses.png", "digi_unet_resnet34_losses.png"} <= files, names  # issue 14
     captions = {
         "tables": "Tables over every slide",
@@ -611,7 +618,7 @@ def test_layers_are_checked_against_each_datasets_arch(sheet_dataset: Path) -> N
         sheet_dataset,
         lambda c: c.update(layers=["encoder.layer1.0", "layer2", "blocks"]) or c["datasets"].update(c16=unet),
     )
-    assert len(planned_jobs(sheet_dataset)) == 2 + 1 + 4 + 1 + 1
+    assert len(planned_jobs(sheet_dataset)) == 2 + 1 + 4 + 4 + 1 + 1  # … saliency, faithfulness per method …
     resnet = {"slides": "sheets/c16.tsv", "model": {"arch": "resnet18", "num_classes": 2}}
     edit_config(sheet_dataset, lambda c: c["datasets"].update(r18=resnet))
     error_line(snakemake(sheet_dataset, "--dry-run", check=False),
@@ -753,7 +760,17 @@ def test_slurm_runs_every_job_through_sbatch(tmp_path: Path, slides_dir: Path) -
     jobs = [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.startswith(prefix)]
     rules = [re.match(r"rule_(\w+?)(_wildcards_|$)", j["Comment"]).group(1) for j in jobs]
     assert sorted(rules) == sorted(
-        ["tiles", "tiles", "train_surrogate", "saliency", "saliency", "heatmaps", "report"]
+        [
+            "tiles",
+            "tiles",
+            "train_surrogate",
+            "saliency",
+            "saliency",
+            "faithfulness",
+            "faithfulness",
+            "heatmaps",
+            "report",
+        ]
     )
     assert {j["State"] for j in jobs} == {"COMPLETED"}
     for j, rule in zip(jobs, rules):
