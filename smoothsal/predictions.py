@@ -107,16 +107,18 @@ def prediction_columns(
     target: torch.Tensor,
     majority: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
-    """logit_k, prob_k, pred, correct, pd_all, pd_target, pd_masked of one batch (CPU tensors, float).
+    """logit_k, prob_k, pred, correct, pd_all, pd_target, pd_masked, agree of one batch (CPU tensors, float).
 
     ``original``/``out``: the original's and the method's logits ([B, K], segmentation [B, K, H, W]);
-    prediction differences are fractions (×100 for the tables); NaN where a measure is not defined.
+    prediction differences are fractions (×100 for the tables); NaN where a measure is not defined;
+    ``agree``: 1 where the method's predicted class (segmentation: majority class) is the original's.
     """
     p_orig, p_new = probabilities(original), probabilities(out)
     k = out.shape[1]
     if task == "segmentation":
         logits, probs = out.mean(dim=(2, 3)), p_new.mean(dim=(2, 3))
         pred = majority_label(out.argmax(1))
+        agree = (pred == majority_label(original.argmax(1))).numpy().astype(float)
         correct = np.full(len(out), np.nan)
         pixels = out.shape[2] * out.shape[3]
         pd_all, pd_target = prediction_difference(  # pixels as samples, then the mean per tile
@@ -129,6 +131,7 @@ def prediction_columns(
     else:
         logits, probs = out, p_new
         pred = predicted_class(out)
+        agree = (pred == predicted_class(original)).numpy().astype(float)
         correct = np.where(labels.numpy() >= 0, (pred == labels).numpy().astype(float), np.nan)
         pd_all, pd_target = prediction_difference(p_orig, p_new, target)
         pd_masked = np.full(len(out), np.nan)
@@ -140,4 +143,5 @@ def prediction_columns(
         "pd_all": pd_all.numpy().astype(np.float64),
         "pd_target": pd_target.numpy().astype(np.float64),
         "pd_masked": np.asarray(pd_masked, dtype=np.float64),
+        "agree": agree,
     }

@@ -188,7 +188,7 @@ def results_columns(num_classes: int, attributions: Sequence[str], layers: Seque
     return [
         "dataset", "slide_id", "method", "arch", "tile", "x", "y", "w", "h", "mpp", "label", "target", "task",
         *(f"logit_{c}" for c in range(k)), *(f"prob_{c}" for c in range(k)),
-        "pred", "correct", "pd_all", "pd_target", "pd_masked",
+        "pred", "correct", "pd_all", "pd_target", "pd_masked", "agree",
         *(f"tv/{a}/{layer}" for a in attributions for layer in layers),
     ]  # fmt: skip
 

@@ -63,6 +63,19 @@ def test_classification_columns_by_hand():
     assert cols["logit_1"].tolist() == [1.0, 1.0] and np.isnan(cols["pd_masked"]).all()
 
 
+def test_agreement_is_one_where_the_method_predicts_the_originals_class():
+    original = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    out = torch.tensor([[0.0, 3.0], [0.0, 1.0], [5.0, 1.0]])  # flips tile 0 and 2, keeps tile 1
+    cols = prediction_columns(
+        "classification", original, out, torch.tensor([-1, -1, -1]), torch.tensor([0, 1, 1])
+    )
+    assert cols["agree"].tolist() == [0.0, 1.0, 0.0]
+    same = prediction_columns(
+        "classification", original, original, torch.tensor([-1] * 3), torch.tensor([0, 1, 1])
+    )
+    assert same["agree"].tolist() == [1.0, 1.0, 1.0]
+
+
 def test_segmentation_columns_are_per_pixel_means_and_the_masked_difference():
     original = torch.zeros(1, 2, 1, 2)
     original[0, 0, 0, 0] = 4.0  # pixel 0 confidently background

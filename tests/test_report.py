@@ -44,6 +44,7 @@ def _tile_table(dataset, arch, slide, method, layers, n, task, seed, labels=None
     scale = 0.0 if method in ("original", "backward_hook") else 0.05
     frame["pd_all"] = rng.uniform(0, 2 * scale, n)
     frame["pd_target"] = frame["pd_all"] / 2
+    frame["agree"] = (rng.uniform(size=n) > (0.0 if scale == 0 else 0.2)).astype(float)
     if task == "segmentation":
         masked = rng.uniform(0, scale + 0.01, n)
         masked[::3] = np.nan  # all-background tiles: undefined
@@ -246,6 +247,8 @@ def test_prediction_difference_and_masked(built, frames):
         pdiff.at[("camelyon16", "backward_hook", "pd_all"), "mean"] == 0
     )  # the check row: forward unchanged
     assert "original" not in pdiff.index.get_level_values("method")
+    assert pdiff.at[("camelyon16", "backward_hook", "agree"), "mean"] == 100  # the same predictions
+    assert "Agreement %" in (out / "tables" / "prediction_difference.md").read_text()
 
 
 def test_accuracy_only_where_tiles_are_labelled(built, frames):

@@ -105,7 +105,7 @@ def test_maps_tv_and_prediction_difference_equal_the_library_run_directly(
         assert dict(arr.attrs) == {"layer": layer, "attribution": "deeplift", "stride": 64 / side}
     assert list(table.columns) == [
         "dataset", "slide_id", "method", "arch", "tile", "x", "y", "w", "h", "mpp", "label", "target", "task",
-        "logit_0", "logit_1", "prob_0", "prob_1", "pred", "correct", "pd_all", "pd_target", "pd_masked",
+        "logit_0", "logit_1", "prob_0", "prob_1", "pred", "correct", "pd_all", "pd_target", "pd_masked", "agree",
         *(f"tv/{a}/{layer}" for a in ("gradient", "deeplift") for layer in LAYERS),
     ]  # fmt: skip
     assert store.results_meta(batch5 / "forward_hook.parquet") == meta

@@ -37,8 +37,11 @@ __all__ = [
 
 ATTRIBUTION_NAMES = {"deeplift": "DeepLift", "gradient": "Gradient"}
 PD_METHODS = ("surrogate", "forward_hook", "backward_hook")  # Table 3; backward_hook as a check (≈ 0)
-PD_MEASURES = {"pd_all": "All classes", "pd_target": "Target class", "pd_masked": "Masked (segmentation)"}
-OPTIONAL = ("pd_masked", "correct")
+PD_MEASURES = {
+    "pd_all": "All classes", "pd_target": "Target class", "pd_masked": "Masked (segmentation)",
+    "agree": "Agreement %",
+}  # fmt: skip
+OPTIONAL = ("pd_masked", "correct", "agree")
 KEYS = ["dataset", "model", "slide_id", "method"]
 ALL = "(all)"  # the rows over every dataset/model pair
 
@@ -374,7 +377,10 @@ def _pd_table(collected: Collected, per_slide: bool) -> Table | None:
         .drop(columns=["_m", "_k"])
         .reset_index(drop=True)
     )
-    stats["text"] = [_pm(m, s, 2) for m, s in zip(stats["mean"], stats["std"], strict=True)]
+    stats["text"] = [
+        f"{m:.1f}" if k == "agree" else _pm(m, s, 2)
+        for m, s, k in zip(stats["mean"], stats["std"], stats["measure"], strict=True)
+    ]
     row_order = list(dict.fromkeys(stats[rows].itertuples(index=False, name=None)))
     if len(rows) == 1:
         row_order = [r[0] for r in row_order]
@@ -387,7 +393,8 @@ def _pd_table(collected: Collected, per_slide: bool) -> Table | None:
     note = (
         "×100, mean ± std over tiles, after softmax (sigmoid for one logit): all classes Σ|ỹ−ŷ|, target "
         "class |ỹₜ−ŷₜ| (the paper's Table 3); masked: segmentation pixels where the original is confident "
-        "about the tile's majority class. The backward hook leaves the forward unchanged: its row checks ≈ 0."
+        "about the tile's majority class; agreement: % of tiles whose predicted class (segmentation: majority "
+        "class) is the original's. The backward hook leaves the forward unchanged: its row checks ≈ 0."
     )
     return Table(name, title, stats.drop(columns="text"), _label(cells), None, note)
 
