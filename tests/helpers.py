@@ -38,6 +38,16 @@ def module_calls(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return counts
 
 
+def conv_io(model: nn.Module, names, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Input and output of each named module in one no-grad forward of ``x`` (hooks removed after)."""
+    io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with Hooks() as hooks, torch.no_grad():
+        for n in names:
+            hooks.forward(model.get_submodule(n), lambda m, i, o, n=n: io.__setitem__(n, (i[0], o)))
+        model(x)
+    return io
+
+
 def num_classes(arch: str) -> int:
     return 1 if arch == "monai_fc_resnet18" else 3
 

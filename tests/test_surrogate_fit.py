@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import conv_io
 from torch import nn
 
 from smoothsal import load_model
@@ -162,15 +163,8 @@ def test_validation_l1_against_hooks_written_here() -> None:
     paths = SurrogatePaths.for_model(model, x[:1])
     sums = validation_sums(model, paths, [(x[:2], None), (x[2:], None)])
     l1, rel = l1_from_sums(sums, paths.conv_names)
-    io = {}
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: io.__setitem__(n, (i[0], o)))
-        for n in paths.conv_names
-    ]
+    io = conv_io(model, paths.conv_names, x)
     with torch.no_grad():
-        model(x)
-        for h in handles:
-            h.remove()
         for n in paths.conv_names:
             inp, out = io[n]
             assert l1[n] == pytest.approx(F.l1_loss(paths.path(n)(inp), out).item(), rel=1e-5)

@@ -24,7 +24,7 @@ from helpers import SURROGATE_EPOCHS as EPOCHS
 from helpers import SURROGATE_PATIENCE as PATIENCE
 from helpers import SURROGATE_TILES as TILES
 from helpers import SURROGATE_VALIDATION as VALIDATION
-from helpers import train_args
+from helpers import conv_io, train_args
 
 from smoothsal import load_model, metrics, smooth
 from smoothsal.evaluation import evaluate
@@ -122,15 +122,8 @@ def test_training_stops_by_the_rule_keeps_the_best_state_and_never_trains_on_val
     model = load_model("resnet18", num_classes=2, checkpoint=surrogate_model).eval()
     held = table.iloc[split.validation].reset_index(drop=True)
     x = torch.stack([TileDataset(held, transform=Normalize())[i][0] for i in range(len(held))])
-    io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: io.__setitem__(n, (i[0], o)))
-        for n in paths.conv_names
-    ]
+    io = conv_io(model, paths.conv_names, x)
     with torch.no_grad():
-        model(x)
-        for h in handles:
-            h.remove()
         l1 = {n: (paths.path(n)(io[n][0]) - io[n][1]).abs().mean().item() for n in paths.conv_names}
     assert sum(l1.values()) == pytest.approx(log["val_l1_total"].min(), rel=1e-5)
     assert l1 == pytest.approx(fit.val_l1, rel=1e-5)

@@ -299,6 +299,7 @@ def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tm
         "tv_per_layer": "Total variation of the saliency maps at every evaluated layer",
         "overview": "the tissue thumbnail",
         "surrogate_fit": "Surrogate training per epoch",
+        "faithfulness": "Faithfulness of each method's maps to the ORIGINAL model",
     }
     by_file = {Path(path).name: entry for path, entry in results.items()}
     assert {"tv.csv", "c16_resnet18.png", f"c16_{EVAL_SLIDES['c16'][0]}.png"} <= set(by_file), sorted(by_file)
@@ -797,7 +798,7 @@ def readme_test_command() -> str:
 def test_readme_test_command_is_what_ci_runs() -> None:
     """.ci/run is README's test command and nothing else; the command itself sets up the system first."""
     command = readme_test_command()
-    assert command.startswith("tests/setup-system.sh && ") and command.endswith(" && pytest"), command
+    assert command.startswith("tests/setup-system.sh && ") and command.endswith(" && pytest -n 2"), command
     lines = [
         line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")
     ]
