@@ -7,7 +7,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Command", "default", "model_args", "rgb", "tuple_or_none"]
+__all__ = ["Command", "default", "model_args", "rgb", "stitch_inputs", "tuple_or_none"]
 
 
 @dataclass(frozen=True)
@@ -57,4 +57,14 @@ def model_args(p: argparse.ArgumentParser, *, tiles: str | None = "+") -> None:
     rgb(p, "the surrogate's if given, else ImageNet")
     p.add_argument(
         "--workers", type=int, help="DataLoader workers per process (default: min(4, cores per process - 1))"
+    )
+
+
+def stitch_inputs(p: argparse.ArgumentParser, stores: str, tiles: str) -> None:
+    """SLIDE, --saliency, --tiles and --mpp: what a command stitching one slide's saliency stores reads."""
+    p.add_argument("slide", type=Path, help="whole-slide image the tiles were made from")
+    p.add_argument("--saliency", type=Path, nargs="+", required=True, metavar="STORE", help=stores)
+    p.add_argument("--tiles", type=Path, required=True, help=tiles)
+    p.add_argument(
+        "--mpp", type=float, help="µm/px at level 0, as given to `smoothsal tiles` (for slides without it)"
     )

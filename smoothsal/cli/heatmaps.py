@@ -13,7 +13,7 @@ from pathlib import Path
 from ..annotations import parse_class_map
 from ..container import open_container
 from ..heatmaps import BLENDS, NGFF_VERSIONS, HeatmapSettings, make_heatmaps
-from .common import Command, default
+from .common import Command, default, stitch_inputs
 
 COMMAND = Command(
     "heatmaps", "stitch one slide's saliency stores into one OME-Zarr container (tissue + heatmap pyramids)"
@@ -23,10 +23,7 @@ COMMAND = Command(
 def arguments(p: argparse.ArgumentParser) -> None:
     h = HeatmapSettings
     # fmt: off
-    p.add_argument("slide", type=Path, help="whole-slide image the tiles were made from")
-    p.add_argument("--saliency", type=Path, nargs="+", required=True, metavar="STORE", help="saliency stores of SLIDE ({method}.zarr from `smoothsal saliency`)")
-    p.add_argument("--tiles", type=Path, required=True, help="tile table of SLIDE (.parquet) the stores were computed on")
-    p.add_argument("--mpp", type=float, help="µm/px at level 0, as given to `smoothsal tiles` (for slides without it)")
+    stitch_inputs(p, stores="saliency stores of SLIDE ({method}.zarr from `smoothsal saliency`)", tiles="tile table of SLIDE (.parquet) the stores were computed on")
     p.add_argument("--annotations", type=Path, help="ASAP XML or GeoJSON annotations to store with the maps (level-0 px)")
     p.add_argument("--class-map", help="annotation class names → ids, as for `smoothsal tiles`")
     p.add_argument("--tissue-mpp", type=float, default=default(h, "tissue_mpp"), help=f"tissue image resolution, µm/px (default {default(h, 'tissue_mpp')})")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..heatmaps import NGFF_VERSIONS, HeatmapSettings
 from ..overlap import seam_comparison
-from .common import Command, default
+from .common import Command, default, stitch_inputs
 
 COMMAND = Command(
     "seams", "one slide at overlapping tiles stitched without and with overlap + window blending: seam scores"
@@ -23,10 +23,7 @@ COMMAND = Command(
 def arguments(p: argparse.ArgumentParser) -> None:
     h = HeatmapSettings
     # fmt: off
-    p.add_argument("slide", type=Path, help="whole-slide image the tiles were made from")
-    p.add_argument("--saliency", type=Path, nargs="+", required=True, metavar="STORE", help="saliency stores of SLIDE on the overlapping tiles")
-    p.add_argument("--tiles", type=Path, required=True, help="overlapping tile table (stride = tile size / k) the stores were computed on")
-    p.add_argument("--mpp", type=float, help="µm/px at level 0, as given to `smoothsal tiles` (for slides without it)")
+    stitch_inputs(p, stores="saliency stores of SLIDE on the overlapping tiles", tiles="overlapping tile table (stride = tile size / k) the stores were computed on")
     p.add_argument("--tissue-mpp", type=float, default=default(h, "tissue_mpp"), help=f"tissue image resolution, µm/px (default {default(h, 'tissue_mpp')})")
     p.add_argument("--ngff", choices=NGFF_VERSIONS, default=default(h, "ngff"), help=f"OME-Zarr version (default {default(h, 'ngff')})")
     p.add_argument("--without", type=Path, required=True, help="container to write: the non-overlapping tiles, no blending")
