@@ -17,6 +17,7 @@ from .errors import BadInput, BadOption, one_line
 from .files import atomic_path, check_file_out
 from .metrics import total_variation
 from .models import check_input_size
+from .precision import PRECISIONS
 from .smoothing import METHODS, SurrogatePaths, method_info, smooth
 from .surrogate import ModelSpec
 
@@ -42,10 +43,13 @@ class CompareSettings:
     size: int = 224  # tile side fed to the model, px
     samples: int = 20
     stdev: float = 0.2
+    precision: str = "fp32"  # arithmetic of the maps (see smoothsal.precision)
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.samples < 0:
             raise BadOption(f"--size must be >= 1 and --samples >= 0, got {self.size} and {self.samples}")
+        if self.precision not in PRECISIONS:
+            raise BadOption(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
 
     @property
     def smoothgrad(self) -> SmoothGrad | None:
@@ -69,12 +73,15 @@ def compare_methods(
     methods: Sequence[str],
     surrogate: SurrogatePaths | None = None,
     smoothgrad: SmoothGrad | None = None,
+    precision: str = "fp32",
 ) -> dict[tuple[str, str], tuple[np.ndarray, float]]:
     """(method, attribution) → (channel-summed saliency map of tile 0, its TV)."""
     out = {}
     for method in methods:
         smoothed = smooth(model, method, surrogate=surrogate if method == "surrogate" else None)
-        maps = attribute(smoothed, x, layers=[layer], target=target, smoothgrad=smoothgrad)
+        maps = attribute(
+            smoothed, x, layers=[layer], target=target, smoothgrad=smoothgrad, precision=precision
+        )
         for attribution in ATTRIBUTIONS:
             z = maps[attribution][layer]
             out[method, attribution] = (z[0].sum(0).numpy(), float(total_variation(z)[0]))
@@ -136,10 +143,10 @@ def run_compare(
     methods = [m for m in METHODS if m != "surrogate" or surrogate is not None]
     maps = compare_methods(
         network, x, layer=settings.layer, target=settings.target, methods=methods, surrogate=surrogate,
-        smoothgrad=settings.smoothgrad,
+        smoothgrad=settings.smoothgrad, precision=settings.precision,
     )  # fmt: skip
     weights = model.checkpoint.name if model.checkpoint else "random weights"
-    title = f"{model.arch} ({weights}), {settings.layer}, target {settings.target}, {tile.name}"
+    title = f"{model.arch} ({weights}), {settings.layer}, target {settings.target}, {settings.precision}, {tile.name}"
     fig = comparison_figure(rgb, maps, title)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format=kind)

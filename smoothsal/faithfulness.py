@@ -297,6 +297,7 @@ def _randomisation_rows(job: _Job, x, maps, target, index) -> list[dict]:
     maps_fn = attribution_maps(
         x, layers=job.layers, target=target.to(x.device), attributions=job.store.attributions,
         smoothgrad=smoothgrad, noise_seeds=seeds, max_batch=job.options.max_batch,
+        precision=str(s.get("precision", "fp32")),  # the stored maps' arithmetic, for like with like
     )  # fmt: skip
     curves = randomisation_curves(
         job.method, maps_fn, layers=job.layers,

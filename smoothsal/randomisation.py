@@ -253,14 +253,15 @@ def attribution_maps(
     smoothgrad: SmoothGrad | None = None,
     noise_seeds: Sequence[int] | None = None,
     max_batch: int = 32,
+    precision: str = "fp32",
 ) -> MapsFn:
     """The stage's maps as a function of the model: (attribution, layer) → channel-summed
-    ``[B, h, w]``, from ``attribute`` with fixed tiles, targets and SmoothGrad seeds."""
+    ``[B, h, w]``, from ``attribute`` with fixed tiles, targets, SmoothGrad seeds and precision."""
 
     def maps(model: nn.Module) -> dict[Hashable, torch.Tensor]:
         out = attribute(
             model, x, layers=layers, target=target, attributions=attributions, smoothgrad=smoothgrad,
-            max_batch=max_batch, noise_seeds=noise_seeds,
+            max_batch=max_batch, noise_seeds=noise_seeds, precision=precision,
         )  # fmt: skip
         return {(a, layer): z.sum(dim=1) for a, per in out.items() for layer, z in per.items()}
 

@@ -240,9 +240,13 @@ class TileLoader(DataLoader):
 
 
 def default_workers(processes: int = 1) -> int:
-    """DataLoader workers per process: min(4, cores per process − 1)."""
+    """DataLoader workers per process: min(4, cores per process − 1), and none with 2 cores or fewer
+    per process, where a forked reader only takes CPU from the compute (reading a batch takes ~1 % of
+    its attribution). Measured on 2 cores: a worker made the bf16 saliency job 20 % slower
+    (benchmarks/saliency.py) and 3 surrogate epochs 25 s instead of 17 (benchmarks/surrogate_convergence.py)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(4, cores // processes - 1))
+    per_process = cores // processes
+    return 0 if per_process <= 2 else min(4, per_process - 1)
 
 
 def load_tile(row: Mapping[str, Any] | pd.Series, reader: SlideReader | None = None) -> np.ndarray:

@@ -73,3 +73,25 @@ def test_compare_refuses_a_surrogate_without_its_checkpoint(
     assert not out.exists()
     cli(*args, "--checkpoint", surrogate_model)
     assert out.exists()
+
+
+def test_compare_precision_reaches_the_maps(cli, tiles_dir, tmp_path):
+    """--precision bf16: the printed TVs are those of bf16 maps (the library at bf16), not fp32's."""
+    out = tmp_path / "bf16.png"
+    done = cli(
+        "compare", tiles_dir / TILE, "--out", out, "--size", "64", "--samples", "0", "--precision", "bf16"
+    )
+    printed = {tuple(line.split()[:2]): float(line.split()[-1]) for line in done.out.splitlines()[:-1]}
+    model, _, norm = ModelSpec("resnet18", 2).load()
+    rgb = read_tile_image(tiles_dir / TILE, 64)
+    x = norm(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0).unsqueeze(0)
+    methods = ["original", "backward_hook", "forward_hook"]
+    per = {
+        p: compare_methods(model, x, layer="layer2", target=0, methods=methods, precision=p)
+        for p in ("fp32", "bf16")
+    }
+    for key, (_, tv) in per["bf16"].items():
+        assert printed[key] == pytest.approx(tv, abs=1e-4), key
+    assert any(abs(per["bf16"][k][1] - per["fp32"][k][1]) > 1e-4 for k in per["fp32"])  # bf16 is not fp32
+    with pytest.raises(Exception, match="unknown precision 'fp16'"):
+        CompareSettings(precision="fp16")
