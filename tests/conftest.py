@@ -213,7 +213,7 @@ def ddp_surrogate(cli: Cli, surrogate_tiles: Path, surrogate_model: Path, surrog
 @pytest.fixture(scope="session")
 def demo_dir(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    demo_data(cli, out, "--size", str(DEMO_SIZE), "--slides", *DEMO_SLIDES)
+    demo_data(cli, out, "--size", str(DEMO_SIZE), "--slides", *DEMO_SLIDES, "--processes", "2")
     return out
 
 

@@ -37,11 +37,14 @@ def test_files_and_openslide_mpp(demo_dir: Path) -> None:
 
 
 def test_same_seed_same_bytes_other_seed_other_slide(cli, demo_dir: Path, tmp_path: Path) -> None:
-    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
-        demo_data(cli, tmp_path / name, "--size", "512", "--slides", "tumor_001", "--seed", seed)
-    for a, b, c in zip(*(demo.slide_paths(tmp_path / d, spec("tumor_001")) for d in "abc"), strict=True):
-        assert a.read_bytes() == b.read_bytes()
-        assert a.read_bytes() != c.read_bytes()
+    """Also side by side (--processes 2): the same files as one after the other."""
+    for name, seed, processes in (("a", "0", "1"), ("b", "0", "2"), ("c", "1", "2")):
+        demo_data(cli, tmp_path / name, "--size", "512", "--slides", "tumor_001", "digi_003", "--seed", seed,
+                  "--processes", processes)  # fmt: skip
+    for slide in ("tumor_001", "digi_003"):
+        for a, b, c in zip(*(demo.slide_paths(tmp_path / d, spec(slide)) for d in "abc"), strict=True):
+            assert a.read_bytes() == b.read_bytes()
+            assert a.read_bytes() != c.read_bytes()
 
 
 def test_tumour_nuclei_are_larger_darker_denser(demo_dir: Path) -> None:
@@ -93,3 +96,4 @@ def test_tiles_get_labels_from_the_annotations(demo_dir: Path, demo_tiles: dict[
 def test_bad_input_is_one_line_error(cli, tmp_path: Path) -> None:
     assert "--size must be a multiple of 256" in demo_data(cli, tmp_path, "--size", "1000", expect=1)
     assert "unknown demo slides" in demo_data(cli, tmp_path, "--slides", "tumor_999", expect=1)
+    assert "--processes must be >= 1" in demo_data(cli, tmp_path, "--processes", "0", expect=1)

@@ -24,11 +24,14 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=default(d, "seed"), help=f"seed of every slide (default {default(d, 'seed')})")
     p.add_argument("--size", type=int, default=default(d, "size"), help=f"slide side, px at 0.5 µm/px (default {default(d, 'size')})")
     p.add_argument("--slides", nargs="+", metavar="NAME", help="only these slides (e.g. tumor_001 digi_003)")
+    p.add_argument("--processes", type=int, default=1, help="slides rendered side by side (default 1; the same files)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     # fmt: on
 
 
 def run(args: argparse.Namespace) -> None:
     settings = DemoSettings(args.size, args.seed)
-    written = make_demo_data(args.out, settings, select_slides(args.slides), progress=args.progress)
+    written = make_demo_data(
+        args.out, settings, select_slides(args.slides), progress=args.progress, processes=args.processes
+    )
     print(f"{args.out}: {len(written)} files (slides, annotations, nucleus masks)")

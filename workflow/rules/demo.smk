@@ -13,10 +13,10 @@ rule demo_data:
     benchmark:
         "results/benchmarks/demo_data.tsv"
     resources:
-        mem_mb=2000,
+        mem_mb=3000,
         runtime=30,
-    threads: 1
+    threads: 2
     conda:
         "../../envs/smoothsal.yaml"
     shell:
-        "smoothsal demo-data --out {params.out:q} {params.settings} --no-progress > {log:q} 2>&1"
+        "smoothsal demo-data --out {params.out:q} {params.settings} --processes {threads} --no-progress > {log:q} 2>&1"
