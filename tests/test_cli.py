@@ -27,7 +27,7 @@ from smoothsal import (
     surrogate,
     tiling,
 )
-from smoothsal.cli import build_parser
+from smoothsal.cli import COMMANDS, build_parser, main
 from smoothsal.cli.common import default
 from smoothsal.compare import CompareSettings
 from smoothsal.errors import BadSlide
@@ -93,6 +93,33 @@ def test_a_bug_inside_a_stage_shows_its_traceback(cli, slides_dir, tmp_path, mon
     done = cli.process("train-surrogate", "--arch", "resnet18", "--num-classes", "2", "--tiles",
                        tmp_path / "none.parquet", "--out", tmp_path / "s.pt", "--batch-size", "0")  # fmt: skip
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", [c.replace("_", "-") for c in COMMANDS])
+def test_every_command_prints_its_help(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([name, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: smoothsal {name} ")
+
+
+def test_a_command_loads_its_own_stage_only():
+    """`smoothsal tiles` (10 jobs of the demo) does not import the maps' or the report's libraries."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom smoothsal.cli import main\ntry:\n    main(['tiles', '--help'])\nexcept SystemExit:\n"
+        "    pass\nprint(sorted(m for m in ('matplotlib', 'torchvision', 'zarr', 'smoothsal.saliency', "
+        "'smoothsal.report', 'smoothsal.faithfulness') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.splitlines()[-1] == "[]"
+    done = subprocess.run(
+        [sys.executable, "-c", code.replace("main(['tiles', '--help'])", "main(['--help'])")],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    assert "smoothsal.report" in done.stdout.splitlines()[-1]  # the full help loads every command
 
 
 # --- defaults: the settings dataclasses, and the config schema ------------------------------------

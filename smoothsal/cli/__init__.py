@@ -9,53 +9,47 @@ shows its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from ..errors import SmoothsalError, one_line
-from . import (
-    compare,
-    demo_data,
-    evaluate,
-    export,
-    faithfulness,
-    heatmaps,
-    report,
-    saliency,
-    seams,
-    tiles,
-    train_model,
-    train_surrogate,
-    view,
-)
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "command_module", "main"]
 
-# In the order `smoothsal --help` lists them (the workflow's order).
+# The command modules, in the order `smoothsal --help` lists them (the workflow's order); each is
+# imported only when needed, so that a workflow job loads its own stage and not every other one's
+# libraries (`smoothsal tiles` starts in ~2 s instead of ~4.4 s).
 COMMANDS = (
-    tiles,
-    train_surrogate,
-    evaluate,
-    compare,
-    saliency,
-    heatmaps,
-    seams,
-    faithfulness,
-    report,
-    view,
-    export,
-    demo_data,
-    train_model,
+    "tiles",
+    "train_surrogate",
+    "evaluate",
+    "compare",
+    "saliency",
+    "heatmaps",
+    "seams",
+    "faithfulness",
+    "report",
+    "view",
+    "export",
+    "demo_data",
+    "train_model",
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of every subcommand."""
+def command_module(name: str) -> ModuleType:
+    """The module of one command (``train-surrogate`` or ``train_surrogate``)."""
+    return importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand (or of ``only`` that one: what running it needs)."""
     parser = argparse.ArgumentParser(
         prog="smoothsal", description="Smooth hidden-layer saliency maps for whole-slide images."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in map(command_module, COMMANDS if only is None else (only,)):
         p = sub.add_parser(command.COMMAND.name, help=command.COMMAND.help, description=command.__doc__)
         command.arguments(p)
         p.set_defaults(func=command.run)
@@ -64,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit status (1: bad input, printed as one line)."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {c.replace("_", "-") for c in COMMANDS}
+    args = build_parser(argv[0] if argv and argv[0] in names else None).parse_args(argv)
     try:
         args.func(args)
     except SmoothsalError as err:

@@ -35,7 +35,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=default(s, "seed"), help=f"seed of the per-tile SmoothGrad noise (default {default(s, 'seed')})")
     p.add_argument("--target", choices=TARGETS, default=default(s, "target"), help="target class (default: label, predicted where unlabelled)")
     p.add_argument("--task", choices=TASKS, default=default(s, "task"), help="model kind (segmentation: target = tile majority_class)")
-    p.add_argument("--precision", choices=PRECISIONS, default=default(s, "precision"), help=f"arithmetic of maps and predictions (default {default(s, 'precision')}: exact; bf16 ~4× faster on AMX CPUs and GPUs, maps within ~1 %; tf32: CUDA only)")
+    p.add_argument("--precision", choices=PRECISIONS, default=default(s, "precision"), help=f"arithmetic of maps and predictions (default {default(s, 'precision')}: exact; bf16 ~4× faster on AMX CPUs and GPUs, maps within ~1 %%; tf32: CUDA only)")
     p.add_argument("--dataset", default=default(s, "dataset"), help="dataset name written into the table")
     p.add_argument("--batch-size", type=int, default=default(o, "batch_size"), help=f"tiles per batch (default {default(o, 'batch_size')}; does not change results)")
     p.add_argument("--device", choices=DEVICES, default=default(o, "device"), help="default auto: CUDA when present")
