@@ -56,7 +56,9 @@ def model_args(p: argparse.ArgumentParser, *, tiles: str | None = "+") -> None:
     )
     rgb(p, "the surrogate's if given, else ImageNet")
     p.add_argument(
-        "--workers", type=int, help="DataLoader workers per process (default: none with ≤ 2 cores per process, else min(4, cores per process - 1))"
+        "--workers",
+        type=int,
+        help="DataLoader workers per process (default: 0 on <= 2 cores, else min(4, cores - 1))",
     )
 
 
