@@ -17,7 +17,7 @@ from .errors import BadInput, BadOption, one_line
 from .files import atomic_path, check_file_out
 from .metrics import total_variation
 from .models import check_input_size
-from .precision import PRECISIONS
+from .precision import check_precision
 from .smoothing import METHODS, SurrogatePaths, method_info, smooth
 from .surrogate import ModelSpec
 
@@ -48,8 +48,7 @@ class CompareSettings:
     def __post_init__(self) -> None:
         if self.size < 1 or self.samples < 0:
             raise BadOption(f"--size must be >= 1 and --samples >= 0, got {self.size} and {self.samples}")
-        if self.precision not in PRECISIONS:
-            raise BadOption(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
 
     @property
     def smoothgrad(self) -> SmoothGrad | None:

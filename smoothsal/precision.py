@@ -26,6 +26,7 @@ __all__ = [
     "Arithmetic",
     "arithmetic_of",
     "as_compute_input",
+    "check_precision",
     "compute_model",
     "cuda_fp32_math",
     "fold_batchnorms",
@@ -62,10 +63,15 @@ _ARITHMETIC = {
 }
 
 
-def arithmetic_of(precision: str, device: torch.device) -> Arithmetic:
-    """The arithmetic of one of PRECISIONS on ``device`` (tf32 exists on CUDA only)."""
+def check_precision(precision: str) -> None:
+    """A one-line error naming the allowed values unless ``precision`` is one of PRECISIONS."""
     if precision not in _ARITHMETIC:
         raise BadOption(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+
+
+def arithmetic_of(precision: str, device: torch.device) -> Arithmetic:
+    """The arithmetic of one of PRECISIONS on ``device`` (tf32 exists on CUDA only)."""
+    check_precision(precision)
     if precision == "tf32" and device.type != "cuda":
         raise BadOption(f"precision 'tf32' needs a CUDA device (input is on {device}); use fp32 or bf16")
     return _ARITHMETIC[precision]

@@ -24,14 +24,14 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from . import __version__
-from .attribution import ATTRIBUTIONS, PRECISIONS, SmoothGrad, attribute
+from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
 from .errors import BadOption, BadTable
 from .files import output_locks
 from .hooks import Hooks
 from .killpoints import kill_point
 from .metrics import total_variation
 from .models import check_input_size, layer_map, weights_sha256
-from .precision import arithmetic_of, forward
+from .precision import arithmetic_of, check_precision, forward
 from .predictions import TASKS, check_target, check_task, choose_targets, class_logits, prediction_columns
 from .smoothing import check_methods, smooth
 from .store import StoreWriter, check_out, results_columns
@@ -88,8 +88,7 @@ class SaliencySettings:
             raise BadOption(f"unknown task {self.task!r}; allowed: {', '.join(TASKS)}")
         if self.smoothgrad_samples < 0 or self.smoothgrad_stdev < 0:
             raise BadOption("SmoothGrad samples and stdev must be >= 0 (samples 0 = SmoothGrad off)")
-        if self.precision not in PRECISIONS:
-            raise BadOption(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
 
     @property
     def smoothgrad(self) -> SmoothGrad | None:
