@@ -1,5 +1,5 @@
-"""Build and load the supported models; their input normalisation; canonicalise ReLUs; name the
-resolution stages; read and write torch files.
+"""Load the supported models (their registry is ``architectures``); their input normalisation;
+canonicalise ReLUs; name the resolution stages; read and write torch files.
 
 Canonical form matters for DeepLift: Captum (and our one-pass DeepLift) attach state to each ReLU
 module, so a ReLU module that runs twice, or a functional ``F.relu``, gives wrong attributions.
@@ -11,7 +11,7 @@ import copy
 import hashlib
 import io
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .architectures import ARCHITECTURES, check_arch
 from .errors import BadCheckpoint, BadOption, MissingInput, one_line
 from .files import atomic_path
 from .hooks import Hooks
@@ -48,41 +49,6 @@ __all__ = [
     "stage_blocks",
     "weights_sha256",
 ]
-
-# --- registry ---------------------------------------------------------------------------------
-
-
-def _torchvision_resnet(name: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int, **kw) -> nn.Module:
-        import torchvision
-
-        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kw)
-
-    return build
-
-
-def _monai_fc_resnet18(num_classes: int = 1, **kw) -> nn.Module:
-    """The network of MONAI's pathology_tumor_detection bundle (Camelyon16, one tumour logit)."""
-    from monai.networks.nets import TorchVisionFCModel
-
-    kw = {"use_conv": True, "pretrained": False, **kw}
-    return TorchVisionFCModel("resnet18", num_classes=num_classes, **kw)
-
-
-def _unet_resnet34(num_classes: int, in_channels: int = 3, **kw) -> nn.Module:
-    from monai.networks.nets import FlexibleUNet
-
-    kw = {"pretrained": False, "spatial_dims": 2, **kw}
-    return FlexibleUNet(in_channels=in_channels, out_channels=num_classes, backbone="resnet34", **kw)
-
-
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": _torchvision_resnet("resnet18"),
-    "resnet34": _torchvision_resnet("resnet34"),
-    "resnet50": _torchvision_resnet("resnet50"),
-    "monai_fc_resnet18": _monai_fc_resnet18,
-    "unet_resnet34": _unet_resnet34,
-}
 
 # Smallest input each architecture runs on (the bundle's head pools a fixed 7×7 window).
 _EXAMPLE_SIZE = {"monai_fc_resnet18": 224}
@@ -111,12 +77,6 @@ class Normalize:
         mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
         return (x - mean) / std
-
-
-def check_arch(arch: str) -> None:
-    """Raise a one-line error naming the allowed architectures unless ``arch`` is registered."""
-    if arch not in ARCHITECTURES:
-        raise BadOption(f"unknown arch {arch!r}; allowed: {', '.join(sorted(ARCHITECTURES))}")
 
 
 def load_model(arch: str, *, num_classes: int, checkpoint: str | Path | None = None, **kw) -> nn.Module:

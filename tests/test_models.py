@@ -29,6 +29,31 @@ def test_canonical_model_equals_the_original(arch, tmp_path):
         assert torch.equal(model(x), raw(x))
 
 
+def test_unet_shortcuts_match_monai_and_pass_gradients(tmp_path):
+    """MONAI's type-A shortcut detaches (``.data``); ours gives the same outputs with gradients."""
+    from monai.networks.nets import FlexibleUNet
+
+    torch.manual_seed(0)
+    monai_net = FlexibleUNet(3, 3, backbone="resnet34", pretrained=False, spatial_dims=2).eval()
+    torch.save(monai_net.state_dict(), tmp_path / "model.pt")
+    model = ss.load_model("unet_resnet34", num_classes=3, checkpoint=tmp_path / "model.pt")
+    shortcuts = [n for n, m in model.named_modules() if isinstance(m, ss.architectures.ZeroPadShortcut)]
+    assert shortcuts == [f"encoder.layer{k}.0.downsample" for k in (2, 3, 4)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), monai_net(x))
+    for net in (monai_net, model):  # a block whose residual branch is zero: all that remains is the shortcut
+        block = net.encoder.layer2[0]
+        nn.init.zeros_(block.bn2.weight)
+        nn.init.zeros_(block.bn2.bias)
+    z = torch.randn(1, 64, 16, 16, requires_grad=True)
+    grads = [torch.autograd.grad(net.encoder.layer2[0](z).sum(), z)[0] for net in (monai_net, model)]
+    assert grads[0].abs().max() == 0  # MONAI's: the shortcut is cut from autograd
+    expected = torch.zeros_like(z)  # the block is relu(kept pixels, zero-padded channels)
+    expected[:, :, ::2, ::2] = (z[:, :, ::2, ::2] > 0).to(z.dtype)
+    torch.testing.assert_close(grads[1], expected)
+
+
 def test_functional_relu_gets_its_own_module():
     class Functional(nn.Module):
         def __init__(self) -> None:
