@@ -45,7 +45,10 @@ def attach_shortcuts(model: nn.Module) -> nn.Module:
 
     for block in model.modules():
         down = getattr(block, "downsample", None)
-        if isinstance(down, partial) and getattr(down.func, "__func__", None) is ResNet._downsample_basic_block:
+        if (
+            isinstance(down, partial)
+            and getattr(down.func, "__func__", None) is ResNet._downsample_basic_block
+        ):
             if down.keywords.get("spatial_dims", 2) != 2:
                 raise BadOption("only 2-d models are supported; fix the model's spatial_dims")
             block.downsample = ZeroPadShortcut(down.keywords["planes"], down.keywords["stride"])
