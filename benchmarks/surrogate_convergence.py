@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, required=True, help="results/ of a finished demo run")
     p.add_argument("--dataset", choices=DATASETS, required=True)
     for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("patience", int),
-                       ("min-delta", float), ("val-fraction", float), ("val-min-tiles", int)):  # fmt: skip
+                       ("min-delta", float), ("val-fraction", float), ("val-min-tiles", int), ("init", str)):  # fmt: skip
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--workers", type=int, help="DataLoader workers (default: as the stage)")
     p.add_argument(
@@ -102,7 +102,7 @@ def main() -> None:
     fit = meta.fit
     record = {
         "dataset": args.dataset, "settings": {k: getattr(settings, k) for k in (
-            "epochs", "batch_size", "lr", "patience", "min_delta", "val_fraction", "val_min_tiles")},
+            "epochs", "batch_size", "lr", "patience", "min_delta", "val_fraction", "val_min_tiles", "init")},
         "train_tiles": fit.train_tiles, "validation_tiles": fit.validation_tiles, "eval_tiles": len(eval_table),
         "stop_reason": fit.stop_reason, "epochs_run": fit.epochs_run, "steps": fit.steps,
         "kept_epoch": fit.kept_epoch, "seconds": seconds, "cpu_seconds": cpu_s, "load": [load_before, load_after],
@@ -116,7 +116,7 @@ def main() -> None:
     print(pd.DataFrame(list(losses))[["epoch", "steps", "l1_total", "val_l1_total"]].to_string(index=False))
     print(
         f"| {args.dataset} | bs {settings.batch_size} lr {settings.lr:g} cap {settings.epochs} patience "
-        f"{settings.patience} δ {settings.min_delta:g} val {fit.validation_tiles}/{fit.train_tiles} "
+        f"{settings.patience} δ {settings.min_delta:g} init {settings.init} val {fit.validation_tiles}/{fit.train_tiles} "
         f"| {fit.epochs_run} ({fit.steps} steps, kept {fit.kept_epoch}) | {fit.stop_reason} "
         f"| {seconds:.0f} s, cpu {cpu_s:.0f} s (load {load_before:.1f}→{load_after:.1f}) "
         f"| {fit.val_l1_total:.3f} / max rel {fit.val_rel_l1_max:.3f} "

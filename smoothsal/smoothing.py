@@ -197,6 +197,28 @@ class SurrogatePath(nn.Module):
         y = F.interpolate(self.pre(x), size=size, mode="bilinear", align_corners=False)
         return self.post(y)
 
+    def start_from(self, conv: nn.Conv2d) -> bool:
+        """Start at the conv this path replaces: ``pre`` = its weights (at stride 1), ``post`` =
+        identity, so the path begins as the conv's output averaged 2×2 (about the forward hook) and
+        training improves on that. False, and left as it was, for a conv that ``pre`` cannot hold
+        (kernel other than 1 or 3, off-centre padding, dilation, groups)."""
+        kh, kw = conv.kernel_size
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding != (kh // 2, kw // 2):
+            return False
+        if {kh, kw} - {1, 3}:
+            return False
+        with torch.no_grad():
+            self.pre.weight.zero_()
+            top, left = (3 - kh) // 2, (3 - kw) // 2
+            self.pre.weight[:, :, top : top + kh, left : left + kw] = conv.weight.to(self.pre.weight)
+            if conv.bias is None:
+                self.pre.bias.zero_()
+            else:
+                self.pre.bias.copy_(conv.bias)
+            nn.init.dirac_(self.post.weight)
+            self.post.bias.zero_()
+        return True
+
 
 def _key(name: str) -> str:
     return name.replace(".", "/")
@@ -217,6 +239,11 @@ class SurrogatePaths(nn.Module):
         if not names:
             raise BadOption(f"{type(model).__name__} has no downsampling convs to replace")
         return cls({n: ConvSpec.of(model.get_submodule(n)) for n in names})
+
+    def start_from(self, model: nn.Module) -> list[str]:
+        """Start each path at the conv it replaces (``SurrogatePath.start_from``); the names of
+        the paths that could, in order (the others keep their random init)."""
+        return [n for n in self.specs if self.path(n).start_from(model.get_submodule(n))]
 
     @property
     def conv_names(self) -> list[str]:

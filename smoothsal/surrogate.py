@@ -43,6 +43,7 @@ from .surrogate_fit import SurrogateFit, validation_size
 from .tiles import tiles_sha256
 
 __all__ = [
+    "INITS",
     "SURROGATE_FORMAT",
     "EpochBatches",
     "EpochCallback",
@@ -172,6 +173,8 @@ def _epoch_batches(batches: Iterable[object] | EpochBatches, epoch: int, skip: i
 
 # --- settings -------------------------------------------------------------------------------------
 
+INITS = ("conv", "random")  # where the paths start: see SurrogatePaths.start_from
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -181,7 +184,9 @@ class TrainSettings:
     stratified by slide and label) and stops when the validation L1 has not improved by ``min_delta``
     (relative) for ``patience`` epochs, or after ``epochs``, keeping the best state. ``patience`` 0:
     exactly ``epochs`` epochs, the last state kept (the paper's setting; ``val_fraction`` 0 then
-    trains on every tile, as the paper does, and records no fit).
+    trains on every tile, as the paper does, and records no fit). ``init`` "conv" starts each path at
+    the conv it replaces (``SurrogatePaths.start_from``: about the forward hook, so training starts
+    from a working model); "random" at PyTorch's default init, as the paper's code does.
     Not included (they do not change the result): process count, workers, checkpoint interval.
     """
 
@@ -195,13 +200,14 @@ class TrainSettings:
     std: tuple[float, ...] = IMAGENET_STD
     epochs: int = 30  # at most (with patience 0: exactly)
     batch_size: int = 512  # global: split evenly across the processes
-    lr: float = 1e-3
+    lr: float = 2e-4  # from the conv init; the paper's 1e-3 (from a random init) undoes that start
     seed: int = 0
     amp: bool = False
     patience: int = 3  # epochs without improvement before stopping; 0 = run exactly `epochs`
     min_delta: float = 0.01  # an improvement = validation L1 below best × (1 − min_delta)
     val_fraction: float = 0.1  # of the tiles held out for validation; 0 = none (needs patience 0)
     val_min_tiles: int = 32  # held out at least (but never more than half the tiles)
+    init: str = "conv"  # where the paths start: at the conv they replace, or "random" (the paper's)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_tiles", "tile_size", "num_classes"):
@@ -215,6 +221,8 @@ class TrainSettings:
         for name in ("min_delta", "val_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise BadOption(f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.init not in INITS:
+            raise BadOption(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.patience and not self.n_validation:
             raise BadOption(
                 f"the convergence rule (patience {self.patience}) needs validation tiles, but "
@@ -259,14 +267,14 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> TrainSettings:
-        """Settings written by ``as_dict``; those of older files (no convergence fields) get what those
-        files were trained with: a fixed epoch count on every tile."""
+        """Settings written by ``as_dict``; those of older files (no convergence or init fields) get
+        what those files were trained with: a fixed epoch count on every tile, from a random init."""
         d = _LEGACY_SETTINGS | {f.name: d[f.name] for f in fields(cls) if f.name in d}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-# How surrogates were trained before the convergence rule (files without these settings).
-_LEGACY_SETTINGS: dict[str, object] = {"patience": 0, "val_fraction": 0.0}
+# How surrogates were trained before the convergence rule and the conv init (files without these).
+_LEGACY_SETTINGS: dict[str, object] = {"patience": 0, "val_fraction": 0.0, "init": "random"}
 
 
 # --- the surrogate file ---------------------------------------------------------------------------

@@ -391,6 +391,8 @@ def run_training(
         torch.manual_seed(settings.seed)
         example = torch.zeros(1, in_channels(model), settings.tile_size, settings.tile_size, device=d.device)
         paths = SurrogatePaths.for_model(model, example).to(d.device)
+        if settings.init == "conv":
+            paths.start_from(model)
         optimizer = torch.optim.Adam(paths.parameters(), lr=settings.lr)
         workers = default_workers(d.world) if options.workers is None else options.workers
         data = training_data(

@@ -154,9 +154,11 @@ SURROGATE_PATIENCE, SURROGATE_MIN_DELTA = 1, 0.1
 
 
 def train_args(tiles: Path, model: Path, out: Path, *extra: object) -> list[object]:
-    """`smoothsal train-surrogate` in the tiny setting (``extra`` flags given later win)."""
+    """`smoothsal train-surrogate` in the tiny setting (``extra`` flags given later win): the paper's
+    random init and lr 1e-3, whose steep and rising losses the convergence-rule tests are built on."""
     return ["train-surrogate", "--arch", "resnet18", "--num-classes", "2", "--checkpoint", model,
             "--tiles", tiles, "--out", out, "--epochs", SURROGATE_EPOCHS, "--batch-size", SURROGATE_BATCH,
+            "--init", "random", "--lr", "0.001",
             "--patience", SURROGATE_PATIENCE, "--min-delta", SURROGATE_MIN_DELTA,
             "--val-min-tiles", SURROGATE_VALIDATION, "--workers", "0", "--checkpoint-every", "2",
             "--no-progress", *extra]  # fmt: skip

@@ -230,7 +230,7 @@ def test_the_config_schemas_defaults_are_the_settings_defaults():
     assert defaults(dataset["surrogate"]) == {
         k: default(surrogate.TrainSettings, k)
         for k in ("epochs", "batch_size", "lr", "seed", "amp")
-        + ("patience", "min_delta", "val_fraction", "val_min_tiles")  # issue 14
+        + ("patience", "min_delta", "val_fraction", "val_min_tiles", "init")  # issue 14
     }
     assert defaults(schema["$defs"]["train"]) == {
         k: default(demo_models.ModelSettings, k) for k in ("epochs", "batch_size", "lr", "seed")

@@ -167,6 +167,27 @@ def test_train_surrogate_on_real_tiles(tiles_dir):
     assert not paths.training
 
 
+def test_a_path_started_at_its_conv_is_that_conv_averaged_2x2():
+    """``start_from``: pre = the conv's weights at stride 1, post = identity; a bias-free 1×1 shortcut
+    too; convs ``pre`` cannot hold (7×7) keep their random init and are not named."""
+    torch.manual_seed(0)
+    net = build_model("resnet18", seed=2)
+    paths = ss.SurrogatePaths.for_model(net)
+    started = paths.start_from(net)
+    assert started == ss.downsampling_convs(net)  # layer{2,3,4}.0.conv1 (3×3) and .downsample.0 (1×1)
+    for name in ("layer2.0.conv1", "layer2.0.downsample.0"):
+        conv = net.get_submodule(name)
+        x = torch.randn(2, conv.in_channels, 16, 16)
+        stride1 = nn.functional.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
+        with torch.no_grad():
+            torch.testing.assert_close(paths.path(name)(x), nn.functional.avg_pool2d(stride1, 2))
+    stem = net.conv1  # 7×7, padding 3: not a 3×3 path's
+    path = SurrogatePath(ConvSpec.of(stem))
+    before = [t.clone() for t in path.parameters()]
+    assert not path.start_from(stem)
+    assert all(torch.equal(a, b) for a, b in zip(before, path.parameters(), strict=True))
+
+
 def test_train_surrogate_refuses_a_one_shot_iterator():
     net = build_model("resnet18")
     with pytest.raises(ValueError, match="one-shot iterator"):

@@ -188,10 +188,13 @@ def test_settings_of_the_rule() -> None:
         TrainSettings(n_tiles=100, min_delta=1.0, **base)
     with pytest.raises(ValueError, match="patience must be >= 0"):
         TrainSettings(n_tiles=100, patience=-1, **base)
-    # files written before the rule were trained a fixed epoch count on every tile
-    legacy = {k: v for k, v in s.as_dict().items() if k not in ("patience", "min_delta", "val_fraction")}
-    old = TrainSettings.from_dict(legacy)
-    assert (old.patience, old.val_fraction) == (0, 0.0)
+    with pytest.raises(ValueError, match="init must be one of conv, random, got 'zeros'"):
+        TrainSettings(n_tiles=100, init="zeros", **base)
+    assert s.init == "conv" and s.hash != TrainSettings(n_tiles=100, init="random", **base).hash
+    # files written before the rule were trained a fixed epoch count on every tile, from a random init
+    old_keys = ("patience", "min_delta", "val_fraction", "init")
+    old = TrainSettings.from_dict({k: v for k, v in s.as_dict().items() if k not in old_keys})
+    assert (old.patience, old.val_fraction, old.init) == (0, 0.0, "random")
 
 
 def test_fit_record_round_trips_through_the_surrogate_file(tmp_path) -> None:

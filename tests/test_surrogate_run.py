@@ -29,6 +29,7 @@ from helpers import conv_io, train_args
 from smoothsal import load_model, metrics, smooth
 from smoothsal.evaluation import evaluate
 from smoothsal.models import Normalize, save_torch_file
+from smoothsal.smoothing import SurrogatePaths
 from smoothsal.surrogate import TrainSettings, read_surrogate
 from smoothsal.surrogate_fit import split_tiles
 from smoothsal.surrogate_run import STATE_FORMAT, RunOptions, per_rank_batch_size, run_training, training_data
@@ -173,6 +174,29 @@ def test_a_fixed_epoch_count_on_every_tile_is_the_papers_setting(
         0,
     )
     assert fit.val_l1_total is None and fit.pd_all_mean is None and result.tiles == TILES
+
+
+@pytest.mark.parametrize("init", ["conv", "random"])
+def test_the_paths_start_where_init_says(
+    init: str, surrogate_tiles: Path, surrogate_model: Path, surrogate_dir: Path
+) -> None:
+    """init conv: the run's paths start at the convs they replace (a step of lr 1e-9 moves no weight
+    past 1e-6); init random: at PyTorch's init, nowhere near them."""
+    table = read_tile_table(surrogate_tiles)
+    settings = TrainSettings.for_tiles(
+        table, checkpoint=surrogate_model, arch="resnet18", num_classes=2, epochs=1, batch_size=BATCH,
+        patience=0, val_fraction=0.0, lr=1e-9, init=init,
+    )  # fmt: skip
+    out = surrogate_dir / f"init-{init}" / "surrogate.pt"
+    run_training(settings, table, RunOptions(out=out, workers=0, progress=False), checkpoint=surrogate_model)
+    trained, _ = read_surrogate(out)
+    model = load_model("resnet18", num_classes=2, checkpoint=surrogate_model)
+    started = SurrogatePaths.for_model(model, torch.zeros(1, 3, 64, 64))
+    assert started.start_from(model) == trained.conv_names
+    gaps = [
+        (a - b).abs().max().item() for a, b in zip(trained.parameters(), started.parameters(), strict=True)
+    ]
+    assert (max(gaps) < 1e-6) == (init == "conv"), max(gaps)
 
 
 def test_a_segmentation_surrogate_records_its_masked_fit(surrogate_tiles: Path, surrogate_dir: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..surrogate import TrainSettings
+from ..surrogate import INITS, TrainSettings
 from ..surrogate_fit import fit_line
 from ..surrogate_run import RunOptions, train_from_tables
 from .common import Command, default, model_args, tuple_or_none
@@ -35,6 +35,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-delta", type=float, default=default(t, "min_delta"), help=f"an improvement: validation L1 below the last improvement's × (1 - MIN_DELTA) (default {default(t, 'min_delta')})")
     p.add_argument("--val-fraction", type=float, default=default(t, "val_fraction"), help=f"fraction of the tiles held out for validation, seeded, stratified by slide and label; 0 (with --patience 0): train on every tile (default {default(t, 'val_fraction')})")
     p.add_argument("--val-min-tiles", type=int, default=default(t, "val_min_tiles"), help=f"validation tiles at least, never more than half the tiles (default {default(t, 'val_min_tiles')})")
+    p.add_argument("--init", choices=INITS, default=default(t, "init"), help=f"where the paths start: conv = at the conv each replaces (about the forward hook), random = PyTorch's init, the paper's (default {default(t, 'init')})")
     p.add_argument("--amp", action="store_true", default=default(t, "amp"), help="bfloat16 autocast (CUDA only; ignored on CPU)")
     p.add_argument("--checkpoint-every", type=int, default=default(o, "checkpoint_every"), help="steps between checkpoints (0: epoch ends only)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=default(o, "resume"), help="continue from --state if present")
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
         args.tiles, options, checkpoint=args.checkpoint, mean=tuple_or_none(args.mean),
         std=tuple_or_none(args.std), arch=args.arch, num_classes=args.num_classes, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, amp=args.amp, patience=args.patience,
-        min_delta=args.min_delta, val_fraction=args.val_fraction, val_min_tiles=args.val_min_tiles,
+        min_delta=args.min_delta, val_fraction=args.val_fraction, val_min_tiles=args.val_min_tiles, init=args.init,
     )  # fmt: skip
     if result.rank == 0:
         print(f"{args.out}: {result.tiles} tiles, {result.world} process(es), {fit_line(result.fit)}, "
