@@ -9,6 +9,7 @@ so layer names and state-dict keys stay as they were.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -199,11 +200,14 @@ class SurrogatePath(nn.Module):
 
     def start_from(self, conv: nn.Conv2d) -> bool:
         """Start at the conv this path replaces: ``pre`` = its weights (at stride 1), ``post`` =
-        identity, so the path begins as the conv's output averaged 2×2 (about the forward hook) and
-        training improves on that. False, and left as it was, for a conv that ``pre`` cannot hold
-        (kernel other than 1 or 3, off-centre padding, dilation, groups)."""
+        identity, so the path begins as the conv's output averaged 2×2 (even sizes; odd ones are
+        resampled bilinearly), about the forward hook, and training improves on that. False, and left
+        as it was, for a conv that ``pre`` cannot hold (kernel other than 1 or 3, off-centre or
+        non-zero padding, dilation, groups)."""
         kh, kw = conv.kernel_size
         if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding != (kh // 2, kw // 2):
+            return False
+        if conv.padding_mode != "zeros":
             return False
         if {kh, kw} - {1, 3}:
             return False
@@ -242,8 +246,13 @@ class SurrogatePaths(nn.Module):
 
     def start_from(self, model: nn.Module) -> list[str]:
         """Start each path at the conv it replaces (``SurrogatePath.start_from``); the names of
-        the paths that could, in order (the others keep their random init)."""
-        return [n for n in self.specs if self.path(n).start_from(model.get_submodule(n))]
+        the paths that could, in order (the others keep their random init, with a warning)."""
+        started = [n for n in self.specs if self.path(n).start_from(model.get_submodule(n))]
+        if left := [n for n in self.specs if n not in started]:
+            warnings.warn(
+                f"{', '.join(left)}: kept a random init (not a zero-padded 1×1 or 3×3 conv)", stacklevel=2
+            )
+        return started
 
     @property
     def conv_names(self) -> list[str]:

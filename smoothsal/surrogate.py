@@ -125,7 +125,8 @@ def train_surrogate(
     ``on_epoch`` is called after every epoch and stops training by returning True (a convergence rule).
     ``batches`` is an iterable, or an ``EpochBatches`` callable ``(epoch, skip) -> iterable``
     (lets a sampler set its epoch and skip batches without reading them). ``amp``: bfloat16 autocast
-    on CUDA (no effect on CPU).
+    on CUDA (no effect on CPU). ``lr`` 1e-3 is the paper's, for fresh (random) paths; paths started at
+    their convs (``SurrogatePaths.start_from``) want ``TrainSettings``' smaller default.
     """
     start_epoch, start_step, paths, optimizer = resume.epoch, resume.step, resume.paths, resume.optimizer
     if epochs < 1:

@@ -342,8 +342,9 @@ def _read_state(path: Path, settings: TrainSettings) -> dict:
     state = load_torch_dict(path, "training state", "delete it or pass --no-resume")
     if state.get("format") != STATE_FORMAT:
         raise BadCheckpoint(f"{path} is not a smoothsal training state; delete it or pass --no-resume")
-    if state["settings_hash"] != settings.hash:
-        old = TrainSettings.from_dict(state["settings"]).as_dict()
+    written = TrainSettings.from_dict(state["settings"])  # a state of an older version: what it trained with
+    if written.hash != settings.hash:
+        old = written.as_dict()
         changed = [k for k, v in settings.as_dict().items() if old.get(k) != v]
         raise BadCheckpoint(
             f"training state {path} was written with other settings (changed: {', '.join(changed) or '?'}); "

@@ -169,7 +169,8 @@ def test_train_surrogate_on_real_tiles(tiles_dir):
 
 def test_a_path_started_at_its_conv_is_that_conv_averaged_2x2():
     """``start_from``: pre = the conv's weights at stride 1, post = identity; a bias-free 1×1 shortcut
-    too; convs ``pre`` cannot hold (7×7) keep their random init and are not named."""
+    and a conv with a bias too; convs ``pre`` cannot hold (7×7, reflect padding) keep their random
+    init and are not named (with a warning)."""
     torch.manual_seed(0)
     net = build_model("resnet18", seed=2)
     paths = ss.SurrogatePaths.for_model(net)
@@ -181,11 +182,27 @@ def test_a_path_started_at_its_conv_is_that_conv_averaged_2x2():
         stride1 = nn.functional.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
         with torch.no_grad():
             torch.testing.assert_close(paths.path(name)(x), nn.functional.avg_pool2d(stride1, 2))
-    stem = net.conv1  # 7×7, padding 3: not a 3×3 path's
-    path = SurrogatePath(ConvSpec.of(stem))
-    before = [t.clone() for t in path.parameters()]
-    assert not path.start_from(stem)
-    assert all(torch.equal(a, b) for a, b in zip(before, path.parameters(), strict=True))
+    biased = nn.Conv2d(8, 16, 3, stride=2, padding=1)  # with a bias; an odd size: resampled, not averaged
+    path = SurrogatePath(ConvSpec.of(biased))
+    assert path.start_from(biased)
+    x = torch.randn(2, 8, 15, 15)
+    stride1 = nn.functional.conv2d(x, biased.weight, biased.bias, padding=1)
+    with torch.no_grad():
+        started = path(x)
+        resampled = nn.functional.interpolate(stride1, size=(8, 8), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(started, resampled)
+        assert started.shape == biased(x).shape
+    for conv in (net.conv1, nn.Conv2d(8, 16, 3, stride=2, padding=1, padding_mode="reflect")):
+        path = SurrogatePath(ConvSpec.of(conv))  # 7×7 (padding 3), reflect padding: not a 3×3 path's
+        before = [t.clone() for t in path.parameters()]
+        assert not path.start_from(conv)
+        assert all(torch.equal(a, b) for a, b in zip(before, path.parameters(), strict=True))
+    wide = build_model("resnet18")
+    wide.layer2[0].conv1 = nn.Conv2d(64, 128, 5, stride=2, padding=2, bias=False)
+    wide_paths = ss.SurrogatePaths.for_model(wide)
+    with pytest.warns(UserWarning, match="^layer2.0.conv1: kept a random init"):
+        started = wide_paths.start_from(wide)
+    assert started == ss.downsampling_convs(wide)[1:]
 
 
 def test_train_surrogate_refuses_a_one_shot_iterator():
