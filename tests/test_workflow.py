@@ -42,7 +42,8 @@ MAX_TILES = 4
 TILES = {"tile_size": 64, "target_mpp": 1.0, "max_tiles": MAX_TILES}
 SHEET_COLUMNS = ("slide_id", "path", "annotation", "split", "mpp")
 
-pytestmark = pytest.mark.slow
+# one worker builds the shared full run once (xdist would otherwise build it in each worker that draws a test)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("workflow")]
 
 
 # --- helpers -----------------------------------------------------------------------------------------
