@@ -205,11 +205,8 @@ class SurrogatePath(nn.Module):
         as it was, for a conv that ``pre`` cannot hold (kernel other than 1 or 3, off-centre or
         non-zero padding, dilation, groups)."""
         kh, kw = conv.kernel_size
-        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding != (kh // 2, kw // 2):
-            return False
-        if conv.padding_mode != "zeros":
-            return False
-        if {kh, kw} - {1, 3}:
+        centred = conv.padding == (kh // 2, kw // 2) and conv.padding_mode == "zeros"
+        if not centred or {kh, kw} - {1, 3} or conv.groups != 1 or conv.dilation != (1, 1):
             return False
         with torch.no_grad():
             self.pre.weight.zero_()
