@@ -10,7 +10,9 @@ size. Results equal Captum's ``LayerDeepLift(multiply_by_inputs=True)`` and
 ``precision`` chooses the arithmetic of the pass: ``fp32`` (exact; TF32 off on CUDA), ``tf32`` (CUDA
 only: fp32 storage, TF32 tensor-core convolutions) or ``bf16`` (AMX on CPU, tensor cores on GPU),
 which runs on a converted copy of the model (the given model is never changed). Noise, SmoothGrad
-sums, DeepLift deltas and the returned maps are fp32 whatever the precision.
+sums, DeepLift deltas and the returned maps are fp32 whatever the precision, except in ``fp64``: the
+reference arithmetic (a float64 copy of the model, everything float64), against which tests judge
+how far fp32 may lie from the exact result on a given CPU.
 """
 
 from __future__ import annotations
@@ -324,8 +326,8 @@ def attribute(
     CPU, sized from the free memory on CUDA). ``model`` must be in eval mode and canonical form
     (``load_model`` gives that). ``noise_seeds`` (one per tile) draws each tile's SmoothGrad noise
     from its own generator, so a tile's result does not depend on which other tiles share its batch
-    (``smoothgrad.seed`` is then unused). ``precision``: one of PRECISIONS (see the module). Maps
-    are float32.
+    (``smoothgrad.seed`` is then unused). ``precision``: one of PRECISIONS, or ``"fp64"`` (the
+    reference; see the module). Maps are float32 (float64 in fp64).
     """
     unknown = [a for a in attributions if a not in ATTRIBUTIONS]
     if unknown or not attributions:
@@ -374,8 +376,10 @@ def _run(
     layers, baseline = setup.layers, setup.baseline
     totals = {a: {n: None for n in layers} for a in setup.attributions}
     mode = _Mode(setup.attributions)
+    acc = setup.arithmetic.accumulate
     for tiles, samples in chunks:
-        inputs = as_compute_input(noise.add(x, tiles, samples), setup.arithmetic)
+        added = acc if acc == torch.float64 else x.dtype  # fp64 adds the same noise in fp64
+        inputs = as_compute_input(noise.add(x, tiles, samples, added), setup.arithmetic)
         with _instrumented(setup.net, baseline, layers, mode, setup.arithmetic.low) as acts:
             output = setup.net(inputs)
         scalar = target_scalar(output, target[tiles].repeat_interleave(samples)).sum()
@@ -385,9 +389,10 @@ def _run(
             grads = torch.autograd.grad(scalar, [acts[n] for n in layers], retain_graph=retain)
             for name, grad in zip(layers, grads, strict=True):
                 value = grad
-                if mode.deeplift:  # the delta in fp32: activation and baseline are close
-                    value = (_fp32(acts[name].detach()) - _fp32(baseline.layer_outputs[name])) * grad
-                _accumulate(totals[attribution], name, tiles, _sample_sum(value, samples), x.shape[0])
+                if mode.deeplift:  # the delta in fp32 (or fp64): activation and baseline are close
+                    delta = acts[name].detach().to(acc) - baseline.layer_outputs[name].to(acc)
+                    value = delta * grad
+                _accumulate(totals[attribution], name, tiles, _sample_sum(value, samples, acc), x.shape[0])
     return totals
 
 
@@ -401,31 +406,28 @@ class _Noise:
         if smoothgrad is not None and smoothgrad.seed is not None:
             self.generator = torch.Generator(device=x.device).manual_seed(smoothgrad.seed)
 
-    def add(self, x: torch.Tensor, tiles: slice, samples: int) -> torch.Tensor:
-        """The chunk's inputs: each tile of ``tiles`` repeated ``samples`` times, plus its noise."""
-        inputs = x[tiles].repeat_interleave(samples, 0)
+    def add(self, x: torch.Tensor, tiles: slice, samples: int, dtype: torch.dtype) -> torch.Tensor:
+        """The chunk's inputs: each tile of ``tiles`` repeated ``samples`` times, plus its noise (the
+        same fp32 draws in every precision), added in ``dtype`` (x's own, or float64 for fp64)."""
+        inputs = x[tiles].to(dtype).repeat_interleave(samples, 0)
         if self.tiles is not None:
-            return inputs + _tile_noise(self.tiles[tiles], samples, self.smoothgrad.stdev, x)
+            return inputs + _tile_noise(self.tiles[tiles], samples, self.smoothgrad.stdev, x).to(dtype)
         if self.smoothgrad is not None:
             noise = torch.normal(
                 0.0, self.smoothgrad.stdev, inputs.shape, generator=self.generator, device=x.device
             )
-            return inputs + noise.to(x.dtype)
+            return inputs + noise.to(dtype)
         return inputs
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32)
-
-
-def _sample_sum(value: torch.Tensor, samples: int) -> torch.Tensor:
-    """[T·S, C, h, w] → the fp32 sum over each tile's S samples, reduced in memory order (a
+def _sample_sum(value: torch.Tensor, samples: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T·S, C, h, w] → the ``dtype`` sum over each tile's S samples, reduced in memory order (a
     channels_last tensor reduced as NCHW takes two orders of magnitude longer: 30–50 ms against
     0.2 ms for [20, 128, 28, 28] here)."""
     if value.is_contiguous() or not value.is_contiguous(memory_format=torch.channels_last):
-        return value.unflatten(0, (-1, samples)).sum(1, dtype=torch.float32)
+        return value.unflatten(0, (-1, samples)).sum(1, dtype=dtype)
     nhwc = value.permute(0, 2, 3, 1)
-    return nhwc.unflatten(0, (-1, samples)).sum(1, dtype=torch.float32).permute(0, 3, 1, 2)
+    return nhwc.unflatten(0, (-1, samples)).sum(1, dtype=dtype).permute(0, 3, 1, 2)
 
 
 def _tile_generators(seeds: Sequence[int] | None, x: torch.Tensor) -> list[torch.Generator] | None:

@@ -4,58 +4,44 @@ from __future__ import annotations
 
 import pytest
 import torch
-from captum.attr import LayerDeepLift, LayerGradientXActivation, NoiseTunnel
 from helpers import model as build_model
+from reference import assert_fp32_within, assert_fp64_agrees, captum_all, captum_pair, fp32_bound, fp32_error
 from torch import nn
 
 import smoothsal as ss
 
-# (arch, input size, layers to check: the paper's three plus one inner block)
+# (arch, input size, layers to check: the paper's three plus one inner block, SmoothGrad samples).
+# Each case runs Captum in fp32 and fp64 per method × layer × attribution: SmoothGrad (equal for every
+# architecture by construction: the same noise, then the same per-input pass) in the smallest case only.
 CASES = [
-    ("resnet18", 64, ["layer1", "layer2", "layer3", "layer2.0"]),
-    ("resnet34", 64, ["layer1", "layer2", "layer3", "layer3.2"]),
-    ("resnet50", 64, ["layer1", "layer2", "layer3", "layer1.0"]),
-    ("monai_fc_resnet18", 224, ["layer1", "layer2", "layer3", "features.5.0"]),
-    ("unet_resnet34", 64, ["layer1", "layer2", "layer3", "decoder.blocks.1"]),
+    ("resnet18", 64, ["layer1", "layer2", "layer3", "layer2.0"], 3),
+    ("resnet34", 64, ["layer1", "layer2", "layer3", "layer3.2"], 0),
+    ("resnet50", 64, ["layer1", "layer2", "layer3", "layer1.0"], 0),
+    ("monai_fc_resnet18", 224, ["layer1", "layer2", "layer3", "features.5.0"], 0),
+    ("unet_resnet34", 64, ["layer1", "layer2", "layer3", "decoder.blocks.1"], 0),
 ]
-SAMPLES, STDEV, SEED = 3, 0.2, 7
+STDEV, SEED = 0.2, 7
 
 
-def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours.detach() - ref.detach()).abs().max() / ref.detach().abs().max().clamp_min(1e-30))
+def both(model, x, **kwargs) -> dict[str, dict]:
+    """smoothsal's fp32 result and its fp64 twin."""
+    return {p: ss.attribute(model, x, precision=p, **kwargs) for p in ("fp32", "fp64")}
 
 
-class PerClassLogits(nn.Module):
-    """Captum needs ``[B, classes]``: segmentation logits summed over pixels (1×1 maps squeezed)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        return out.flatten(2).sum(-1) if out.ndim > 2 else out
-
-
-def captum_reference(model, x, layer, target):
-    """The plain Captum call for one layer and attribution, with NoiseTunnel's own noise."""
-    forward = PerClassLogits(model)
-
-    module = model.get_submodule(ss.resolve_layer(model, layer))
-    torch.manual_seed(SEED)
-    grad = NoiseTunnel(LayerGradientXActivation(forward, module, multiply_by_inputs=False))
-    g = grad.attribute(x, nt_type="smoothgrad", nt_samples=SAMPLES, stdevs=STDEV, target=target)
-    torch.manual_seed(SEED)
-    dl = NoiseTunnel(LayerDeepLift(forward, module, multiply_by_inputs=True))
-    d = dl.attribute(
-        x, nt_type="smoothgrad", nt_samples=SAMPLES, stdevs=STDEV, target=target,
-        baselines=torch.zeros_like(x),
-    )  # fmt: skip
-    return g, d
+def assert_rule(
+    ours: dict[str, dict], model, x, layer, target, attribution, key=None, what="", refs=None, **noise
+):
+    """The fp64-grounded rule (tests/reference.py) for one layer and attribution (``refs``: Captum's
+    fp32 and fp64 results when already computed)."""
+    c32, c64 = refs or captum_pair(model, x, layer, target, attribution, **noise)
+    o32, o64 = ours["fp32"][attribution][key or layer], ours["fp64"][attribution][key or layer]
+    assert o32.shape == c32.shape and o32.dtype == torch.float32
+    assert_fp64_agrees(o64, c64, what)
+    assert_fp32_within(o32, o64, fp32_bound(c32, c64), what)
 
 
-@pytest.mark.parametrize("arch,size,layers", CASES, ids=[c[0] for c in CASES])
-def test_attribute_equals_captum_for_every_method(arch, size, layers):
+@pytest.mark.parametrize("arch,size,layers,samples", CASES, ids=[c[0] for c in CASES])
+def test_attribute_equals_captum_for_every_method(arch, size, layers, samples):
     net = build_model(arch)
     torch.manual_seed(1)
     x = torch.randn(2, 3, size, size)
@@ -63,44 +49,59 @@ def test_attribute_equals_captum_for_every_method(arch, size, layers):
     surrogate = ss.SurrogatePaths.for_model(net, x[:1])
     for p in surrogate.parameters():  # untrained paths with non-trivial weights
         nn.init.normal_(p, std=0.05)
+    sg = ss.SmoothGrad(samples, STDEV, seed=SEED) if samples else None
+    noise = {"samples": samples, "stdev": STDEV, "seed": SEED}
     for method in ss.METHODS:
         smoothed = ss.smooth(net, method, surrogate=surrogate if method == "surrogate" else None)
-        ours = ss.attribute(
-            smoothed, x, layers=layers, target=target,
-            smoothgrad=ss.SmoothGrad(SAMPLES, STDEV, seed=SEED), max_batch=64,
-        )  # fmt: skip
+        ours = both(smoothed, x, layers=layers, target=target, smoothgrad=sg, max_batch=64)
+        refs = captum_all(smoothed, x, layers, target, **noise)
         for layer in layers:
-            g, d = captum_reference(smoothed, x, layer, target)
-            assert ours["gradient"][layer].shape == g.shape
-            assert relative_error(ours["gradient"][layer], g) <= 1e-5, (method, layer)
-            assert relative_error(ours["deeplift"][layer], d) <= 1e-5, (method, layer)
+            for a in ss.ATTRIBUTIONS:
+                assert_rule(ours, smoothed, x, layer, target, a, what=(method, layer, a), refs=refs[a][layer])
+
+
+def test_the_fp32_rule_fails_a_result_off_by_1e_4():
+    """The bound keeps its teeth: a map perturbed by 1e-4 relative fails it, the real one passes."""
+    net = build_model("resnet18")
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 64, 64)
+    ours = both(net, x, layers="layer2", target=[2, 1])
+    for a in ss.ATTRIBUTIONS:
+        c32, c64 = captum_pair(net, x, "layer2", [2, 1], a)
+        bound = fp32_bound(c32, c64)
+        o32, o64 = ours["fp32"][a]["layer2"], ours["fp64"][a]["layer2"]
+        assert_fp32_within(o32, o64, bound)
+        with pytest.raises(AssertionError, match="fp32 lies"):
+            assert_fp32_within(o32 * (1 + 1e-4), o64, bound)
+        with pytest.raises(AssertionError):
+            assert_fp64_agrees(o64 * (1 + 1e-8), c64)
 
 
 def test_chunked_samples_match_captum_partitions():
     """Bounded memory: samples in chunks give Captum's nt_samples_batch_size result."""
     net = build_model("resnet18")
     x = torch.randn(1, 3, 48, 48)
-    ours = ss.attribute(
-        net, x, layers=["layer2"], target=[1], smoothgrad=ss.SmoothGrad(6, 0.3, seed=3),
-        max_batch=4,
-    )  # fmt: skip
-    torch.manual_seed(3)
-    module = net.get_submodule(ss.resolve_layer(net, "layer2"))
-    ref = NoiseTunnel(LayerDeepLift(net, module, multiply_by_inputs=True)).attribute(
-        x, nt_type="smoothgrad", nt_samples=6, nt_samples_batch_size=4, stdevs=0.3, target=1,
-        baselines=torch.zeros_like(x),
-    )  # fmt: skip
-    assert relative_error(ours["deeplift"]["layer2"], ref) <= 1e-5
+    sg = ss.SmoothGrad(6, 0.3, seed=3)
+    ours = both(net, x, layers=["layer2"], target=[1], smoothgrad=sg, max_batch=4)
+    noise = {"samples": 6, "stdev": 0.3, "seed": 3, "samples_batch": 4}
+    assert_rule(ours, net, x, "layer2", 1, "deeplift", **noise)
 
 
 def test_tile_chunks_do_not_change_results_without_noise():
+    """Each fp32 map, whole batch or chunks of 2, within the rule of its own fp64 twin."""
     net = build_model("resnet18")
     x = torch.randn(5, 3, 48, 48)
-    whole = ss.attribute(net, x, layers=["layer1", "layer3"], target=[0, 1, 2, 0, 1])
-    parts = ss.attribute(net, x, layers=["layer1", "layer3"], target=[0, 1, 2, 0, 1], max_batch=2)
+    target = [0, 1, 2, 0, 1]
+    whole = both(net, x, layers=["layer1", "layer3"], target=target)
+    parts = both(net, x, layers=["layer1", "layer3"], target=target, max_batch=2)
     for a in ss.ATTRIBUTIONS:
         for layer in ("layer1", "layer3"):
-            assert relative_error(parts[a][layer], whole[a][layer]) <= 1e-5
+            assert_rule(whole, net, x, layer, target, a, what=(a, layer))
+            c32, c64 = captum_pair(net, x, layer, target, a)
+            assert_fp32_within(
+                parts["fp32"][a][layer], whole["fp64"][a][layer], fp32_bound(c32, c64), (a, layer)
+            )
+            assert_fp64_agrees(parts["fp64"][a][layer], whole["fp64"][a][layer], (a, layer))
 
 
 def test_every_block_alias_covers_all_stages():
@@ -119,13 +120,9 @@ def test_baseline_is_recomputed_when_weights_change():
     before = ss.attribute(net, x, layers="layer2", target=0, attributions=("deeplift",))
     with torch.no_grad():
         net.layer1[0].bn1.bias.add_(0.5)
-    after = ss.attribute(net, x, layers="layer2", target=0, attributions=("deeplift",))
-    module = net.get_submodule("layer2.1")
-    ref = LayerDeepLift(net, module, multiply_by_inputs=True).attribute(
-        x, target=0, baselines=torch.zeros_like(x)
-    )
-    assert not torch.allclose(before["deeplift"]["layer2"], after["deeplift"]["layer2"])
-    assert relative_error(after["deeplift"]["layer2"], ref) <= 1e-5
+    after = both(net, x, layers="layer2", target=0, attributions=("deeplift",))
+    assert not torch.allclose(before["deeplift"]["layer2"], after["fp32"]["deeplift"]["layer2"])
+    assert_rule(after, net, x, "layer2", 0, "deeplift")  # the fp64 copy is remade too
 
 
 @pytest.mark.parametrize(
@@ -184,17 +181,14 @@ def test_noise_seeds_give_each_tile_its_own_noise_whatever_its_batch():
     batch = ss.attribute(
         net, x, layers=["layer2"], target=[1, 0, 1], smoothgrad=sg, noise_seeds=seeds, max_batch=6
     )
-    alone = ss.attribute(net, x[1:2], layers=["layer2"], target=[0], smoothgrad=sg, noise_seeds=seeds[1:2])
+    alone = both(net, x[1:2], layers=["layer2"], target=[0], smoothgrad=sg, noise_seeds=seeds[1:2])
+    noise = {"samples": 4, "stdev": 0.3, "seed": 22, "samples_batch": 1}
+    assert_rule(alone, net, x[1:2], "layer2", 0, "deeplift", **noise)  # Captum seeded with the tile's seed
     for a in ss.ATTRIBUTIONS:
-        assert relative_error(batch[a]["layer2"][1:2], alone[a]["layer2"]) <= 1e-5
-    torch.manual_seed(22)
-    module = net.get_submodule(ss.resolve_layer(net, "layer2"))
-    ref = NoiseTunnel(LayerDeepLift(net, module, multiply_by_inputs=True)).attribute(
-        x[1:2], nt_type="smoothgrad", nt_samples=4, nt_samples_batch_size=1, stdevs=0.3, target=0,
-        baselines=torch.zeros_like(x[1:2]),
-    )  # fmt: skip
-    assert relative_error(alone["deeplift"]["layer2"], ref) <= 1e-5
+        c32, c64 = captum_pair(net, x[1:2], "layer2", 0, a, **noise)
+        assert_fp32_within(batch[a]["layer2"][1:2], alone["fp64"][a]["layer2"], fp32_bound(c32, c64), a)
+    ref = alone["fp64"]["deeplift"]["layer2"]
     other = ss.attribute(net, x[1:2], layers=["layer2"], target=[0], smoothgrad=sg, noise_seeds=[23])
-    assert relative_error(other["deeplift"]["layer2"], ref) > 1e-3  # the seed matters
+    assert fp32_error(other["deeplift"]["layer2"], ref) > 1e-3 * float(ref.abs().max())  # the seed matters
     with pytest.raises(ValueError, match="noise_seeds has 2 entries for 3 tiles"):
         ss.attribute(net, x, layers=["layer2"], target=0, smoothgrad=sg, noise_seeds=[1, 2])
