@@ -17,7 +17,7 @@ from .errors import BadInput, BadOption, one_line
 from .files import atomic_path, check_file_out
 from .metrics import total_variation
 from .models import check_input_size
-from .precision import check_precision
+from .precision import check_precision, chosen_precision
 from .smoothing import METHODS, SurrogatePaths, method_info, smooth
 from .surrogate import ModelSpec
 
@@ -140,12 +140,13 @@ def run_compare(
     check_input_size(network, settings.size, model.arch, "--size")
     x = norm(torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0).unsqueeze(0)
     methods = [m for m in METHODS if m != "surrogate" or surrogate is not None]
+    precision = chosen_precision(settings.precision, x.device)
     maps = compare_methods(
         network, x, layer=settings.layer, target=settings.target, methods=methods, surrogate=surrogate,
-        smoothgrad=settings.smoothgrad, precision=settings.precision,
+        smoothgrad=settings.smoothgrad, precision=precision,
     )  # fmt: skip
     weights = model.checkpoint.name if model.checkpoint else "random weights"
-    title = f"{model.arch} ({weights}), {settings.layer}, target {settings.target}, {settings.precision}, {tile.name}"
+    title = f"{model.arch} ({weights}), {settings.layer}, target {settings.target}, {precision}, {tile.name}"
     fig = comparison_figure(rgb, maps, title)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format=kind)

@@ -1,14 +1,17 @@
-"""The arithmetic of an attribution pass: fp32 (exact), tf32 (CUDA) or bf16 (AMX / tensor cores).
+"""The arithmetic of an attribution pass: fp32 (exact), tf32 (CUDA) or bf16 (AMX / tensor cores);
+and fp64, the library's reference arithmetic (tests ground fp32's tolerance in it; not a CLI choice).
 
 bf16 and tf32 run on a converted copy of the model (the given model is never changed): frozen
 weights, every BatchNorm folded into its conv (in fp32, before rounding: one op fewer forward and
 backward), channels_last (what oneDNN and cuDNN compute in), and for bf16 bf16 weights. fp32 runs on
 the model itself, in IEEE fp32 also on CUDA (where PyTorch otherwise runs fp32 convolutions in TF32).
+fp64 runs on a float64 copy, noise added and every sum taken in float64, maps returned as float64.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,22 +22,33 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import BadOption
+from .hardware import hardware
 from .hooks import Hooks
 
 __all__ = [
+    "AUTO",
+    "CHOICES",
     "PRECISIONS",
+    "REFERENCE",
     "Arithmetic",
     "arithmetic_of",
     "as_compute_input",
     "check_precision",
+    "chosen_precision",
     "compute_model",
     "cuda_fp32_math",
     "fold_batchnorms",
     "forward",
+    "resolve_precision",
     "weights_version",
 ]
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "tf32", "bf16")  # the arithmetics a run computes in
+AUTO = "auto"  # bf16 where the hardware has it natively, else fp32 (see resolve_precision)
+CHOICES = (*PRECISIONS, AUTO)  # what users choose (CLI, config)
+REFERENCE = "fp64"  # the library's reference arithmetic: attribute(..., precision="fp64")
 
 
 def weights_version(model: nn.Module) -> int:
@@ -53,25 +67,52 @@ class Arithmetic:
 
     @property
     def low(self) -> bool:
-        return self.dtype != torch.float32
+        """Below fp32 (bf16): the DeepLift multiplier is formed so that it never cancels."""
+        return self.dtype not in (torch.float32, torch.float64)
+
+    @property
+    def accumulate(self) -> torch.dtype:
+        """The dtype of noise, sums, DeepLift deltas and returned maps: fp64 for fp64, else fp32."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
 
 _ARITHMETIC = {
     "fp32": Arithmetic(torch.float32, tf32=False, channels_last=False, fold_batchnorm=False),
     "tf32": Arithmetic(torch.float32, tf32=True, channels_last=True, fold_batchnorm=True),
     "bf16": Arithmetic(torch.bfloat16, tf32=False, channels_last=True, fold_batchnorm=True),
+    REFERENCE: Arithmetic(torch.float64, tf32=False, channels_last=False, fold_batchnorm=False),
 }
 
 
 def check_precision(precision: str) -> None:
-    """A one-line error naming the allowed values unless ``precision`` is one of PRECISIONS."""
-    if precision not in _ARITHMETIC:
-        raise BadOption(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    """A one-line error naming the allowed values unless ``precision`` is one of CHOICES."""
+    if precision not in CHOICES:
+        raise BadOption(f"unknown precision {precision!r}; allowed: {', '.join(CHOICES)}")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The precision a run computes in: ``auto`` → bf16 where ``device`` has native bf16, else fp32;
+    any other choice as given. Record the result, so that a rerun does not mix precisions."""
+    check_precision(precision)
+    if precision == AUTO:
+        return "bf16" if hardware(device).native_bf16 else "fp32"
+    return precision
+
+
+def chosen_precision(precision: str, device: torch.device | str) -> str:
+    """``resolve_precision`` for a run that records its result: logs the one warning line when the
+    result is bf16 on hardware that only emulates it (see smoothsal.hardware)."""
+    resolved = resolve_precision(precision, device)
+    warning = hardware(device).bf16_warning() if resolved == "bf16" else None
+    if warning:
+        log.warning("%s", warning)
+    return resolved
 
 
 def arithmetic_of(precision: str, device: torch.device) -> Arithmetic:
-    """The arithmetic of one of PRECISIONS on ``device`` (tf32 exists on CUDA only)."""
-    check_precision(precision)
+    """The arithmetic of one of CHOICES or REFERENCE on ``device`` (tf32 exists on CUDA only)."""
+    if precision != REFERENCE:
+        precision = resolve_precision(precision, device)
     if precision == "tf32" and device.type != "cuda":
         raise BadOption(f"precision 'tf32' needs a CUDA device (input is on {device}); use fp32 or bf16")
     return _ARITHMETIC[precision]

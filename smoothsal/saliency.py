@@ -25,13 +25,15 @@ from tqdm import tqdm
 
 from . import __version__
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
+from .deviation import GATES, deviation
 from .errors import BadOption, BadTable
 from .files import output_locks
+from .hardware import hardware
 from .hooks import Hooks
 from .killpoints import kill_point
 from .metrics import total_variation
 from .models import check_input_size, layer_map, weights_sha256
-from .precision import arithmetic_of, check_precision, forward
+from .precision import arithmetic_of, check_precision, chosen_precision, forward
 from .predictions import TASKS, check_target, check_task, choose_targets, class_logits, prediction_columns
 from .smoothing import check_methods, smooth
 from .store import StoreWriter, check_out, results_columns
@@ -51,6 +53,7 @@ __all__ = ["TASKS", "RunOptions", "SaliencyResult", "SaliencySettings", "run_sal
 
 DEVICES = ("auto", "cpu", "cuda")
 _EMPTY_EXAMPLE = 224  # input size used to order layers when a slide has no tiles
+CHECK_TILES = 8  # a bf16/tf32 job also computes its first tiles in fp32, to record its own deviation
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class SaliencySettings:
     surrogate_sha256: str | None = None
     mean: tuple[float, ...] | None = None  # None: the surrogate's or ImageNet's
     std: tuple[float, ...] | None = None
-    precision: str = "fp32"  # arithmetic of the maps and predictions: fp32 (exact), bf16, tf32 (CUDA)
+    precision: str = "fp32"  # arithmetic of maps and predictions: fp32 (exact), bf16, tf32 (CUDA), auto
 
     def __post_init__(self) -> None:
         check_methods(self.method)
@@ -222,6 +225,62 @@ def _warm_up(settings: SaliencySettings, models: _Models, tile_size: int, device
 # --- per batch ------------------------------------------------------------------------------------
 
 
+def _targets(
+    settings: SaliencySettings, models: _Models, x: torch.Tensor, rows: pd.DataFrame
+) -> torch.Tensor:
+    labels = tile_labels(rows)
+    majority = majority_classes(rows) if settings.task == "segmentation" else None
+    original = forward(models.original, x, settings.precision)
+    if settings.task == "classification":
+        original = class_logits(original)
+    return choose_targets(original, labels, settings.target, task=settings.task, majority=majority)
+
+
+def _maps(
+    settings: SaliencySettings, models: _Models, x: torch.Tensor, rows: pd.DataFrame, target: torch.Tensor,
+    max_batch: int | str, precision: str,
+) -> dict[str, dict[str, torch.Tensor]]:  # fmt: skip
+    """The batch's full maps in ``precision``, SmoothGrad noise seeded per tile."""
+    seeds = [
+        tile_seed(settings.seed, str(s), int(t)) for s, t in zip(rows["slide_id"], rows["tile"], strict=True)
+    ]
+    return attribute(
+        models.method, x, layers=list(models.layers), target=target.to(x.device),
+        attributions=settings.attributions, smoothgrad=settings.smoothgrad, max_batch=max_batch,
+        noise_seeds=seeds, precision=precision,
+    )  # fmt: skip
+
+
+def _check_sample(
+    settings: SaliencySettings, models: _Models, rows: pd.DataFrame, norm: object, device: torch.device,
+    max_batch: int | str,
+) -> dict[str, object] | None:  # fmt: skip
+    """A bf16 (or tf32) job's own check: its first CHECK_TILES tiles also in fp32, and per attribution ×
+    layer the deviation of its maps from fp32 against the library's gates (None in fp32). Logs one
+    warning line per cell that misses a gate."""
+    if settings.precision == "fp32" or rows.empty:
+        return None
+    sample = rows.iloc[:CHECK_TILES]
+    data = TileDataset(sample, transform=norm)
+    x = torch.stack([data[i][0] for i in range(len(sample))]).to(device)
+    target = _targets(settings, models, x, sample)
+    low = _maps(settings, models, x, sample, target, max_batch, settings.precision)
+    ref = _maps(settings, models, x, sample, target, max_batch, "fp32")
+    cells = []
+    for a in settings.attributions:
+        for layer in models.layers:
+            d = deviation(a, layer, low[a][layer], ref[a][layer])
+            missed = d.missed()
+            if missed:
+                log.warning(
+                    "saliency: %s maps of %s at %s deviate from fp32 beyond the gates on the first %d tiles "
+                    "(%s); check them, or rerun in fp32", settings.precision, a, layer, len(sample),
+                    "; ".join(missed),
+                )  # fmt: skip
+            cells.append(d.as_dict() | {"missed": missed})
+    return {"precision": settings.precision, "tiles": len(sample), "gates": asdict(GATES), "cells": cells}
+
+
 def _batch(
     settings: SaliencySettings,
     models: _Models,
@@ -237,14 +296,7 @@ def _batch(
     if settings.task == "classification":
         original, out = class_logits(original), class_logits(out)
     target = choose_targets(original, labels, settings.target, task=settings.task, majority=majority)
-    seeds = [
-        tile_seed(settings.seed, str(s), int(t)) for s, t in zip(rows["slide_id"], rows["tile"], strict=True)
-    ]
-    maps = attribute(
-        models.method, x, layers=list(models.layers), target=target.to(x.device),
-        attributions=settings.attributions, smoothgrad=settings.smoothgrad, max_batch=max_batch,
-        noise_seeds=seeds, precision=settings.precision,
-    )  # fmt: skip
+    maps = _maps(settings, models, x, rows, target, max_batch, settings.precision)
     summed, tv = {}, {}
     for a in settings.attributions:
         for layer in models.layers:
@@ -326,6 +378,8 @@ def _run(
     began = time.perf_counter()
     settings, table = _prepare(Path(slide), Path(tiles), settings, checkpoint, surrogate)
     device = _resolve_device(options.device)
+    requested = settings.precision
+    settings = replace(settings, precision=chosen_precision(requested, device))  # recorded as resolved
     arithmetic_of(settings.precision, device)  # tf32 off CUDA fails here, before any work
     n = len(table)
     tile_size = int(table["tile_size"].iloc[0]) if n else _EMPTY_EXAMPLE
@@ -336,15 +390,19 @@ def _run(
         "version": __version__, "slide_id": slide_id, "slide_path": str(slide), "method": settings.method,
         "layers": layers, "attributions": list(settings.attributions),
         "settings": settings.as_dict() | {"mean": list(norm.mean), "std": list(norm.std)},
-        "tiles_sha256": tiles_sha256(table), "n_tiles": n,
+        "tiles_sha256": tiles_sha256(table), "n_tiles": n, "precision_requested": requested,
+        "hardware": hardware(device).as_dict(),
     }  # fmt: skip
+    rows = table.assign(tile=np.arange(n, dtype=np.int64))
+    check = _check_sample(settings, models, rows, norm, device, options.max_batch)
+    if check is not None:
+        meta["precision_check"] = check
     writer = StoreWriter(options.out, options.table, meta)
     done = writer.open(
         {layer: shape[1:] for layer, shape in models.shapes.items()}, tile_size, labels_sha256(table)
     )
     if done:
         log.warning("saliency: resuming %s at tile %d of %d", options.out, done, n)
-    rows = table.assign(tile=np.arange(n, dtype=np.int64))
     dataset = Subset(TileDataset(rows, transform=norm), range(done, n))
     workers = default_workers(1) if options.workers is None else options.workers
     loader = TileLoader(

@@ -11,6 +11,7 @@ from torch import nn
 
 import smoothsal as ss
 from smoothsal import demo
+from smoothsal.deviation import Deviation, deviation
 from smoothsal.hooks import Hooks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,18 +217,6 @@ def crops(slide: Path, table, n: int) -> torch.Tensor:
     return (torch.stack(out) - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per tile: cosine of the mean-free maps (1 = the same picture up to a positive scale)."""
-    a, b = a.flatten(1), b.flatten(1)
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
-
-
-def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per tile: ‖ours − ref‖₂ / ‖ref‖₂."""
-    return (ours - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-30)
-
-
 _SMOOTHED: dict[tuple, tuple[nn.Module, nn.Module]] = {}
 
 
@@ -243,12 +232,9 @@ def smoothed(model: nn.Module, surrogate, method: str, device: str) -> nn.Module
 
 def agreement(
     model, surrogate, x, smoothgrad, attributions=ss.ATTRIBUTIONS, device="cpu", low="bf16"
-) -> list[tuple]:
-    """(method, attribution, layer, cosine min, median, relative error median, max, TV change) of
-    precision ``low`` against fp32 on ``device``, per tile on the channel-summed maps (TV on the maps,
-    mean over tiles)."""
-    from smoothsal.metrics import total_variation
-
+) -> list[tuple[str, Deviation]]:
+    """(method, the library's Deviation) of precision ``low`` against fp32 on ``device``, per
+    attribution and layer over the tiles of ``x``."""
     rows = []
     seeds = list(range(len(x))) if smoothgrad else None
     for method in ss.METHODS:
@@ -264,29 +250,21 @@ def agreement(
         }
         for a in attributions:
             for layer in PRECISION_LAYERS:
-                ref, lower = maps["fp32"][a][layer].cpu(), maps[low][a][layer]
+                ref, lower = maps["fp32"][a][layer], maps[low][a][layer]
                 assert lower.dtype == torch.float32 and lower.shape == ref.shape
-                lower = lower.cpu()
-                cos = centred_cosine(lower.sum(1), ref.sum(1))
-                rel = relative_error(lower.sum(1), ref.sum(1))
-                tv = float(total_variation(lower).mean() / total_variation(ref).mean() - 1)
-                rows.append((method, a, layer, cos.min(), cos.median(), rel.median(), rel.max(), tv))
+                rows.append((method, deviation(a, layer, lower, ref)))
     print(
         *(
-            f"{m:14s} {a:9s} {l}: cosine min {c:.4f} median {cm:.4f}, relative error median {r:.4f} "
-            f"max {rm:.4f}, TV {tv:+.2%}"
-            for m, a, l, c, cm, r, rm, tv in rows
+            f"{m:14s} {d.attribution:9s} {d.layer}: cosine min {d.cosine_min:.4f} median {d.cosine_median:.4f}, "
+            f"relative error median {d.relative_error_median:.4f} max {d.relative_error_max:.4f}, "
+            f"TV {d.tv_change:+.2%}"
+            for m, d in rows
         ),
         sep="\n",
     )
     return rows
 
 
-def missed(rows: list[tuple]) -> list[tuple]:
-    """The rows that miss a gate: cosine median >= 0.98 and min >= 0.95, mean TV within 2 %, and for
-    DeepLift a median relative error <= 3 %."""
-    return [
-        r
-        for r in rows
-        if not (r[4] >= 0.98 and r[3] >= 0.95 and abs(r[7]) <= 0.02 and (r[1] != "deeplift" or r[5] <= 0.03))
-    ]
+def missed(rows: list[tuple[str, Deviation]]) -> list[tuple[str, Deviation, list[str]]]:
+    """The rows that miss one of the library's bf16 gates (smoothsal.deviation.GATES)."""
+    return [(m, d, d.missed()) for m, d in rows if d.missed()]

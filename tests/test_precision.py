@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import PRECISION_SMOOTHGRAD as SMOOTHGRAD
-from helpers import agreement, centred_cosine, missed, relative_error
+from helpers import agreement, missed
 from helpers import model as build_model
 from torch import nn
 
 import smoothsal as ss
 from smoothsal.attribution import CPU_MAX_BATCH
+from smoothsal.deviation import centred_cosine, relative_error
 from smoothsal.errors import BadOption
 from smoothsal.metrics import prediction_difference, probabilities
 from smoothsal.precision import forward

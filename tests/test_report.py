@@ -3,6 +3,7 @@ index.html that a real headless Chromium renders with every image loaded."""
 
 from __future__ import annotations
 
+import html
 import shutil
 from pathlib import Path
 
@@ -277,7 +278,7 @@ def test_accuracy_only_where_tiles_are_labelled(built, frames):
 def test_every_table_and_figure_is_written(built):
     out, _, _ = built
     names = {"tv", "tv_reduction", "prediction_difference", "accuracy", "inputs", "tv_per_slide",
-             "prediction_difference_per_slide", "accuracy_per_slide"}  # fmt: skip
+             "prediction_difference_per_slide", "accuracy_per_slide", "precision"}  # fmt: skip
     assert {p.stem for p in (out / "tables").glob("*.csv")} == names
     assert {p.stem for p in (out / "tables").glob("*.md")} == names
     figures = {p.relative_to(out).as_posix() for p in (out / "figures").rglob("*.*")}
@@ -341,10 +342,10 @@ def test_index_html_renders_in_headless_chromium(built):
         browser.quit()
     assert len(images) == 3 and all(complete and width > 0 for _, complete, width in images), images
     assert not errors, errors  # no failed request, no script error
-    assert tables == 8 and bold == 2 * 3 + 2 * 2  # the lowest TV per row and attribution
+    assert tables == 9 and bold == 2 * 3 + 2 * 2  # the lowest TV per row and attribution
     assert all(not link.startswith(("http:", "https:", "/")) for link in links)
     missing = [link for link in links if not (out / link).is_file()]
-    assert not missing and len(links) == 8 * 2 + 3 * 2
+    assert not missing and len(links) == 9 * 2 + 3 * 2
 
 
 def test_slide_without_labels_leaves_accuracy_out(table_paths, tmp_path):
@@ -475,3 +476,61 @@ def test_seam_section_shows_both_scores_and_the_maps_side_by_side(cli, table_pat
 
     figure = np.asarray(Image.open(out / "figures" / "seams" / "CMU-1-Small-Region.png").convert("RGB"))
     assert figure.shape[0] > 300 and figure.std() > 10  # a real figure, not an empty canvas
+
+
+def test_a_dataset_computed_in_mixed_precisions_is_flagged(frames, tmp_path):
+    """precision: auto on a cluster of mixed CPUs: the report shows each slide's resolved precision and
+    device, and says which dataset mixes them."""
+    runs = {
+        "tumor_a": ("fp32", {"model": "AMD EPYC", "native_bf16": False}),
+        "normal_b": ("bf16", {"model": "Intel Xeon", "native_bf16": True}),
+    }
+    paths = []
+    for slide, (precision, hardware) in runs.items():
+        frame = frames["camelyon16", slide, "original"]
+        meta = {"slide_id": slide, "method": "original", "settings": {"precision": precision},
+                "precision_requested": "auto", "hardware": hardware}  # fmt: skip
+        paths.append(tmp_path / "camelyon16" / "saliency" / slide / "original.parquet")
+        write_results(frame, paths[-1], meta)
+    result = report.write_report(paths, tmp_path / "report")
+    mixed = [n for n in result.notes if "mixes precisions" in n]
+    assert mixed == [
+        "camelyon16 / resnet18 mixes precisions (fp32: 1 slide(s), bf16: 1 slide(s); see the precision table): "
+        "its slides' maps and TV differ by that arithmetic too; on a cluster of mixed CPUs set "
+        "saliency.precision to fp32 or bf16 instead of auto."
+    ]
+    table = pd.read_csv(tmp_path / "report" / "tables" / "precision.csv").set_index("slide_id")
+    assert table.loc["tumor_a", ["precision", "requested", "device"]].tolist() == ["fp32", "auto", "AMD EPYC"]
+    assert table.loc["normal_b", ["precision", "native_bf16"]].tolist() == ["bf16", True]
+    assert html.escape(mixed[0]) in (tmp_path / "report" / "index.html").read_text()
+    alone = report.write_report(paths[:1], tmp_path / "one")
+    assert not [n for n in alone.notes if "mixes" in n]
+
+
+def test_the_surrogate_sentence_follows_the_runs_own_numbers(frames, tmp_path):
+    """The prediction-difference note compares the surrogate with the forward hook in this run's numbers:
+    less when it is lower, more when it exceeds it — never a fixed claim."""
+    sentences = {}
+    for case, scale in (("lower", 0.25), ("higher", 4.0)):
+        paths = []
+        for method in ("original", "forward_hook", "surrogate"):
+            frame = frames["camelyon16", "tumor_a", method].copy()
+            if method == "forward_hook":
+                frame["pd_all"] = 0.04
+            elif method == "surrogate":
+                frame["pd_all"] = 0.04 * scale
+            paths.append(
+                _write(frame, tmp_path / case / "camelyon16" / "saliency" / "tumor_a" / f"{method}.parquet")
+            )
+        out = tmp_path / case / "report"
+        report.write_report(paths, out)
+        md = (out / "tables" / "prediction_difference.md").read_text()
+        sentences[case] = [line for line in md.splitlines() if "surrogate's all-class" in line]
+    assert (
+        "the surrogate's all-class prediction difference (1.00) is 0.25 of the forward hook's (4.00): the "
+        "surrogate changes the predictions less" in sentences["lower"][0]
+    )
+    assert (
+        "(16.00) is above the forward hook's (4.00): here the surrogate changes the predictions more"
+        in (sentences["higher"][0])
+    )

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reference import assert_fp32_within, captum_pair, fp32_bound
 
 import smoothsal as ss
 from smoothsal import saliency, store
@@ -227,9 +228,16 @@ def test_segmentation_targets_majority_class_and_masks_prediction_difference(
     assert np.isnan(out["pd_masked"].iloc[0]) and np.isfinite(expected[1:]).all()
     np.testing.assert_allclose(out["pd_masked"].to_numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(out[["prob_0", "prob_1", "prob_2"]], p_new.mean(dim=(2, 3)), rtol=1e-5)
-    direct = ss.attribute(method, x[2:3], layers=["layer2"], target=[2], attributions=["deeplift"])
-    summed = direct["deeplift"]["layer2"].sum(1)[0].numpy()
-    assert np.abs(maps["deeplift/layer2"][2] - summed).max() <= 1e-5 * np.abs(summed).max()
+    # the tile's map from a batch of 2 against its own fp64 twin computed alone (tests/reference.py)
+    exact = ss.attribute(
+        method, x[2:3], layers=["layer2"], target=[2], attributions=["deeplift"], precision="fp64"
+    )
+    c32, c64 = captum_pair(method, x[2:3], "layer2", 2, "deeplift")
+    assert_fp32_within(
+        torch.from_numpy(maps["deeplift/layer2"][2:3]),
+        exact["deeplift"]["layer2"].sum(1),
+        fp32_bound(c32.sum(1), c64.sum(1)),
+    )
 
 
 def test_empty_tile_table_gives_empty_outputs(cli, slide: Path, tiles: Path, tmp_path: Path):
@@ -416,3 +424,88 @@ def test_precision_is_a_setting_recorded_in_the_store_and_guards_resume(
     assert rc == 0 and "12 computed" in stdout and "resumed" not in stdout
     assert "other settings or tiles; starting over" in caplog.text
     assert_same_outputs(batch5, bf16)
+
+
+# --- precision that knows the hardware (issue 24) ----------------------------------------------------
+
+NO_NATIVE_BF16 = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+
+def test_bf16_without_native_support_warns_and_auto_resolves_to_fp32(
+    cli, slide: Path, tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """With the CPU's bf16 taken away (or absent), bf16 warns in one line naming the capability and
+    records it; auto resolves to fp32 and is recorded as such."""
+    for name, value in NO_NATIVE_BF16.items():
+        monkeypatch.setenv(name, value)
+    few = tmp_path / "few.parquet"
+    write_tile_table(read_tile_table(tiles).head(2), few)
+    for requested in ("bf16", "auto"):
+        out = tmp_path / requested
+        args = saliency_args(slide, few, out, "original", "--precision", requested, "--workers", "0")
+        done = cli.process(*args)
+        assert done.returncode == 0, done.stderr
+        meta, _ = read_store(out / "original.zarr")
+        assert meta["hardware"]["native_bf16"] is False and meta["hardware"]["capability"] == "AVX2"
+        assert meta["precision_requested"] == requested
+        assert pd.read_parquet(out / "original.parquet").shape[0] == 2
+        lines = [line for line in done.stderr.splitlines() if "without native bf16" in line]
+        if requested == "bf16":
+            assert meta["settings"]["precision"] == "bf16" and len(lines) == 1
+            assert "AVX2" in lines[0] and "slower than fp32" in lines[0], lines
+        else:
+            assert meta["settings"]["precision"] == "fp32" and not lines
+            assert "precision_check" not in meta  # fp32 needs no check against itself
+
+
+def test_auto_resolves_to_bf16_where_native():
+    from smoothsal.hardware import hardware
+    from smoothsal.precision import resolve_precision
+
+    if not hardware("cpu").native_bf16:
+        pytest.skip(f"this CPU has no native bf16 ({hardware('cpu').model}, {hardware('cpu').capability})")
+    assert resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_bf16_run_checks_itself_and_the_report_flags_cells_beyond_the_gates(
+    cli, slide: Path, tiles: Path, tmp_path: Path
+):
+    """Random weights fail the bf16 gates by design (bf16 follows their gradients poorly): the job
+    records its fp32 check per attribution × layer, warns once per missed cell, and the report's
+    check table marks exactly those cells."""
+    few = tmp_path / "few.parquet"
+    write_tile_table(read_tile_table(tiles).head(4), few)
+    done = cli.process(
+        *saliency_args(slide, few, tmp_path, "original", "--precision", "bf16", "--workers", "0")
+    )
+    assert done.returncode == 0, done.stderr
+    meta, _ = read_store(tmp_path / "original.zarr")
+    check = meta["precision_check"]
+    assert check["precision"] == "bf16" and check["tiles"] == 4
+    assert {(c["attribution"], c["layer"]) for c in check["cells"]} == {
+        (a, layer) for a in ("gradient", "deeplift") for layer in LAYERS
+    }
+    missed = [c for c in check["cells"] if c["missed"]]
+    assert missed, check  # random weights: at least one cell misses
+    warnings = [line for line in done.stderr.splitlines() if "beyond the gates" in line]
+    assert len(warnings) == len(missed)
+    assert store.results_meta(tmp_path / "original.parquet")["precision_check"] == check
+    cli("report", "--tables", tmp_path / "original.parquet", "--out", tmp_path / "report")
+    table = pd.read_csv(tmp_path / "report" / "tables" / "precision_check.csv")
+    assert sorted(zip(table["attribution"], table["layer"], strict=True)) == sorted(
+        (c["attribution"], c["layer"]) for c in check["cells"]
+    )
+    flagged = {
+        (a, layer)
+        for a, layer, m in zip(table["attribution"], table["layer"], table["missed"].fillna(""), strict=True)
+        if m
+    }
+    assert flagged == {(c["attribution"], c["layer"]) for c in missed}
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Low-precision check against fp32" in page and page.count("<strong>✗") == len(missed)
+    precision = pd.read_csv(tmp_path / "report" / "tables" / "precision.csv")
+    assert precision["precision"].tolist() == ["bf16"] and precision["requested"].tolist() == ["bf16"]

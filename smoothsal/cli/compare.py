@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..compare import DEFAULT_MODEL, CompareSettings, run_compare
-from ..precision import PRECISIONS
+from ..precision import CHOICES
 from ..surrogate import ModelSpec
 from .common import Command, default
 
@@ -29,7 +29,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=default(c, "size"), help=f"tile side fed to the model, px (default {default(c, 'size')})")
     p.add_argument("--samples", type=int, default=default(c, "samples"), help=f"SmoothGrad samples (0: off; default {default(c, 'samples')})")
     p.add_argument("--stdev", type=float, default=default(c, "stdev"), help=f"SmoothGrad noise σ (default {default(c, 'stdev')})")
-    p.add_argument("--precision", choices=PRECISIONS, default=default(c, "precision"), help=f"arithmetic of the maps (default {default(c, 'precision')}: exact; bf16: faster on AMX CPUs and GPUs)")
+    p.add_argument("--precision", choices=CHOICES, default=default(c, "precision"), help=f"arithmetic of the maps (default {default(c, 'precision')}: exact; bf16: faster only where native: AMX/AVX512-BF16 CPUs, GPUs of compute capability 8+; emulated elsewhere and several times slower; auto: bf16 where native, else fp32)")
     # fmt: on
 
 

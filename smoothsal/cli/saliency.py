@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..precision import PRECISIONS
+from ..precision import CHOICES
 from ..predictions import TARGETS, TASKS
 from ..saliency import DEVICES, RunOptions, SaliencySettings, run_saliency
 from ..smoothing import METHODS
@@ -35,7 +35,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=default(s, "seed"), help=f"seed of the per-tile SmoothGrad noise (default {default(s, 'seed')})")
     p.add_argument("--target", choices=TARGETS, default=default(s, "target"), help="target class (default: label, predicted where unlabelled)")
     p.add_argument("--task", choices=TASKS, default=default(s, "task"), help="model kind (segmentation: target = tile majority_class)")
-    p.add_argument("--precision", choices=PRECISIONS, default=default(s, "precision"), help=f"arithmetic of maps and predictions (default {default(s, 'precision')}: exact; bf16 ~4× faster on AMX CPUs and GPUs, maps within ~1 %%; tf32: CUDA only)")
+    p.add_argument("--precision", choices=CHOICES, default=default(s, "precision"), help=f"arithmetic of maps and predictions (default {default(s, 'precision')}: exact; bf16 ~4× faster where native (AMX/AVX512-BF16 CPUs, GPUs of compute capability 8+), several times slower where emulated (e.g. AVX2 CPUs), maps within ~1 %%; auto: bf16 where native, else fp32, recorded as resolved; tf32: CUDA only)")
     p.add_argument("--dataset", default=default(s, "dataset"), help="dataset name written into the table")
     p.add_argument("--batch-size", type=int, default=default(o, "batch_size"), help=f"tiles per batch (default {default(o, 'batch_size')}; does not change results)")
     p.add_argument("--device", choices=DEVICES, default=default(o, "device"), help="default auto: CUDA when present")

@@ -71,7 +71,7 @@ def index_html(
         f"<p>{html.escape(summary)}.</p>",
         *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
     ]
-    for name in ("tv", "tv_reduction"):
+    for name in ("tv", "tv_reduction", "precision_check"):
         if name in by_name:
             parts.append(_table_section(by_name[name]))
     if figures["tv_per_layer"]:
@@ -97,7 +97,7 @@ def index_html(
         )
     per_slide = [
         by_name[n]
-        for n in ("tv_per_slide", "prediction_difference_per_slide", "accuracy_per_slide")
+        for n in ("tv_per_slide", "prediction_difference_per_slide", "accuracy_per_slide", "precision")
         if n in by_name
     ]
     if per_slide:

@@ -28,6 +28,7 @@ __all__ = [
     "Collected",
     "Table",
     "collect",
+    "display_labels",
     "label_of",
     "method_label",
     "ordered",
@@ -220,7 +221,7 @@ def _wide(
     return wide.reindex(index=index, columns=columns)
 
 
-def _label(frame: pd.DataFrame) -> pd.DataFrame:
+def display_labels(frame: pd.DataFrame) -> pd.DataFrame:
     """Display names for methods, attributions and measures in the index and the columns."""
 
     def rename(index: pd.Index) -> pd.Index:
@@ -303,7 +304,7 @@ def _tv_table(collected: Collected, per_slide: bool) -> Table:
         "Mean ± std over tiles of the TV of each tile's saliency map (lower = smoother); "
         "the lowest mean per row and attribution in bold (the paper's Table 4)."
     )
-    return Table(name, title, long.drop(columns="text"), _label(cells), _label(marked), note)
+    return Table(name, title, long.drop(columns="text"), display_labels(cells), display_labels(marked), note)
 
 
 def _reduction_table(collected: Collected) -> Table | None:
@@ -342,7 +343,7 @@ def _reduction_table(collected: Collected) -> Table | None:
     note = (
         "Reduction = 100 · (1 − mean TV of the method / mean TV of the original) per layer, then over layers."
     )
-    return Table("tv_reduction", "TV reduction vs the original", data, _label(cells), None, note)
+    return Table("tv_reduction", "TV reduction vs the original", data, display_labels(cells), None, note)
 
 
 def _sort_reduction(data: pd.DataFrame, collected: Collected) -> pd.DataFrame:
@@ -396,7 +397,31 @@ def _pd_table(collected: Collected, per_slide: bool) -> Table | None:
         "about the tile's majority class; agreement: % of tiles whose predicted class (segmentation: majority "
         "class) is the original's. The backward hook leaves the forward unchanged: its row checks ≈ 0."
     )
-    return Table(name, title, stats.drop(columns="text"), _label(cells), None, note)
+    if not per_slide:
+        note = " ".join([note, *surrogate_vs_forward_hook(stats)])
+    return Table(name, title, stats.drop(columns="text"), display_labels(cells), None, note)
+
+
+def surrogate_vs_forward_hook(stats: pd.DataFrame) -> list[str]:
+    """One sentence per dataset/model with both: how the surrogate's mean all-class prediction
+    difference compares with the forward hook's, in this run's own numbers (never a fixed claim)."""
+    pd_all = stats[stats["measure"] == "pd_all"].set_index(["dataset", "model", "method"])["mean"]
+    sentences = []
+    for dataset, model in dict.fromkeys(zip(stats["dataset"], stats["model"], strict=True)):
+        s, f = pd_all.get((dataset, model, "surrogate")), pd_all.get((dataset, model, "forward_hook"))
+        if s is None or f is None or not (np.isfinite(s) and np.isfinite(f)):
+            continue
+        where = f"{dataset} / {model}" if dataset else model
+        if f > 0 and s < f:
+            verdict = (
+                f"{s / f:.2f} of the forward hook's ({f:.2f}): the surrogate changes the predictions less"
+            )
+        elif s > f:
+            verdict = f"above the forward hook's ({f:.2f}): here the surrogate changes the predictions more"
+        else:
+            verdict = f"equal to the forward hook's ({f:.2f})"
+        sentences.append(f"{where}: the surrogate's all-class prediction difference ({s:.2f}) is {verdict}.")
+    return sentences
 
 
 def _accuracy_table(collected: Collected, per_slide: bool) -> Table | None:
@@ -420,7 +445,7 @@ def _accuracy_table(collected: Collected, per_slide: bool) -> Table | None:
         "% of labelled tiles whose prediction equals the label (the paper's Table 2); "
         "unlabelled tiles and slides are left out."
     )
-    return Table(name, title, stats, _label(cells), None, note)
+    return Table(name, title, stats, display_labels(cells), None, note)
 
 
 def _inputs_table(collected: Collected) -> Table:
@@ -434,7 +459,7 @@ def _inputs_table(collected: Collected) -> Table:
         lambda v: "–" if pd.isna(v) else str(int(v))
     )
     note = "Tiles per slide and method in the per-tile tables read."
-    return Table("inputs", "Slides and tiles", data, _label(cells), None, note)
+    return Table("inputs", "Slides and tiles", data, display_labels(cells), None, note)
 
 
 def report_tables(collected: Collected) -> list[Table]:
