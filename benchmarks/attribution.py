@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import smoothsal as ss
+from smoothsal.hardware import describe
 
 LAYERS = ("layer1", "layer2", "layer3")
 STDEV = 0.2
@@ -227,6 +228,7 @@ def main() -> None:
     parser.add_argument("--setup")
     parser.add_argument("--out")
     args = parser.parse_args()
+    print(describe(args.device), flush=True)  # the machine every figure below was measured on
     if args.impl:
         return child(args)
     if args.device != "cpu":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import zarr
 
 from smoothsal.demo import read_nuclei_mask
+from smoothsal.hardware import describe
 from smoothsal.tiles import TileDataset
 from smoothsal.tissue import hsv_saturation
 
@@ -68,6 +69,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["original", "surrogate", "backward_hook", "forward_hook"])
     p.add_argument("--layer", default="layer1")
     args = p.parse_args()
+    print(describe("cpu"), flush=True)  # the machine every figure below was measured on
     for slide in args.slides:
         for method in args.methods:
             for attribution, (ratio, n) in ratios(

@@ -30,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 import smoothsal as ss
+from smoothsal.hardware import describe
 from smoothsal.perturbation import PerturbationSettings, deletion_insertion
 from smoothsal.randomisation import RandomisationSettings, attribution_maps, randomisation_curves
 
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--slide-tiles", type=int, default=20_000, help="N: tissue tiles of the slide")
     parser.add_argument("--sample", type=int, default=64, help="n: sampled tiles")
     args = parser.parse_args()
+    print(describe("cpu"), flush=True)  # the machine every figure below was measured on
     torch.set_num_threads(args.threads)
     model, surrogate = build(args.size)
     x = tiles(args.tiles, args.size)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 import smoothsal as ss
 from smoothsal import grid, saliency, slides, tiling
+from smoothsal.hardware import describe
 from smoothsal.surrogate import load_with_surrogate
 from smoothsal.tiles import TileDataset, read_tile_table, write_tile_table
 
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    print(describe("cpu"), flush=True)  # the machine every figure below was measured on
     load_before = os.getloadavg()
     runs: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,8 +12,8 @@ reports its own wall time and peak RSS (getrusage); `/usr/bin/time -v` is not ne
 
     python benchmarks/stitching.py [--sizes 100000x200000 50000x100000] [--blend window] [--workdir DIR]
 
-Seen on the 2-core CPU dev container (no GPU; other sessions' jobs running beside it, load average
-~6-9, so wall times are 2-4× an idle machine's):
+Seen on the project's 2-core Intel Xeon machine (AVX-512, AMX-BF16; no GPU; other jobs running beside
+it, load average ~6-9, so wall times are 2-4× an idle machine's):
 
     python benchmarks/stitching.py --sizes 50000x100000 100000x200000 --workdir /tmp/bench
 
@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from smoothsal.hardware import describe
 
 MPP = 0.25  # level-0 µm/px
 TILE, TILE_MPP = 224, 0.5
@@ -195,6 +197,7 @@ def main() -> None:
     )
     parser.add_argument("--child", nargs=2, metavar=("STEP", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    print(describe("cpu"), flush=True)  # the machine every figure below was measured on
     if args.child:
         step, workdir = args.child[0], Path(args.child[1])
         if step.startswith("synth:"):

@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from smoothsal.evaluation import evaluate
+from smoothsal.hardware import describe
 from smoothsal.models import load_model
 from smoothsal.smoothing import smooth
 from smoothsal.surrogate import TrainSettings, read_surrogate
@@ -68,6 +69,7 @@ def main() -> None:
     )
     p.add_argument("--json", type=Path, help="append the numbers to this JSON-lines file")
     args = p.parse_args()
+    print(describe("cpu"), flush=True)  # the machine every figure below was measured on
     arch, classes, train, held = DATASETS[args.dataset]
     root = args.results / args.dataset
     checkpoint = root / "model.pt"

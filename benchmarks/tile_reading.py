@@ -40,6 +40,7 @@ import openslide
 import torch
 
 from smoothsal import grid, slides, tiles, tiling
+from smoothsal.hardware import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = (  # slide, mpp override, target µm/px
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the main process")
     args = parser.parse_args()
+    print(describe("cpu"), flush=True)  # the machine every figure below was measured on
     torch.set_num_threads(args.threads)
     rows = benchmark(args.data, args.workers, args.seconds, args.repeats, args.batch_size)
     w = args.workers

@@ -9,7 +9,7 @@ then runs each launch under `/usr/bin/time -v` and prints a markdown table with 
 Peak RSS per process comes from the command's own report (getrusage in each rank); `/usr/bin/time`
 reports the largest single process of the tree, not the sum.
 
-Seen on the 2-core CPU dev container (no GPU; torch 2.14.1; other sessions' jobs running beside it,
+Seen on the project's 2-core Intel Xeon machine (AVX-512, AMX-BF16; no GPU; torch 2.14.1; other jobs beside it,
 load average 3.4-3.7, so the same command varied 24-46 s between runs): 93 tiles of 224 px
 (CMU-1-Small-Region + TCGA-CR-7395 at --mpp 0.25), resnet18, 2 epochs, global batch 32 (6 steps):
 
@@ -33,6 +33,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+from smoothsal.hardware import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SMOOTHSAL_DATA", ROOT.parent / "shared" / "data"))
@@ -96,6 +98,7 @@ def main() -> None:
     p.add_argument("--workers", type=int)
     p.add_argument("--work", type=Path, default=Path("/tmp/smoothsal-bench-train"))
     args = p.parse_args()
+    print(describe("cpu"), flush=True)  # the machine every figure below was measured on
     tables, model = make_inputs(args.work, args.tile_size, args.arch, args.num_classes)
     import pandas as pd
 

@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from smoothsal.hardware import describe
+
 
 def start(checkout: Path, container: Path) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, PYTHONPATH=str(checkout))
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    print(describe("cpu"), flush=True)  # the machine every figure below was measured on
     from smoothsal.viewer.page import Page
 
     page = Page(args.container)
