@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-__all__ = ["BF16_FLAGS", "Hardware", "describe", "hardware"]
+__all__ = ["BF16_FLAGS", "Hardware", "bf16_cap", "describe", "hardware"]
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX10")  # prefixes that keep bf16 native
@@ -72,7 +72,7 @@ def _cpu_info() -> tuple[str, set[str]]:
     return model, flags
 
 
-def _cpu_cap(capability: str) -> str:
+def bf16_cap(capability: str) -> str:
     """The environment settings that keep a bf16-capable CPU from using it ("" when none does)."""
     caps = []
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
@@ -88,7 +88,7 @@ def _cpu() -> Hardware:
     model, flags = _cpu_info()
     capability = torch.backends.cpu.get_cpu_capability()
     present = tuple(f for f in BF16_FLAGS if f in flags)
-    cap = _cpu_cap(capability) if present else ""
+    cap = bf16_cap(capability) if present else ""
     return Hardware("cpu", model, capability, present, cap, bool(present) and not cap)
 
 

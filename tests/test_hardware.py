@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smoothsal.deviation import GATES, Deviation, deviation
-from smoothsal.hardware import Hardware, _cpu_cap, describe, hardware
+from smoothsal.hardware import Hardware, bf16_cap, describe, hardware
 from smoothsal.precision import CHOICES, resolve_precision
 
 
@@ -33,7 +33,7 @@ def test_what_takes_native_bf16_away(monkeypatch, onednn, capability, cap):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
     else:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    assert _cpu_cap(capability) == cap
+    assert bf16_cap(capability) == cap
 
 
 def test_the_warning_names_the_hardware_and_the_slowdown():
