@@ -48,6 +48,7 @@ TABLE_COLUMNS = (
 )  # fmt: skip
 REQUIRED_COLUMNS = ("slide_id", "slide_path", "x", "y", "w", "h", "level", "tile_size")
 TILE_KEY_COLUMNS = ("slide_id", "x", "y", "w", "h", "level", "tile_size")  # what `tiles_sha256` covers
+INTEGER_COLUMNS = ("x", "y", "w", "h", "level", "tile_size")  # whole pixels (and a whole level)
 FIX = "make it with `smoothsal tiles`"
 
 
@@ -70,7 +71,56 @@ def _read(path: Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table]
     if missing:
         raise BadTable(f"tile table {path} lacks columns {missing}; {FIX}")
-    return table.reset_index(drop=True)
+    table = table.reset_index(drop=True)
+    _check_rows(table, path)
+    return table
+
+
+def _first(bad: np.ndarray) -> int:
+    return int(np.flatnonzero(bad)[0])
+
+
+def _row(table: pd.DataFrame, i: int) -> str:
+    r = table.iloc[i]
+    return f"row {i} (slide {r['slide_id']}, x {r['x']}, y {r['y']}, level {r['level']})"
+
+
+def _check_rows(table: pd.DataFrame, path: Path) -> None:
+    """Every tile a whole-pixel box of positive size, each (slide, x, y, level) once: a row that is not
+    would be read at another place than it records, or computed and counted twice."""
+    if table.empty:
+        return
+    for column in INTEGER_COLUMNS:
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(values) | (values != np.round(values))
+        if column in ("w", "h", "tile_size"):
+            bad |= values <= 0
+        if bad.any():
+            i = _first(bad)
+            raise BadTable(
+                f"tile table {path} {_row(table, i)}: {column} = {table[column].iloc[i]!r} is not a whole "
+                f"number of pixels{' > 0' if column in ('w', 'h', 'tile_size') else ''}; {FIX}"
+            )
+    duplicated = table.duplicated(["slide_id", "x", "y", "level"]).to_numpy()
+    if duplicated.any():
+        i = _first(duplicated)
+        raise BadTable(
+            f"tile table {path} {_row(table, i)} repeats an earlier tile (same slide, x, y and level): it "
+            f"would be computed and counted twice; remove the duplicate rows, or {FIX}"
+        )
+
+
+def _check_inside(table: pd.DataFrame, path: Path, slide: Path, width: int, height: int) -> None:
+    """Every tile's level-0 box [x, x + w) × [y, y + h) inside the slide's level 0 (what `tiles` emits,
+    edge tiles included: its grid keeps only whole tiles); else the tile would be read on padding."""
+    x, y, w, h = (table[c].to_numpy(np.int64) for c in ("x", "y", "w", "h"))
+    bad = (x < 0) | (y < 0) | (x + w > width) | (y + h > height)
+    if bad.any():
+        i = _first(bad)
+        raise BadTable(
+            f"tile table {path} {_row(table, i)}: its {w[i]}×{h[i]} px box is not inside slide {slide.name} "
+            f"({width}×{height} px at level 0); tiles must lie inside the slide: {FIX} {slide}"
+        )
 
 
 def read_tile_table(path: str | Path, slide: str | Path | None = None) -> pd.DataFrame:
@@ -92,7 +142,9 @@ def read_tile_table(path: str | Path, slide: str | Path | None = None) -> pd.Dat
             f"tile table {path} holds tiles of several slides ({', '.join(map(str, ids[:3]))}); "
             f"give the table of {slide.name} alone"
         )
-    open_reader(slide).close()
+    reader = open_reader(slide)
+    width, height = reader.level_dimensions[0]
+    reader.close()
     made_from = Path(paths[0])
     same = made_from.exists() and os.path.samefile(made_from, slide)
     moved = not made_from.exists() and made_from.name == slide.name
@@ -104,6 +156,7 @@ def read_tile_table(path: str | Path, slide: str | Path | None = None) -> pd.Dat
     sizes = table["tile_size"].unique().tolist()
     if len(sizes) != 1:
         raise BadTable(f"tile table {path} mixes tile sizes {sizes}; tile the slide with one --tile-size")
+    _check_inside(table, path, slide, width, height)
     return table.assign(slide_path=str(slide))
 
 

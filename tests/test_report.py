@@ -495,9 +495,11 @@ def test_a_dataset_computed_in_mixed_precisions_is_flagged(frames, tmp_path):
     result = report.write_report(paths, tmp_path / "report")
     mixed = [n for n in result.notes if "mixes precisions" in n]
     assert mixed == [
-        "camelyon16 / resnet18 mixes precisions (fp32: 1 slide(s), bf16: 1 slide(s); see the precision table): "
-        "its slides' maps and TV differ by that arithmetic too; on a cluster of mixed CPUs set "
-        "saliency.precision to fp32 or bf16 instead of auto."
+        (
+            "camelyon16 / resnet18 mixes precisions (fp32: 1 slide(s), bf16: 1 slide(s); see the precision "
+            "table): its slides' maps and TV differ by that arithmetic too; on a cluster of mixed CPUs set "
+            "saliency.precision to fp32 or bf16 instead of auto."
+        )
     ]
     table = pd.read_csv(tmp_path / "report" / "tables" / "precision.csv").set_index("slide_id")
     assert table.loc["tumor_a", ["precision", "requested", "device"]].tolist() == ["fp32", "auto", "AMD EPYC"]

@@ -509,3 +509,74 @@ def test_bf16_run_checks_itself_and_the_report_flags_cells_beyond_the_gates(
     assert "Low-precision check against fp32" in page and page.count("<strong>✗") == len(missed)
     precision = pd.read_csv(tmp_path / "report" / "tables" / "precision.csv")
     assert precision["precision"].tolist() == ["bf16"] and precision["requested"].tolist() == ["bf16"]
+
+
+# --- tile tables that look valid but are not (issue 27, cases 2-4) ----------------------------------
+
+
+def _corrupt(table: pd.DataFrame, kind: str, rng: np.random.Generator, width: int, height: int):
+    """(corrupted table, its first bad row) for one seeded corruption of a valid tile table."""
+    t = table.copy()
+    i = int(rng.integers(len(t)))
+    if kind == "duplicated":  # a copy of row j inserted after row i ≥ j: the copy is the first bad row
+        j = int(rng.integers(i + 1))
+        t = pd.concat([t.iloc[: i + 1], t.iloc[[j]], t.iloc[i + 1 :]], ignore_index=True)
+        return t, i + 1
+    if kind == "float":
+        t["x"] = t["x"].astype(float)
+        t.loc[i, "x"] += float(rng.choice([0.5, 0.25, -0.5]))
+        return t, i
+    t = t.astype({"x": np.int64, "y": np.int64})
+    if kind == "shifted":  # half a tile or more past an edge
+        column, limit = ("x", width) if rng.integers(2) else ("y", height)
+        t.loc[i, column] = limit - int(t.loc[i, "w" if column == "x" else "h"]) // 2
+    else:  # "outside": negative or far beyond the slide
+        t.loc[i, "x" if rng.integers(2) else "y"] = int(rng.choice([-1, -64, 100000]))
+    return t, i
+
+
+def test_corrupted_tile_tables_are_refused_naming_the_first_bad_row(
+    cli, slide: Path, tiles: Path, tmp_path: Path
+):
+    """Seeded corruptions (duplicated, shifted past an edge, non-integer, outside the slide): saliency
+    refuses in one line naming the table and the first bad row, before computing anything."""
+    from smoothsal.slides import open_reader
+
+    reader = open_reader(slide)
+    width, height = reader.level_dimensions[0]
+    reader.close()
+    table = read_tile_table(tiles)
+    rng = np.random.default_rng(27)
+    for case in range(16):
+        kind = ("duplicated", "shifted", "float", "outside")[case % 4]
+        bad, first = _corrupt(table, kind, rng, width, height)
+        path = tmp_path / f"{case}-{kind}.parquet"
+        write_tile_table(bad, path)
+        code, _, err = run(cli, saliency_args(slide, path, tmp_path / str(case), "original"))
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1, (kind, err)
+        assert str(path) in lines[0] and f"row {first} " in lines[0], (kind, first, lines[0])
+        leftover = list((tmp_path / str(case)).glob("*original*"))
+        assert not leftover, leftover  # nothing computed, no store or table written
+
+
+def test_valid_tables_including_the_edge_tiles_tiles_emits_still_run(cli, slide: Path, tmp_path: Path):
+    """Controls: the whole grid of `tiles` reaches the slide's edges; its edge tiles and a shuffled,
+    integral-float copy run."""
+    from smoothsal.slides import open_reader
+
+    grid = tmp_path / "grid.parquet"
+    cli("tiles", slide, "--tile-size", "64", "--target-mpp", "4", "--min-tissue", "0", "--out", grid)
+    table = read_tile_table(grid)
+    reader = open_reader(slide)
+    width, height = reader.level_dimensions[0]
+    reader.close()
+    right, bottom = (table["x"] + table["w"]).idxmax(), (table["y"] + table["h"]).idxmax()
+    edge = table.loc[[right, bottom]].drop_duplicates(["x", "y"])
+    assert (edge["x"] + edge["w"]).max() > width - int(edge["w"].iloc[0])  # the last column of the grid
+    assert (edge["y"] + edge["h"]).max() > height - int(edge["h"].iloc[0])
+    control = tmp_path / "control.parquet"
+    write_tile_table(edge.sample(frac=1, random_state=0).astype({"x": float, "y": float}), control)
+    args = saliency_args(slide, control, tmp_path, "original", "--smoothgrad-samples", "0", "--workers", "0")
+    assert run(cli, args)[0] == 0
+    assert len(pd.read_parquet(tmp_path / "original.parquet")) == len(edge)
