@@ -105,6 +105,7 @@ def _load_state(model: nn.Module, path: Path, arch: str) -> None:
             f"checkpoint {path} holds no state dict (keys: {keys}); save it with torch.save(model.state_dict())"
         )
     state = _strip_prefixes(state, set(model.state_dict()))
+    _check_finite(state, path)
     expected = model.state_dict()
     wrong = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if wrong:
@@ -123,6 +124,18 @@ def _load_state(model: nn.Module, path: Path, arch: str) -> None:
             f"unexpected keys {_preview(result.unexpected_keys)}; "
             "check --arch / num_classes, or the checkpoint file"
         )
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or Inf weights: they give NaN logits, which argmax reads as class 0 and every measure
+    as 0 — results that look valid."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise BadCheckpoint(
+                f"checkpoint {path} has non-finite weights: {name} holds {count} NaN/Inf value(s) (the first "
+                "such tensor); the training diverged or the file is damaged: give a checkpoint of finite weights"
+            )
 
 
 def _unwrap_state(obj: object) -> dict[str, torch.Tensor] | None:

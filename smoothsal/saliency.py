@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import __version__
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
 from .deviation import GATES, deviation
-from .errors import BadOption, BadTable
+from .errors import BadInput, BadOption, BadTable
 from .files import output_locks
 from .hardware import hardware
 from .hooks import Hooks
@@ -281,6 +281,17 @@ def _check_sample(
     return {"precision": settings.precision, "tiles": len(sample), "gates": asdict(GATES), "cells": cells}
 
 
+def _check_finite(what: str, values: torch.Tensor, rows: pd.DataFrame) -> None:
+    """A NaN or Inf fails the job naming the slide and the first such tile (earlier batches stay done)."""
+    bad = ~torch.isfinite(values.detach()).flatten(1).all(dim=1).cpu()
+    if bool(bad.any()):
+        r = rows.iloc[int(bad.nonzero()[0, 0])]
+        raise BadInput(
+            f"saliency: slide {r['slide_id']} tile {int(r['tile'])} (x {r['x']}, y {r['y']}): the {what} are not "
+            "finite (NaN/Inf); check the model's weights and that tile; finished batches are kept (a rerun resumes)"
+        )
+
+
 def _batch(
     settings: SaliencySettings,
     models: _Models,
@@ -295,12 +306,15 @@ def _batch(
     out = original if settings.method == "original" else forward(models.method, x, settings.precision)
     if settings.task == "classification":
         original, out = class_logits(original), class_logits(out)
+    _check_finite("logits of the original model", original, rows)
+    _check_finite(f"logits of the {settings.method} model", out, rows)
     target = choose_targets(original, labels, settings.target, task=settings.task, majority=majority)
     maps = _maps(settings, models, x, rows, target, max_batch, settings.precision)
     summed, tv = {}, {}
     for a in settings.attributions:
         for layer in models.layers:
             z = maps[a][layer]
+            _check_finite(f"{a} maps at {layer}", z, rows)
             tv[f"tv/{a}/{layer}"] = total_variation(z).cpu().numpy().astype(np.float64)
             summed[(a, layer)] = z.sum(dim=1).float().cpu().numpy()
     preds = prediction_columns(settings.task, original.cpu(), out.cpu(), labels, target, majority)

@@ -580,3 +580,37 @@ def test_valid_tables_including_the_edge_tiles_tiles_emits_still_run(cli, slide:
     args = saliency_args(slide, control, tmp_path, "original", "--smoothgrad-samples", "0", "--workers", "0")
     assert run(cli, args)[0] == 0
     assert len(pd.read_parquet(tmp_path / "original.parquet")) == len(edge)
+
+
+def test_non_finite_weights_and_values_are_refused(cli, slide: Path, tiles: Path, tmp_path: Path):
+    """Issue 27 case 1: a NaN or Inf weight is refused when the checkpoint is loaded, naming the file and
+    the tensor; finite weights that overflow to Inf logits fail the job naming the slide and tile."""
+    import torchvision
+
+    few = tmp_path / "few.parquet"
+    write_tile_table(read_tile_table(tiles).head(3), few)
+    state = torchvision.models.resnet18(num_classes=2).state_dict()
+    for name, value in (("nan", float("nan")), ("inf", float("inf"))):
+        broken = {k: v.clone() for k, v in state.items()}
+        broken["layer2.0.conv1.weight"][0, 0, 0, 0] = value
+        checkpoint = tmp_path / f"{name}.pt"
+        torch.save(broken, checkpoint)
+        code, _, err = run(
+            cli, [*saliency_args(slide, few, tmp_path / name, "original"), "--checkpoint", str(checkpoint)]
+        )
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert str(checkpoint) in err and "layer2.0.conv1.weight" in err and "non-finite" in err
+        assert not list((tmp_path / name).glob("original*"))
+    huge = {k: v.clone() for k, v in state.items()}
+    huge["fc.weight"].fill_(3e38)  # finite, but the logits overflow
+    checkpoint = tmp_path / "huge.pt"
+    torch.save(huge, checkpoint)
+    args = [
+        *saliency_args(slide, few, tmp_path / "huge", "original", "--batch-size", "1"),
+        "--checkpoint",
+        str(checkpoint),
+    ]
+    code, _, err = run(cli, args)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "slide CMU-1-Small-Region tile 0 " in err and "not finite" in err
+    assert not (tmp_path / "huge" / "original.parquet").exists()

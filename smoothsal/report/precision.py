@@ -103,7 +103,12 @@ def _check_table(runs: pd.DataFrame) -> Table | None:
         f"{GATES.deeplift_relative_error}). ✗ marks a cell that misses one: read those maps with care."
     )
     return Table(
-        "precision_check", "Low-precision check against fp32", data, display_labels(cells), display_labels(marked), note
+        "precision_check",
+        "Low-precision check against fp32",
+        data,
+        display_labels(cells),
+        display_labels(marked),
+        note,
     )
 
 
