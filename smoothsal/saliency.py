@@ -187,12 +187,36 @@ def _forward_layers(
     }
 
 
+def _map_size(model: nn.Module, module: str, size: int, device: torch.device) -> int:
+    """The smaller side of ``module``'s output on a ``size``-px input (0 where the model cannot take it)."""
+    found: list[int] = []
+    with Hooks() as hooks, torch.no_grad():
+        hooks.forward(model.get_submodule(module), lambda _m, _i, out: found.append(min(out.shape[-2:])))
+        try:
+            model(torch.zeros(1, 3, size, size, device=device))
+        except RuntimeError:  # too small for a pooling window or a valid conv
+            return 0
+    return found[0]
+
+
+def _smallest_tile(model: nn.Module, module: str, size: int, device: torch.device) -> int:
+    """The smallest tile size at which ``module`` gives maps of at least 2×2 (doubling, then bisection)."""
+    low, high = size, 2 * size
+    while _map_size(model, module, high, device) < 2:
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if _map_size(model, module, mid, device) >= 2 else (mid, high)
+    return high
+
+
 def _load_models(
     settings: SaliencySettings,
     checkpoint: Path | None,
     surrogate: Path | None,
     tile_size: int,
     device: torch.device,
+    tiles: Path,
 ) -> tuple[_Models, object]:
     model, paths, norm = load_with_surrogate(
         settings.arch, num_classes=settings.num_classes, checkpoint=checkpoint, surrogate=surrogate,
@@ -206,6 +230,14 @@ def _load_models(
         model, settings.method, surrogate=paths if settings.method == "surrogate" else None, example=example
     )
     order, shapes = _forward_layers(method, modules, example)
+    small = [k for k in order if min(shapes["layers"][k][1:]) < 2]
+    if small:
+        h, w = shapes["layers"][small[0]][1:]
+        need = _smallest_tile(method, modules[small[0]], tile_size, device)
+        raise BadOption(
+            f"layer {small[0]!r} gives {h}×{w} maps on the {tile_size}-px tiles of {tiles}: a map needs at least "
+            f"2×2 (TV, heatmaps); tile the slide with --tile-size {need} or more, or leave {small[0]} out"
+        )
     check_task(settings.task, shapes["output"], settings.arch)
     return _Models(model, method, {k: modules[k] for k in order}, shapes["layers"]), norm
 
@@ -397,7 +429,7 @@ def _run(
     arithmetic_of(settings.precision, device)  # tf32 off CUDA fails here, before any work
     n = len(table)
     tile_size = int(table["tile_size"].iloc[0]) if n else _EMPTY_EXAMPLE
-    models, norm = _load_models(settings, checkpoint, surrogate, tile_size, device)
+    models, norm = _load_models(settings, checkpoint, surrogate, tile_size, device, Path(tiles))
     layers = list(models.layers)
     slide_id = str(table["slide_id"].iloc[0]) if n else Path(slide).stem
     meta = {

@@ -614,3 +614,16 @@ def test_non_finite_weights_and_values_are_refused(cli, slide: Path, tiles: Path
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "slide CMU-1-Small-Region tile 0 " in err and "not finite" in err
     assert not (tmp_path / "huge" / "original.parquet").exists()
+
+
+def test_tiles_too_small_for_a_layer_are_refused_naming_the_smallest_size(cli, slide: Path, tmp_path: Path):
+    """Issue 27 case 8: 16-px tiles give 1×1 maps at layer3 (TV 0.0 written as a result before)."""
+    small = tmp_path / "t16.parquet"
+    cli("tiles", slide, "--tile-size", "16", "--max-tiles", "2", "--out", small)
+    code, _, err = run(cli, saliency_args(slide, small, tmp_path, "original"))
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    # ResNet sides with padding 1: 17 → 9 (stem) → 5 (max pool) → 3 (layer2) → 2 (layer3); 16 → … → 1
+    assert "layer 'layer3' gives 1×1 maps" in err and "--tile-size 17 or more" in err and str(small) in err
+    args = saliency_args(slide, small, tmp_path, "original")
+    args[args.index("--layers") + 1 : args.index("--layers") + 4] = ["layer1", "layer2"]
+    assert run(cli, args)[0] == 0  # layer2 is 2×2 on 16-px tiles
