@@ -517,6 +517,19 @@ def test_sample_sheet_errors_name_the_sheet(tmp_path: Path, slides_dir: Path) ->
     assert "'test' is not one of" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("mpp", ["0", "0.0", "-0.5", "half"])
+def test_sample_sheet_mpp_must_be_a_positive_number(tmp_path: Path, slides_dir: Path, mpp: str) -> None:
+    """Issue 27 case 9: mpp 0 passed the dry run and then failed the job naming --mpp, a flag the user
+    never typed; now the dry run names the sheet, the line and the column."""
+    write_sheet(tmp_path / "s.tsv", [{"slide_id": "cmu", "path": str(slides_dir / "CMU-1-Small-Region.svs"),
+                                      "split": "eval", "mpp": mpp}])  # fmt: skip
+    write_config(
+        tmp_path, tiny_config({"c16": {"slides": "s.tsv", "model": {"arch": "resnet18", "num_classes": 2}}})
+    )
+    error_line(snakemake(tmp_path, "--dry-run", check=False), "sample sheet s.tsv", f"'{mpp}' does not match",
+               "(at line 2, column mpp)")  # fmt: skip
+
+
 def test_glob_dataset_finds_slides_and_annotations(tmp_path: Path, slides_dir: Path) -> None:
     """A dataset given as a glob: slide id = file name, annotation by pattern where it exists, train split."""
     folder = tmp_path / "slides"
