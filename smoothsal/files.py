@@ -52,6 +52,7 @@ __all__ = [
     "output_locks",
     "partial_paths",
     "read_marker",
+    "refuse_non_file",
     "replace_dir",
     "writable",
 ]
@@ -79,8 +80,7 @@ class OutputKind:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path``; it becomes ``path`` only if the block completes."""
     path = Path(path)
-    if path.is_dir():
-        raise BadOutput(f"{path} is a directory; give a file path inside it, e.g. {path / 'out'}")
+    refuse_non_file(path)
     with writable(path):
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{_MARK}{os.getpid()}")
@@ -105,15 +105,33 @@ def writable(path: Path) -> Iterator[None]:
         raise BadOutput(f"{path}: cannot be written ({reason}); give an --out you may write to") from err
 
 
+def _sibling(path: Path) -> Path:
+    """A file path beside ``path`` with the same suffixes: ``a.geojson.gz`` → ``a-new.geojson.gz``."""
+    base, dot, rest = path.name.partition(".")
+    return path.with_name(f"{base or path.name}-new{dot}{rest}" if base else f"{path.name}-new")
+
+
+def refuse_non_file(path: Path, option: str = "--out") -> None:
+    """The one rule for every single-file output: a link there (to a file or not) is neither written
+    through nor replaced, and a directory is never replaced; one line naming it and a path that works."""
+    if path.is_symlink():
+        raise BadOutput(
+            f"{path} is a link (to {os.readlink(path)}); smoothsal neither writes through nor replaces links: "
+            f"give another file path for {option}, e.g. {_sibling(path)}"
+        )
+    if path.is_dir():
+        raise BadOutput(
+            f"{path} is a directory; give a file path inside it for {option}, e.g. {path / 'out'}"
+        )
+
+
 def check_file_out(*paths: str | Path | None, option: str = "--out") -> None:
     """Before any work: each single-file output may be written (a directory or a link there is refused,
     never replaced; its folder can be created and written). A file there is replaced atomically: single
     files are replaced whole, folders never (see the module doc)."""
     for path in filter(None, paths):
         path = Path(path)
-        if path.is_dir() or path.is_symlink():
-            kind = "a link" if path.is_symlink() else "a directory"
-            raise BadOutput(f"{path} is {kind}; give a file path for {option}, e.g. {path / 'out'}")
+        refuse_non_file(path, option)
         folder = path.parent  # made when the output is written: bad input leaves no empty folder behind
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent

@@ -196,3 +196,33 @@ def test_real_container_geojson_and_ome_tiff_at_the_slides_physical_size(slides_
         # the extent is the slide's, to within one pixel of the exported image
         assert 0 <= size_x - width * mpp < pixels["PhysicalSizeX"] + 1e-6, (image, size_x, width * mpp)
         assert 0 <= size_y - height * mpp < pixels["PhysicalSizeY"] + 1e-6, (image, size_y, height * mpp)
+
+
+def test_an_output_that_is_a_link_is_refused_and_kept(cli, hot, tmp_path):
+    """Issue 27 cases 10 and 14: `export --out L.geojson` where L is the user's link to an earlier
+    export replaced the link by a file; `tiles --out link.parquet` suggested a path inside the link.
+    Every single-file output now refuses a link in one place, suggesting a path that works."""
+    container, _ = hot
+    earlier = tmp_path / "earlier.geojson"
+    cli("export", container, "--map", "m/gradient/layer1", "--out", earlier)
+    before = earlier.read_bytes()
+    link = tmp_path / "L.geojson"
+    link.symlink_to(earlier)
+    err = cli("export", container, "--map", "m/gradient/layer1", "--out", link, expect=1).err.strip()
+    assert len(err.splitlines()) == 1 and f"{link} is a link (to {earlier})" in err
+    assert f"e.g. {tmp_path / 'L-new.geojson'}" in err
+    assert link.is_symlink() and earlier.read_bytes() == before
+    cli("export", container, "--map", "m/gradient/layer1", "--out", tmp_path / "L-new.geojson")
+    assert (tmp_path / "L-new.geojson").is_file()  # the suggestion works
+
+
+def test_tiles_out_link_suggests_a_path_that_works(cli, slides_dir, tmp_path):
+    target = tmp_path / "real.parquet"
+    target.write_bytes(b"mine")
+    link = tmp_path / "link.parquet"
+    link.symlink_to(target)
+    slide = slides_dir / "CMU-1-Small-Region.svs"
+    err = cli("tiles", slide, "--tile-size", "64", "--max-tiles", "2", "--out", link, expect=1).err.strip()
+    assert len(err.splitlines()) == 1 and "link.parquet/out" not in err
+    assert f"e.g. {tmp_path / 'link-new.parquet'}" in err and target.read_bytes() == b"mine"
+    cli("tiles", slide, "--tile-size", "64", "--max-tiles", "2", "--out", tmp_path / "link-new.parquet")
