@@ -10,6 +10,8 @@ into this family with the file's name.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "BadAnnotation",
     "BadCheckpoint",
@@ -23,6 +25,7 @@ __all__ = [
     "SmoothsalError",
     "from_worker",
     "one_line",
+    "plain",
 ]
 
 
@@ -66,9 +69,17 @@ class BadOutput(SmoothsalError, OSError):
     """An output that is refused (not ours to replace), unwritable or locked."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal colour and cursor codes (CSI sequences)
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal escape sequences (torch colours parts of its messages)."""
+    return _ANSI.sub("", text)
+
+
 def one_line(err: BaseException) -> str:
-    """A third-party error's message on one line (its type's name when it has none)."""
-    return " ".join(str(err).split()) or type(err).__name__
+    """A third-party error's message on one line, without terminal escapes (its type's name when empty)."""
+    return " ".join(plain(str(err)).split()) or type(err).__name__
 
 
 def from_worker(err: SmoothsalError) -> SmoothsalError:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .architectures import ARCHITECTURES, check_arch
-from .errors import BadCheckpoint, BadOption, MissingInput, one_line
+from .errors import BadCheckpoint, BadOption, MissingInput, one_line, plain
 from .files import atomic_path
 from .hooks import Hooks
 
@@ -204,7 +204,8 @@ def load_torch_file(path: Path, what: str, fix: str = "save it with torch.save(s
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises anything from pickle, zipfile and its own checks
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = plain(str(err)).strip()
+        first = " ".join(text.splitlines()[0].split()) if text else type(err).__name__
         raise BadCheckpoint(f"{what} {path} could not be read as a torch file ({first}); {fix}") from err
 
 

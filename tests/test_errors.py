@@ -49,3 +49,22 @@ def test_an_error_from_a_worker_process_comes_back_with_its_own_message():
     assert str(original) == "/data/a.svs: tile data at level 0, (0, 0) cannot be read; re-copy it"
     plain = errors.BadTable("t.parquet: no tiles")
     assert errors.from_worker(plain) is plain
+
+
+def test_terminal_escapes_never_reach_a_message(cli, tmp_path, tiles_dir):
+    """Issue 27 case 15: torch colours parts of its messages; a one-line error quoting them is plain."""
+    import torchvision
+
+    coloured = RuntimeError(
+        "Weights only load failed, \x1b[1mdo those steps only if you trust it\x1b[0m.\nmore"
+    )
+    assert errors.one_line(coloured) == "Weights only load failed, do those steps only if you trust it. more"
+    assert errors.plain("\x1b[31;1mred\x1b[0m \x1b[?25hcursor") == "red cursor"
+    whole = tmp_path / "whole.pt"
+    torch.save(
+        torchvision.models.resnet18(num_classes=2), whole
+    )  # a pickled module: torch's coloured refusal
+    tile = min(tiles_dir.glob("*.png"))
+    err = cli("compare", tile, "--arch", "resnet18", "--num-classes", "2", "--checkpoint", whole,
+              "--out", tmp_path / "c.png", expect=1).err  # fmt: skip
+    assert len(err.strip().splitlines()) == 1 and str(whole) in err and "\x1b" not in err
