@@ -111,9 +111,33 @@ def _sibling(path: Path) -> Path:
     return path.with_name(f"{base or path.name}-new{dot}{rest}" if base else f"{path.name}-new")
 
 
+_PID_DIGITS = 7  # Linux pids stay below 2**22 (4194304)
+
+
+def check_name_length(path: Path) -> None:
+    """Before any work: the output's name and the hidden siblings written beside it (``.NAME.partial-PID``,
+    ``.NAME.lock``) fit the file system's limit on a name (255 bytes on most)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(f".{path.name}{_MARK}".encode()) + _PID_DIGITS
+    if longest > limit:
+        raise BadOutput(
+            f"{path}: its name is {len(path.name.encode())} bytes and the hidden temporary written beside it "
+            f"(.NAME{_MARK}PID) {longest}, over the file system's limit of {limit} bytes per name; give a name "
+            f"of at most {limit - longest + len(path.name.encode())} bytes"
+        )
+
+
 def refuse_non_file(path: Path, option: str = "--out") -> None:
     """The one rule for every single-file output: a link there (to a file or not) is neither written
-    through nor replaced, and a directory is never replaced; one line naming it and a path that works."""
+    through nor replaced, and a directory is never replaced; one line naming it and a path that works.
+    Its name must fit the file system with the temporary beside it (`check_name_length`)."""
+    check_name_length(path)
     if path.is_symlink():
         raise BadOutput(
             f"{path} is a link (to {os.readlink(path)}); smoothsal neither writes through nor replaces links: "
@@ -185,6 +209,7 @@ def check_replaceable(path: str | Path, kind: OutputKind) -> None:
     """Raise `BadOutput` unless ``path`` is absent, holds nothing (no file or link at any depth: Snakemake
     creates the folders of a rule's outputs before the job), or carries ``kind``'s marker."""
     path = Path(path)
+    check_name_length(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise BadOutput(
             f"{path} exists and is not a directory that `{kind.command}` wrote; give a new --out or "
@@ -243,6 +268,7 @@ def output_lock(path: str | Path) -> Iterator[Path]:
     that opened the removed file finds it gone and takes the new one), so a finished output leaves
     none; a killed writer's stays, unlocked, and the next writer reuses it."""
     path = Path(path)
+    check_name_length(path)
     lock = lock_path(path)
     fd = _locked_fd(path, lock)
     try:

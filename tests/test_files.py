@@ -375,3 +375,36 @@ def test_case_14_a_full_disk_is_one_line_naming_the_output_not_a_hidden_temporar
         rf"smoothsal {name}: error: {tmp_path}/[^/ ]+: cannot be written \(File too large\); .*", err
     )
     assert ".partial" not in err and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_names_too_long_for_the_file_system_are_refused_before_any_work(cli, slides_dir, tmp_path):
+    """Issue 27 case 13: an output name whose hidden temporary (.NAME.partial-PID) passes 255 bytes gave
+    21-59-line OSError tracebacks; now one line naming the path and the limit, before any work."""
+    slide = slides_dir / "CMU-1-Small-Region.svs"
+    for length in (250, 240):  # too long itself / fine itself but not with the temporary's 17 more bytes
+        out = tmp_path / ("t" * (length - len(".parquet")) + ".parquet")
+        err = cli("tiles", slide, "--tile-size", "64", "--max-tiles", "2", "--out", out, expect=1).err.strip()
+        assert len(err.splitlines()) == 1 and str(out) in err and "limit of 255 bytes" in err, err
+        assert not list(tmp_path.iterdir())
+    fits = tmp_path / ("t" * (255 - 17 - len(".parquet")) + ".parquet")  # 238 + 17 = 255 bytes
+    cli(
+        "tiles",
+        slide,
+        "--tile-size",
+        "64",
+        "--max-tiles",
+        "2",
+        "--out",
+        fits,
+        "--overview",
+        tmp_path / "o.png",
+    )
+    assert fits.is_file()
+    store = tmp_path / ("s" * 245 + ".zarr")  # directory outputs and their locks: the same check
+    with pytest.raises(BadOutput, match="limit of 255 bytes"):
+        files.check_replaceable(
+            store, files.OutputKind("saliency-store", "smoothsal saliency", format=1, zarr=True)
+        )
+    with pytest.raises(BadOutput, match="limit of 255 bytes"), files.output_lock(store):
+        pass
+    assert not store.exists() and not list(tmp_path.glob(".s*"))
