@@ -33,6 +33,7 @@ from .annotations.masks import tile_label_mask
 from .attribution import SmoothGrad
 from .errors import BadOption, BadStore, BadTable
 from .faithfulness_tables import write_faithfulness
+from .killpoints import kill_point
 from .metrics import region_fraction, relevance_mass
 from .models import Normalize, weights_sha256
 from .perturbation import BASELINES, PerturbationSettings, deletion_insertion, upsample_maps
@@ -392,6 +393,7 @@ def run_faithfulness(
             r, rr = _chunk(job, x, part, Path(tiles))
             rows += r
             random_rows += rr
+            kill_point("faithfulness.batch")  # tests: a real interruption after N batches
     slide_id = str(opened.meta["slide_id"])
     meta = {
         "version": __version__, "slide_id": slide_id, "dataset": options.dataset, "method": method,

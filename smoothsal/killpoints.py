@@ -1,7 +1,8 @@
 """A test-only kill switch: ``kill_point(name)`` SIGKILLs this process at the N-th time it is reached
 when the environment says ``SMOOTHSAL_KILL_AT="name=N"`` (several as ``a=2,b=5``); ``name=N/stop``
 sends SIGSTOP instead, freezing the process there until a SIGCONT (the concurrency tests freeze a
-first writer holding its lock, run a second, then let the first finish).
+first writer holding its lock, run a second, then let the first finish); ``name=N/int`` sends SIGINT
+once, a real Ctrl-C at a known moment.
 
 The resume tests need a real, uncatchable interruption at a known moment (after a checkpoint, mid-way
 through the saliency batches or the stitched blocks); an environment variable gives them that without
@@ -9,7 +10,8 @@ threading debug parameters through public signatures. Without the variable a kil
 
 Kill points: ``surrogate.step`` (after each optimiser step, every process), ``saliency.batch`` (after a
 batch is recorded), ``saliency.finish`` (between moving the store and the table into place),
-``heatmaps.block`` (after a stitched block is written), ``files.locked`` (an output's lock just taken).
+``heatmaps.block`` (after a stitched block is written), ``faithfulness.batch`` (after a batch of sampled
+tiles), ``files.locked`` (an output's lock just taken).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = ["ENV", "kill_point"]
 
 ENV = "SMOOTHSAL_KILL_AT"
 _hits: Counter[str] = Counter()
+_SIGNALS = {"": signal.SIGKILL, "stop": signal.SIGSTOP, "int": signal.SIGINT}
 
 
 @functools.cache
@@ -33,17 +36,17 @@ def _limits(spec: str) -> dict[str, tuple[int, signal.Signals]]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, count = item.partition("=")
         count, _, how = count.strip().partition("/")
-        if not name or not count.isdigit() or int(count) < 1 or how not in ("", "stop"):
+        if not name or not count.isdigit() or int(count) < 1 or how not in _SIGNALS:
             raise BadOption(
-                f"{ENV}={spec!r}: cannot read {item!r}; write NAME=N or NAME=N/stop (N >= 1), e.g. "
-                "saliency.batch=2"
+                f"{ENV}={spec!r}: cannot read {item!r}; write NAME=N, NAME=N/stop or NAME=N/int (N >= 1), "
+                "e.g. saliency.batch=2"
             )
-        limits[name.strip()] = (int(count), signal.SIGSTOP if how else signal.SIGKILL)
+        limits[name.strip()] = (int(count), _SIGNALS[how])
     return limits
 
 
 def kill_point(name: str) -> None:
-    """SIGKILL (or SIGSTOP) this process at the N-th call with ``name`` if ``SMOOTHSAL_KILL_AT`` asks."""
+    """SIGKILL (SIGSTOP, SIGINT) this process at the N-th call with ``name`` if ``SMOOTHSAL_KILL_AT`` asks."""
     spec = os.environ.get(ENV)
     if not spec:
         return

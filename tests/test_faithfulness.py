@@ -199,3 +199,22 @@ def test_segmentation_scores_the_target_pixels(cli, demo_dir, demo_tiles, tmp_pa
     assert len(got.tiles) == 3 * 2 and set(got.tiles["region"]) <= {"mask", "predicted", "all"}
     assert got.tiles[["deletion_auc", "insertion_auc"]].stack().between(0, 1).all()
     assert got.randomisation["randomised"].iloc[0] == "head" and got.randomisation["spearman"].notna().any()
+
+
+def test_ctrl_c_leaves_no_table_and_the_rerun_equals_an_uninterrupted_run(cli, tumour, faith, tmp_path):
+    """Issue 27 case 12: a real SIGINT after the first batch of sampled tiles: one line, exit 130, no
+    table written; the rerun's tables equal the uninterrupted run's (the module's `faith`) exactly."""
+    args = faithfulness_args(tumour, "original", "--batch-size", "1")
+    args[args.index("--out") + 1] = tmp_path / "f.parquet"
+    args[args.index("--randomisation-out") + 1] = tmp_path / "r.parquet"
+    interrupted = cli.process(*args, kill_at="faithfulness.batch=1/int")
+    lines = interrupted.stderr.strip().splitlines()
+    assert interrupted.returncode == 130 and len(lines) == 1, interrupted.stderr
+    assert lines[0].startswith("smoothsal faithfulness: interrupted: nothing is left half-written")
+    assert not (tmp_path / "f.parquet").exists() and not (tmp_path / "r.parquet").exists()
+    cli(*args)
+    for ours, theirs in (("f.parquet", "f_original.parquet"), ("r.parquet", "r_original.parquet")):
+        a, b = (pd.read_parquet(p) for p in (tmp_path / ours, tumour["out"] / theirs))
+        keys = [c for c in a.columns if not isinstance(a[c].iloc[0], np.ndarray)]  # curves are arrays
+        a, b = (t.sort_values(keys, kind="stable").reset_index(drop=True) for t in (a, b))
+        pd.testing.assert_frame_equal(a, b, check_exact=True)  # rows come in batch order: sorted

@@ -463,3 +463,48 @@ def test_out_that_is_no_container_is_refused_not_deleted(cli, cmu, grid, tmp_pat
     cli(*again)
     cli(*again)
     assert_valid_ngff(out)
+
+
+def test_ctrl_c_says_nothing_was_left_and_the_rerun_equals_an_uninterrupted_run(cli, cmu, grid, tmp_path):
+    """Issue 27 case 12: a real SIGINT after the first stitched block: one line, exit 130, no container
+    and no temporary left; the rerun's container equals an uninterrupted one array for array."""
+    tiles, table = grid
+    store = write_store(tmp_path / "original.zarr", table, "original", random_maps(table))
+
+    def cmd(out: Path) -> list:
+        return [
+            "heatmaps",
+            cmu,
+            "--saliency",
+            store,
+            "--tiles",
+            tiles,
+            "--chunk",
+            "256",
+            "--out",
+            out,
+            "--no-progress",
+        ]
+
+    out = tmp_path / "s.ome.zarr"
+    interrupted = cli.process(*cmd(out), kill_at="heatmaps.block=1/int")
+    lines = interrupted.stderr.strip().splitlines()
+    assert interrupted.returncode == 130 and len(lines) == 1, interrupted.stderr
+    assert lines[0].startswith("smoothsal heatmaps: interrupted: nothing is left half-written")
+    assert not out.exists() and files.partial_paths(out) == []
+    cli(*cmd(out))
+    cli(*cmd(tmp_path / "whole.ome.zarr"))
+    a, b = zarr.open_group(out, mode="r"), zarr.open_group(tmp_path / "whole.ome.zarr", mode="r")
+    compared = 0
+    for path in _array_paths(b):
+        assert np.array_equal(a[path][...], b[path][...], equal_nan=True), path
+        compared += 1
+    assert compared >= 2
+
+
+def _array_paths(group, prefix: str = "") -> list[str]:
+    """Every array's path in a Zarr group, depth first."""
+    paths = [f"{prefix}{name}" for name, _ in group.arrays()]
+    for name, sub in group.groups():
+        paths += _array_paths(sub, f"{prefix}{name}/")
+    return paths

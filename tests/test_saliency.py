@@ -627,3 +627,32 @@ def test_tiles_too_small_for_a_layer_are_refused_naming_the_smallest_size(cli, s
     args = saliency_args(slide, small, tmp_path, "original")
     args[args.index("--layers") + 1 : args.index("--layers") + 4] = ["layer1", "layer2"]
     assert run(cli, args)[0] == 0  # layer2 is 2×2 on 16-px tiles
+
+
+def test_ctrl_c_keeps_the_finished_batches_and_the_rerun_equals_an_uninterrupted_run(
+    cli, slide: Path, tiles: Path, tmp_path: Path
+):
+    """Issue 27 case 12: Ctrl-C (a real SIGINT after the first batch) prints one line saying what was kept
+    and how to resume, exits 130; the rerun resumes and equals an uninterrupted run bit for bit."""
+    extra = ("--workers", "0", "--batch-size", "4", "--smoothgrad-samples", "1")
+    args = saliency_args(slide, tiles, tmp_path / "a", "original", *extra)
+    interrupted = cli.process(*args, kill_at="saliency.batch=1/int")
+    lines = interrupted.stderr.strip().splitlines()
+    assert interrupted.returncode == 130 and len(lines) == 1, interrupted.stderr
+    assert (
+        lines[0].startswith("smoothsal saliency: interrupted: the finished batches are kept")
+        and "resume" in lines[0]
+    )
+    out = tmp_path / "a" / "original.zarr"
+    assert json.loads((store.partial_dir(out) / "progress.json").read_text())["batches"] == [[0, 4]]
+    rc, stdout, _ = run(cli, args)
+    assert rc == 0 and "resumed at tile 4" in stdout
+    assert run(cli, saliency_args(slide, tiles, tmp_path / "b", "original", *extra))[0] == 0
+    (_, resumed), (_, whole) = read_store(out), read_store(tmp_path / "b" / "original.zarr")
+    assert resumed.keys() == whole.keys()
+    assert all(np.array_equal(resumed[k], whole[k], equal_nan=True) for k in whole)
+    a, b = (
+        pd.read_parquet(tmp_path / "a" / "original.parquet"),
+        pd.read_parquet(tmp_path / "b" / "original.parquet"),
+    )
+    pd.testing.assert_frame_equal(a, b, check_exact=True)

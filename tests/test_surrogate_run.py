@@ -365,3 +365,25 @@ def test_convergence_flags_reach_the_settings_and_bad_ones_are_one_line(
         assert err.startswith("smoothsal train-surrogate: error:") and len(err.splitlines()) == 1, err
         assert all(w in err for w in words), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_the_rerun_equals_an_uninterrupted_run(
+    cli, rising_surrogate: Path, surrogate_tiles: Path, surrogate_model: Path, surrogate_dir: Path
+) -> None:
+    """Issue 27 case 12: a real SIGINT after step 5 (checkpoints every 2 steps): one line saying the
+    training state is kept and how to resume, exit 130; the rerun resumes at step 4 and ends as an
+    uninterrupted run."""
+    out = surrogate_dir / "ctrl-c" / "surrogate.pt"
+    interrupted = _train(
+        cli, surrogate_tiles, surrogate_model, out, None, *RISING, kill_at="surrogate.step=5/int"
+    )
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "Traceback" not in interrupted.stderr and "KeyboardInterrupt" not in interrupted.stderr
+    said = [line for line in interrupted.stderr.splitlines() if "interrupted" in line]
+    assert said == [said[0]] and said[0].startswith(
+        "smoothsal train-surrogate: interrupted: the training state"
+    )
+    assert not out.exists() and out.with_name("surrogate.state.pt").is_file()
+    resumed = _ok(_train(cli, surrogate_tiles, surrogate_model, out, None, *RISING))
+    assert "(resumed at step 4)" in resumed.stdout
+    _same_result(rising_surrogate, out)

@@ -2,8 +2,8 @@
 
 Each subcommand parses its arguments (defaults from the library's settings dataclasses), calls one
 library entry point and prints what it wrote. A user-facing error (`smoothsal.errors.SmoothsalError`)
-is printed as one line, ``smoothsal COMMAND: error: …``, with exit status 1; anything else is a bug and
-shows its traceback.
+is printed as one line, ``smoothsal COMMAND: error: …``, with exit status 1; Ctrl-C as one line saying
+what was kept and how to go on, exit 130; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -66,4 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SmoothsalError as err:
         print(f"smoothsal {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what was kept and how to go on, not a traceback
+        print(
+            f"smoothsal {args.command}: interrupted: {command_module(args.command).COMMAND.interrupted}",
+            file=sys.stderr,
+        )
+        return 130
     return 0

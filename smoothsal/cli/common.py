@@ -12,10 +12,12 @@ __all__ = ["Command", "default", "model_args", "rgb", "stitch_inputs", "tuple_or
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its name and one-line help (its module's docstring is its description)."""
+    """A subcommand: its name and one-line help (its module's docstring is its description), and what a
+    Ctrl-C keeps and how to go on (printed on one line, exit 130)."""
 
     name: str
     help: str
+    interrupted: str = "nothing is left half-written (outputs appear only when complete); rerun the same command to start over"
 
 
 def default(cls: type, name: str) -> Any:

@@ -17,7 +17,10 @@ from ..smoothing import METHODS
 from .common import Command, default, model_args, tuple_or_none
 
 COMMAND = Command(
-    "saliency", "every layer × attribution map of every tile of one slide under one method (Zarr + Parquet)"
+    "saliency",
+    "every layer × attribution map of every tile of one slide under one method (Zarr + Parquet)",
+    "the finished batches are kept (in the hidden .OUT.partial beside --out); rerun the same command to "
+    "resume from them",
 )
 
 

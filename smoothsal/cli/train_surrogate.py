@@ -16,7 +16,10 @@ from ..surrogate_run import RunOptions, train_from_tables
 from .common import Command, default, model_args, tuple_or_none
 
 COMMAND = Command(
-    "train-surrogate", "train the bilinear surrogate paths of a model on tiles (multi-GPU: torchrun)"
+    "train-surrogate",
+    "train the bilinear surrogate paths of a model on tiles (multi-GPU: torchrun)",
+    "the training state of the last checkpoint is kept (--state; by default beside --out as NAME.state.pt); "
+    "rerun the same command to resume from it",
 )
 
 
