@@ -769,7 +769,7 @@ def test_slurm_runs_every_job_through_sbatch(tmp_path: Path, slides_dir: Path) -
     # gpu=2 → two torchrun workers (gloo on this GPU-less node)
     assert "2 process(es)" in (workdir / "results" / "logs" / "train_surrogate" / "c16.log").read_text()
 
-    fields = ["JobName", "Comment", "State", "ReqTRES", "AllocTRES"]
+    fields = ["JobName", "Comment", "State", "ReqTRES", "AllocTRES", "JobID"]
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-S", "now-1hours", "-o", ",".join(f"{f}%300" for f in fields)],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     jobs = [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.startswith(prefix)]
@@ -788,6 +788,12 @@ def test_slurm_runs_every_job_through_sbatch(tmp_path: Path, slides_dir: Path) -
         ]
     )
     assert {j["State"] for j in jobs} == {"COMPLETED"}
+    # gpu=2 runs as one task (plugin >= 2.7.1, tasks: 1 in the profile): its job step ran once, not per GPU
+    (surrogate_job,) = [j["JobID"] for j, rule in zip(jobs, rules, strict=True) if rule == "train_surrogate"]
+    steps = subprocess.run(["sacct", "-n", "-P", "-j", surrogate_job, "-o", "JobID,NTasks"],
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    ntasks = {step.split("|")[0]: step.split("|")[1] for step in steps}
+    assert ntasks.get(f"{surrogate_job}.0") == "1" and f"{surrogate_job}.1" not in ntasks, ntasks
     for j, rule in zip(jobs, rules):
         gpus = {"train_surrogate": 2, "saliency": 1}.get(rule)
         for tres in ("ReqTRES", "AllocTRES"):
