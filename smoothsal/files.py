@@ -144,9 +144,7 @@ def refuse_non_file(path: Path, option: str = "--out") -> None:
             f"give another file path for {option}, e.g. {_sibling(path)}"
         )
     if path.is_dir():
-        raise BadOutput(
-            f"{path} is a directory; give a file path inside it for {option}, e.g. {path / 'out'}"
-        )
+        raise BadOutput(f"{path} is a directory; give a file path for {option}, e.g. {path / 'out'}")
 
 
 def check_file_out(*paths: str | Path | None, option: str = "--out") -> None:

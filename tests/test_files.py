@@ -36,7 +36,7 @@ def test_atomic_path_appears_only_when_the_block_completes(tmp_path):
         tmp.write_text("whole")
     assert out.read_text() == "whole" and files.partial_paths(out) == []
     with (
-        pytest.raises(BadOutput, match=r"is a directory; give a file path inside it"),
+        pytest.raises(BadOutput, match=r"is a directory; give a file path for --out, e.g. .*/out"),
         files.atomic_path(tmp_path),
     ):
         pass

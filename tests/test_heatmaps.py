@@ -301,13 +301,11 @@ def test_container_opens_in_ome_zarr_reader_at_the_slides_physical_size(cli, cmu
         assert pixels["PhysicalSizeX"] == pytest.approx(table["mpp"].iloc[0] * LAYERS["layer1"])
 
 
-def test_killed_job_leaves_no_container_and_a_rerun_completes_it(cli, cmu, grid, tmp_path):
-    tiles, table = grid
-    store = write_store(tmp_path / "original.zarr", table, "original", random_maps(table))
-    out = tmp_path / "s.ome.zarr"
-    cmd = [
+def stitch_command(slide: Path, store: Path, tiles: Path, out: Path) -> list:
+    """`smoothsal heatmaps` of one store in 256-px chunks (several blocks: room for an interruption)."""
+    return [
         "heatmaps",
-        cmu,
+        slide,
         "--saliency",
         store,
         "--tiles",
@@ -318,6 +316,13 @@ def test_killed_job_leaves_no_container_and_a_rerun_completes_it(cli, cmu, grid,
         out,
         "--no-progress",
     ]
+
+
+def test_killed_job_leaves_no_container_and_a_rerun_completes_it(cli, cmu, grid, tmp_path):
+    tiles, table = grid
+    store = write_store(tmp_path / "original.zarr", table, "original", random_maps(table))
+    out = tmp_path / "s.ome.zarr"
+    cmd = stitch_command(cmu, store, tiles, out)
     killed = cli.process(*cmd, kill_at="heatmaps.block=2")  # SIGKILLs itself after 2 stitched blocks
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()
@@ -470,30 +475,14 @@ def test_ctrl_c_says_nothing_was_left_and_the_rerun_equals_an_uninterrupted_run(
     and no temporary left; the rerun's container equals an uninterrupted one array for array."""
     tiles, table = grid
     store = write_store(tmp_path / "original.zarr", table, "original", random_maps(table))
-
-    def cmd(out: Path) -> list:
-        return [
-            "heatmaps",
-            cmu,
-            "--saliency",
-            store,
-            "--tiles",
-            tiles,
-            "--chunk",
-            "256",
-            "--out",
-            out,
-            "--no-progress",
-        ]
-
     out = tmp_path / "s.ome.zarr"
-    interrupted = cli.process(*cmd(out), kill_at="heatmaps.block=1/int")
+    interrupted = cli.process(*stitch_command(cmu, store, tiles, out), kill_at="heatmaps.block=1/int")
     lines = interrupted.stderr.strip().splitlines()
     assert interrupted.returncode == 130 and len(lines) == 1, interrupted.stderr
     assert lines[0].startswith("smoothsal heatmaps: interrupted: nothing is left half-written")
     assert not out.exists() and files.partial_paths(out) == []
-    cli(*cmd(out))
-    cli(*cmd(tmp_path / "whole.ome.zarr"))
+    cli(*stitch_command(cmu, store, tiles, out))
+    cli(*stitch_command(cmu, store, tiles, tmp_path / "whole.ome.zarr"))
     a, b = zarr.open_group(out, mode="r"), zarr.open_group(tmp_path / "whole.ome.zarr", mode="r")
     compared = 0
     for path in _array_paths(b):
