@@ -670,3 +670,43 @@ def test_case_17_view_stops_on_sigterm_listens_with_a_deep_backlog_and_serves_ti
 def test_case_14_a_port_out_of_range_is_one_line(cli, container: Path) -> None:
     err = cli("view", container, "--port", "99999", expect=1).err.strip()
     assert err == "smoothsal view: error: --port must lie in 0…65535 (0: any free port), got 99999"
+
+
+def test_a_container_deleted_or_replaced_under_the_viewer_is_said_so(
+    container: Path, browser: object, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 27 case 7: tiles of opened arrays answered 200 (stale) or 204 (drawn empty), grid.json an empty
+    list and an unopened level a 60-line KeyError. Now every data request answers 410 with a line the page
+    shows, and the server logs one line."""
+    for change in ("replaced", "deleted"):
+        store = tmp_path / change / "c.ome.zarr"
+        shutil.copytree(container, store)
+        page = viewer.Page(store)
+        image = next(i for i, e in enumerate(page.images) if e.kind != "tissue")
+        capsys.readouterr()
+        with running(viewer.make_server(page, port=0)) as url:
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            browser.get(url)
+            wait_ready(browser)
+            assert raw_get(port, f"/tiles/{image}/0/0/0.f32")[0] == 200
+            if change == "replaced":  # what `heatmaps` does: a new folder renamed over the old one
+                shutil.copytree(container, store.with_name("new.ome.zarr"))
+                shutil.rmtree(store)
+                store.with_name("new.ome.zarr").rename(store)
+            else:
+                shutil.rmtree(store)
+            last = len(page.images[image].levels) - 1
+            for target in (f"/tiles/{image}/0/0/0.f32", f"/tiles/{image}/{last}/0/0.f32", "/grid.json"):
+                status, body = raw_get(port, target)
+                assert (status, body) == (410, viewer.server.GONE), (change, target, status, body)
+            view = browser.execute_script("return smoothsal.view()")
+            browser.execute_script("smoothsal.setView(arguments[0], arguments[1], arguments[2])",
+                                   view["cx"] / 2, view["cy"] / 2, view["upp"] / 4)  # fmt: skip
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and "reload" not in browser.find_element("id", "status").text:
+                time.sleep(0.2)
+            assert browser.find_element("id", "status").text == viewer.server.GONE.decode().strip()
+        logged = [line for line in capsys.readouterr().err.splitlines() if "changed or was removed" in line]
+        assert logged == [f"smoothsal view: {store} changed or was removed; the page is told to reload"], (
+            logged
+        )

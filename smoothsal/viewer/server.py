@@ -4,8 +4,10 @@ URL ever becomes a file path), the Host header checked (DNS rebinding)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,6 +29,7 @@ STATIC_FILES = {
     "viewer.css": "text/css; charset=utf-8",
 }
 _TEXT = "text/plain; charset=utf-8"
+GONE = b"the container changed or was removed; reload the page\n"  # what the page shows on a 410
 _TILE_URL = re.compile(r"/tiles/(\d{1,4})/(\d{1,3})/(\d{1,7})/(\d{1,7})\.(jpg|f32)")
 
 
@@ -73,13 +76,20 @@ class _Handler(BaseHTTPRequestHandler):
         name = path.lstrip("/") or "index.html"
         if name in STATIC_FILES:
             return HTTPStatus.OK, (STATIC_DIR / name).read_bytes(), STATIC_FILES[name]
+        if self.server.gone():  # deleted or replaced since the page opened it: no stale or empty answer
+            return HTTPStatus.GONE, GONE, _TEXT
         if name == "manifest.json":
             return HTTPStatus.OK, self.server.manifest_bytes, "application/json"
         if name == "grid.json":
             return HTTPStatus.OK, page_json(page.grid()), "application/json"
         if name == "annotations.json":
             return HTTPStatus.OK, page_json(page.annotations()), "application/json"
-        return _tile(page, path)
+        try:
+            return _tile(page, path)
+        except (KeyError, OSError, ValueError):
+            if self.server.gone():  # changed while this tile was read
+                return HTTPStatus.GONE, GONE, _TEXT
+            raise  # anything else is a bug: its traceback
 
 
 def _forbidden(raw: str, path: str) -> bool:
@@ -116,6 +126,16 @@ def _tile(page: Page, path: str) -> tuple[int, bytes | None, str]:
     return HTTPStatus.OK, body, "image/jpeg" if info.kind == "tissue" else "application/octet-stream"
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The container folder's (device, inode): `heatmaps` replaces a container by renaming a new folder
+    over it, so a replaced container has another inode, a deleted one none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # one thread per connection, never waited for at exit
     request_queue_size = (
@@ -124,6 +144,20 @@ class _Server(ThreadingHTTPServer):
     page: Page
     manifest_bytes: bytes
     verbose: bool
+    identity: tuple[int, int] | None
+    said_gone: bool = False
+
+    def gone(self) -> bool:
+        """Whether the container was deleted or replaced since the server opened it (logged once)."""
+        path = self.page.container.path
+        if _identity(path) == self.identity:
+            return False
+        if not self.said_gone:
+            self.said_gone = True
+            print(
+                f"smoothsal view: {path} changed or was removed; the page is told to reload", file=sys.stderr
+            )
+        return True
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -147,6 +181,7 @@ def make_server(container: str | Path | Container | Page, port: int = 0, verbose
             f"cannot listen on {HOST}:{port} ({err.strerror}); pass another --port, or 0 for any"
         ) from None
     server.page, server.manifest_bytes, server.verbose = page, manifest, verbose
+    server.identity = _identity(page.container.path)
     return server
 
 

@@ -53,12 +53,22 @@
     document.body.dataset.pending = String(pending());
   }
 
+  let goneMessage = null; // set once the server says the container changed or was removed (HTTP 410)
+  function gone(text) {
+    goneMessage = text.trim();
+    $("status").textContent = goneMessage;
+    $("status").classList.add("gone");
+  }
+
   async function load(e) {
     inflight++;
     e.status = "loading";
     try {
       const r = await fetch(e.url);
-      if (r.status === 204 || r.status === 404) {
+      if (r.status === 410) {
+        gone(await r.text());
+        e.status = "error";
+      } else if (r.status === 204 || r.status === 404) {
         e.status = "empty"; // an empty heatmap tile: no content from the server, no file in an export
       } else if (!r.ok) {
         e.status = "error";
@@ -293,7 +303,10 @@
   const overlayLoads = {};
   function loadOverlay(name) {
     if (!overlayLoads[name]) {
-      overlayLoads[name] = fetch(name).then((r) => (r.ok ? r.json() : { boxes: [], polygons: [], mpp: 1 }))
+      overlayLoads[name] = fetch(name).then(async (r) => {
+        if (r.status === 410) gone(await r.text());
+        return r.ok ? r.json() : { boxes: [], polygons: [], mpp: 1 };
+      })
         .catch(() => ({ boxes: [], polygons: [], mpp: 1 }));
       inflight++;
       overlayLoads[name].finally(() => { inflight--; schedule(); });
@@ -433,6 +446,10 @@
   }
 
   function updateStatus() {
+    if (goneMessage) {
+      $("status").textContent = goneMessage; // stays until the page is reloaded
+      return;
+    }
     const n = pending();
     const m = state.manifest;
     $("status").textContent = `${m.title} · ${heatmaps().length} heatmaps · `
