@@ -20,7 +20,7 @@ from .faithfulness import faithfulness_section
 from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
 from .fit import fit_path_table, fit_table, loss_curve_figure, read_fits
 from .html import faithfulness_html, index_html
-from .precision import mixed_precision_notes, precision_tables
+from .precision import precision_section
 from .seams import read_seams, seam_figure, seam_table
 from .tables import Collected, Table, collect, pool, report_tables
 
@@ -110,7 +110,8 @@ def write_report(
     ``surrogates``: surrogate files (``results/{dataset}/surrogate.pt``) for the "Surrogate fit" section."""
     out = Path(out)
     collected = collect(tables)
-    built = report_tables(collected) + precision_tables(collected)
+    precision_tables, notes = precision_section(collected)
+    built = report_tables(collected) + precision_tables
     fits = read_fits(surrogates)
     if fits:
         built += [fit_table(fits), fit_path_table(fits)]
@@ -121,7 +122,6 @@ def write_report(
         read_faithfulness(faithfulness, randomisation) if faithfulness else None, _slug
     )
     built = built + faith.tables
-    notes = mixed_precision_notes(collected)
     if not any(t.name == "accuracy" for t in built):
         notes.append("No labelled tiles (classification labels) in any slide: accuracy is left out.")
     for slide in dict.fromkeys((e.dataset, e.slide_id) for e in collected.empty):

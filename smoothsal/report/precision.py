@@ -10,7 +10,7 @@ from ..deviation import GATES
 from ..store import results_meta
 from .tables import Collected, Table, display_labels
 
-__all__ = ["mixed_precision_notes", "precision_tables"]
+__all__ = ["precision_section"]
 
 _KEYS = ["dataset", "model", "slide_id", "method"]
 
@@ -35,9 +35,8 @@ def _runs(collected: Collected) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*_KEYS, "precision", "requested", "device", "native_bf16", "check"])
 
 
-def mixed_precision_notes(collected: Collected) -> list[str]:
+def _mixed_notes(runs: pd.DataFrame) -> list[str]:
     """One line per dataset/model whose slides were computed in more than one precision."""
-    runs = _runs(collected)
     notes = []
     for (dataset, model), group in runs.groupby(["dataset", "model"], sort=False):
         counts = group.drop_duplicates(["slide_id", "precision"])["precision"].value_counts()
@@ -112,8 +111,9 @@ def _check_table(runs: pd.DataFrame) -> Table | None:
     )
 
 
-def precision_tables(collected: Collected) -> list[Table]:
-    """The per-slide precision table, and the low-precision check table when any run made one."""
+def precision_section(collected: Collected) -> tuple[list[Table], list[str]]:
+    """The per-slide precision table, the low-precision check table when any run made one, and a note per
+    dataset that mixes precisions (each table's metadata read once)."""
     runs = _runs(collected)
     check = _check_table(runs)
-    return [_precision_table(runs), *([check] if check is not None else [])]
+    return [_precision_table(runs), *([check] if check is not None else [])], _mixed_notes(runs)
