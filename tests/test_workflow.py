@@ -330,22 +330,6 @@ def check_container(path: Path, slide: str) -> None:
         assert abs(extent_um - slide_um) <= 0.05 * slide_um, (image, extent_um, slide_um)
 
 
-def test_new_slide_runs_only_its_jobs_and_the_report(
-    full_run: Path, tmp_path: Path, slides_dir: Path
-) -> None:
-    workdir = copy_workdir(full_run, tmp_path / "w")
-    assert planned_jobs(workdir) == set()
-    add_rows(workdir / "sheets" / "c16.tsv", [{"slide_id": "cmu_pyramid",
-                                             "path": str(slides_dir / "CMU-1-Small-Region-pyramid.tiff")}])  # fmt: skip
-    # an eval slide: no model or surrogate training, only its own jobs and the report
-    assert planned_jobs(workdir) == slide_jobs("c16", "cmu_pyramid") | {job("report")}
-    run_local(workdir)
-    assert (workdir / "results" / "c16" / "heatmaps" / "cmu_pyramid.ome.zarr").is_dir()
-    tv = pd.read_csv(workdir / "results" / "report" / "tables" / "tv_per_slide.csv")
-    assert "cmu_pyramid" in set(tv["slide_id"])
-    assert planned_jobs(workdir) == set()
-
-
 def test_settings_rerun_what_they_affect(full_run: Path, tmp_path: Path) -> None:
     workdir = copy_workdir(full_run, tmp_path / "w")
     eval_slides = {(d, s) for d, slides in EVAL_SLIDES.items() for s in slides}
@@ -378,20 +362,26 @@ def test_settings_rerun_what_they_affect(full_run: Path, tmp_path: Path) -> None
     assert planned_after(lambda c: c["faithfulness"].update(steps=3)) == expected
 
 
-def test_broken_slide_fails_alone(full_run: Path, tmp_path: Path, slides_dir: Path) -> None:
+def test_new_slides_run_only_their_jobs_and_a_broken_one_fails_alone(
+    full_run: Path, tmp_path: Path, slides_dir: Path
+) -> None:
+    """One run covers both (each new slide costs a full set of jobs): a good and a broken new eval slide."""
     workdir = copy_workdir(full_run, tmp_path / "w")
+    assert planned_jobs(workdir) == set()
     broken = slides_dir / "broken.svs"
     add_rows(workdir / "sheets" / "c16.tsv", [
         {"slide_id": "broken", "path": str(broken), "split": "eval"},
         {"slide_id": "tcga", "path": str(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"), "mpp": "0.5"},  # no µm/px in file
     ])  # fmt: skip
+    # eval slides: no model or surrogate training, only their own jobs and the report
+    assert planned_jobs(workdir) == slide_jobs("c16", "broken") | slide_jobs("c16", "tcga") | {job("report")}
     result = run_local(workdir, check=False)
     assert result.returncode != 0
     results = workdir / "results"
     log = (results / "logs" / "tiles" / "c16" / "broken.log").read_text()
     assert str(broken) in log and "error" in log.lower()
     # the good new slide finished every stage under --keep-going
-    assert (results / "c16" / "heatmaps" / "tcga.ome.zarr").is_dir()
+    check_container(results / "c16" / "heatmaps" / "tcga.ome.zarr", "tcga")
     for method in METHODS:
         assert len(pd.read_parquet(results / "c16" / "saliency" / "tcga" / f"{method}.parquet")) > 0
     # the report waits for every slide: excluding the broken one lets it run, and nothing else
@@ -400,6 +390,7 @@ def test_broken_slide_fails_alone(full_run: Path, tmp_path: Path, slides_dir: Pa
     run_local(workdir)
     tv = pd.read_csv(results / "report" / "tables" / "tv_per_slide.csv")
     assert "tcga" in set(tv["slide_id"]) and "broken" not in set(tv["slide_id"])
+    assert planned_jobs(workdir) == set()
 
 
 # --- configuration, lint, the shipped config -------------------------------------------------------------
