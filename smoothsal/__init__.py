@@ -1,21 +1,33 @@
-"""smoothsal: smooth hidden-layer saliency maps for whole-slide images (Smooth Deep Saliency)."""
+"""smoothsal: smooth hidden-layer saliency maps for whole-slide images (Smooth Deep Saliency).
 
-__version__ = "0.1.0"  # first: modules read it while the package is imported
+The public names below load their modules on first use (PEP 562), so that a command which needs no model
+(`smoothsal tiles`, `heatmaps`, `report`) does not pay for importing torchvision.
+"""
 
-from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
-from .metrics import (
-    accuracy,
-    dice,
-    masked_prediction_difference,
-    prediction_difference,
-    probabilities,
-    total_variation,
-)
-from .models import ARCHITECTURES, canonicalise, load_model, resolve_layer, resolve_layers
-from .smoothing import METHODS, SurrogatePaths, downsampling_convs, smooth
-from .surrogate import train_surrogate
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_HOMES = {
+    "attribution": ("ATTRIBUTIONS", "SmoothGrad", "attribute"),
+    "metrics": (
+        "accuracy",
+        "dice",
+        "masked_prediction_difference",
+        "prediction_difference",
+        "probabilities",
+        "total_variation",
+    ),
+    "models": ("ARCHITECTURES", "canonicalise", "load_model", "resolve_layer", "resolve_layers"),
+    "smoothing": ("METHODS", "SurrogatePaths", "downsampling_convs", "smooth"),
+    "surrogate": ("train_surrogate",),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = [  # loaded on first use by __getattr__
     "ARCHITECTURES",
     "ATTRIBUTIONS",
     "METHODS",
@@ -36,3 +48,15 @@ __all__ = [
     "total_variation",
     "train_surrogate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
