@@ -371,7 +371,7 @@ def test_case_11_outputs_from_before_the_record_are_judged_by_the_names_their_wr
     holder = out / (".zattrs" if name == "heatmaps" else files.MARKER_FILE)
     meta = json.loads(holder.read_text())
     marker = meta[files.MARKER_KEY] if name == "heatmaps" else meta
-    assert marker.pop("entries")
+    marker.pop("entries", None)  # the record, which older versions did not write
     holder.write_text(json.dumps(meta))
     assert files.read_marker(out) == KINDS[name].marker  # as older versions wrote it
     args = command(name, made, out)
