@@ -180,9 +180,10 @@ def check_existing(path: Path) -> None:
     check_replaceable(path, KIND)
 
 
-def write_marker(root: zarr.Group) -> None:
-    """Mark a finished container as this command's output (`files` module doc)."""
-    root.attrs[MARKER_KEY] = KIND.marker
+def write_marker(root: zarr.Group, path: Path) -> None:
+    """Mark the finished container at ``path`` (``root``) as this command's output, recording what it
+    holds: the last write (`files.OutputKind.record`)."""
+    root.attrs[MARKER_KEY] = KIND.record(path)
 
 
 def annotation_list(annotations: Annotations) -> list[dict[str, Any]]:

@@ -6,7 +6,12 @@ carries a *marker*, ``{"kind": …, "format": N}``, written by the one command t
 output: in the root attributes (key ``smoothsal_output``) of a Zarr group, in a hidden file
 ``.smoothsal-output.json`` inside any other directory. An existing ``--out`` is replaced only if it
 carries the marker of the command now writing (same kind, same format version) or is an empty directory;
-anything else is refused with one line naming it (`BadOutput`) and left untouched.
+anything else is refused with one line naming it (`BadOutput`) and left untouched. Nor is a marked output
+replaced while it holds entries its writer did not put there (`foreign_entries`): the marker of a finished
+output records the names at its top level (``"entries"``), and what lies deeper must bear a name the
+writer gives (`OutputKind.files`). An output from before the record is judged by those names alone, at
+every depth. No output is written inside a marked output (`refuse_inside_output`): it would be deleted
+with it, or keep it from being replaced.
 
 Single-file outputs (tables, figures, checkpoints, logs) are written under a hidden temporary name and
 renamed over the target: an existing *file* of that name is replaced whole, a directory or a link there
@@ -27,8 +32,9 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +51,7 @@ __all__ = [
     "atomic_path",
     "check_file_out",
     "check_replaceable",
+    "foreign_entries",
     "is_zarr_group",
     "lock_path",
     "output_dir",
@@ -52,6 +59,7 @@ __all__ = [
     "output_locks",
     "partial_paths",
     "read_marker",
+    "refuse_inside_output",
     "refuse_non_file",
     "replace_dir",
     "writable",
@@ -60,6 +68,12 @@ __all__ = [
 _MARK = ".partial-"
 MARKER_KEY = "smoothsal_output"  # root attribute of a Zarr output
 MARKER_FILE = ".smoothsal-output.json"  # marker inside any other directory output
+ZARR_FILES = (
+    r"(?:[^/]+/)*(?:\.z(?:array|attrs|group|metadata)|zarr\.json|c|(?:c\.)?\d+(?:\.\d+)*)"  # Zarr v2/v3 keys
+)
+_FORMAT_NAMES = frozenset({MARKER_FILE, ".zattrs", ".zgroup", ".zmetadata", "zarr.json"})  # at the top
+_SNAKEMAKE = ".snakemake_timestamp"  # Snakemake's flag in each directory output it made (at any depth)
+_NAMED = 3  # foreign entries a refusal names
 
 
 @dataclass(frozen=True)
@@ -70,10 +84,24 @@ class OutputKind:
     command: str  # e.g. "smoothsal saliency"
     format: int = 1  # bumped when the layout changes: an output of another format is not replaced
     zarr: bool = False  # a Zarr group (marker in its root attributes; the writer puts it there)
+    files: str = ""  # regex of the files' paths the writer makes, relative to the output ("": Zarr keys)
 
     @property
     def marker(self) -> dict[str, Any]:
         return {"kind": self.kind, "format": self.format}
+
+    def record(self, path: Path) -> dict[str, Any]:
+        """The marker of the finished output ``path``, recording the names at its top level (what
+        `foreign_entries` allows there); the writer sets it last (a Zarr writer in the root attributes)."""
+        return self.marker | {"entries": sorted(os.listdir(path))}
+
+    def carried_by(self, marker: dict[str, Any] | None) -> bool:
+        """Whether ``marker`` (`read_marker`'s) is this kind's, in this format (whatever it records)."""
+        return marker is not None and (marker.get("kind"), marker.get("format")) == (self.kind, self.format)
+
+    def makes(self, relative: str) -> bool:
+        """Whether the writer may have made the file at ``relative`` (a POSIX path inside the output)."""
+        return re.fullmatch(self.files or (ZARR_FILES if self.zarr else ".*"), relative) is not None
 
 
 @contextmanager
@@ -147,13 +175,17 @@ def refuse_non_file(path: Path, option: str = "--out") -> None:
         raise BadOutput(f"{path} is a directory; give a file path for {option}, e.g. {path / 'out'}")
 
 
-def check_file_out(*paths: str | Path | None, option: str = "--out") -> None:
+def check_file_out(
+    *paths: str | Path | None, option: str = "--out", within: Iterable[str | Path] = ()
+) -> None:
     """Before any work: each single-file output may be written (a directory or a link there is refused,
-    never replaced; its folder can be created and written). A file there is replaced atomically: single
+    never replaced; its folder can be created and written; it lies in no marked output, nor in the
+    directory outputs ``within`` that the command writes). A file there is replaced atomically: single
     files are replaced whole, folders never (see the module doc)."""
     for path in filter(None, paths):
         path = Path(path)
         refuse_non_file(path, option)
+        refuse_inside_output(path, option, within)
         folder = path.parent  # made when the output is written: bad input leaves no empty folder behind
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
@@ -162,6 +194,25 @@ def check_file_out(*paths: str | Path | None, option: str = "--out") -> None:
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
+def refuse_inside_output(path: Path, option: str = "--out", within: Iterable[str | Path] = ()) -> None:
+    """An output never goes inside a directory output that carries a marker (any folder above ``path``,
+    as given or with links resolved) or that the command writes (``within``): that output is replaced
+    whole when rewritten, and an entry its writer did not make keeps it from being replaced."""
+    path = Path(os.path.abspath(path))
+    ours = {Path(os.path.abspath(p)) for p in within} | {Path(p).resolve() for p in within}
+    for folder in dict.fromkeys([*path.parents, *path.parent.resolve().parents, path.parent.resolve()]):
+        try:
+            marker = None if folder in ours else read_marker(folder)
+        except OSError:
+            continue
+        if folder in ours or marker is not None:
+            what = f"a {marker.get('kind')}" if marker else "the output this command writes"
+            raise BadOutput(
+                f"{path} lies inside {folder}, {what}, which smoothsal rewrites whole (it would be deleted, or "
+                f"keep that output from being rewritten); give an {option} outside it, e.g. {folder.parent / path.name}"
+            )
 
 
 def partial_paths(path: str | Path) -> list[Path]:
@@ -196,6 +247,40 @@ def read_marker(path: str | Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+def foreign_entries(path: Path, kind: OutputKind) -> list[str]:
+    """What ``path``, an output carrying ``kind``'s marker, holds that its writer did not put there
+    (relative paths, a folder with a trailing ``/``): a name at the top level that the marker's record
+    lacks (an output from before the record: a file whose path ``kind`` does not make); deeper, a link
+    or a file whose path ``kind`` does not make. The format's own files and Snakemake's flag are allowed."""
+    entries = (read_marker(path) or {}).get("entries")
+    found = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.name in _FORMAT_NAMES or entry.name == _SNAKEMAKE:
+            continue
+        folder, recorded = entry.is_dir(follow_symlinks=False), isinstance(entries, list)
+        if recorded and entry.name not in entries:
+            found.append(entry.name + "/" * folder)
+        elif entry.is_symlink() or (not folder and not recorded and not kind.makes(entry.name)):
+            found.append(entry.name)
+        elif folder:
+            found += _foreign_below(Path(entry.path), path, kind)
+    return found
+
+
+def _foreign_below(folder: Path, top: Path, kind: OutputKind) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        for name in sorted(dirs):
+            if (here / name).is_symlink():
+                found.append((here / name).relative_to(top).as_posix())
+        for name in sorted(names):
+            relative = (here / name).relative_to(top).as_posix()
+            if name != _SNAKEMAKE and ((here / name).is_symlink() or not kind.makes(relative)):
+                found.append(relative)
+    return found
+
+
 def _describe(path: Path) -> str:
     marker = read_marker(path)
     if marker is not None:
@@ -208,12 +293,24 @@ def check_replaceable(path: str | Path, kind: OutputKind) -> None:
     creates the folders of a rule's outputs before the job), or carries ``kind``'s marker."""
     path = Path(path)
     check_name_length(path)
+    refuse_inside_output(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise BadOutput(
             f"{path} exists and is not a directory that `{kind.command}` wrote; give a new --out or "
             "remove it yourself"
         )
-    if not path.exists() or read_marker(path) == kind.marker:
+    if not path.exists():
+        return
+    if kind.carried_by(read_marker(path)):
+        with writable(path):
+            found = foreign_entries(path, kind)
+        if found:
+            more = ", …" if len(found) > _NAMED else ""
+            raise BadOutput(
+                f"{path} holds {len(found)} entr{'y' if len(found) == 1 else 'ies'} that `{kind.command}` did "
+                f"not write ({', '.join(found[:_NAMED])}{more}), which replacing it would delete: move them "
+                "out of it, or give another --out"
+            )
         return
     with writable(path):
         empty = _holds_nothing(path)
@@ -336,11 +433,16 @@ def atomic_dir(path: str | Path, check_existing: Callable[[Path], None]) -> Iter
 def output_dir(path: str | Path, kind: OutputKind) -> Iterator[Path]:
     """`atomic_dir` for one kind of output: an existing ``path`` is replaced only if it carries ``kind``'s
     marker (or is an empty directory); the finished output carries it (a Zarr writer sets the root
-    attribute itself, `MARKER_KEY`; any other directory gets `MARKER_FILE` here)."""
+    attribute itself, last, with `OutputKind.record`; any other directory gets `MARKER_FILE` here)."""
+    refuse_inside_output(Path(path))
     with atomic_dir(path, lambda p: check_replaceable(p, kind)) as tmp:
         yield tmp
         if not kind.zarr:
             tmp.mkdir(exist_ok=True)
-            (tmp / MARKER_FILE).write_text(json.dumps(kind.marker) + "\n")
-        if read_marker(tmp) != kind.marker:
-            raise RuntimeError(f"{tmp}: the writer did not set the {kind.kind} marker")  # a bug
+            (tmp / MARKER_FILE).write_text(json.dumps(kind.record(tmp)) + "\n")
+        marker = read_marker(tmp)
+        if not kind.carried_by(marker) or "entries" not in marker or foreign_entries(tmp, kind):
+            raise RuntimeError(  # a bug: the output could not be replaced later
+                f"{tmp}: the writer did not set the {kind.kind} marker last (`OutputKind.record`), or made "
+                f"{foreign_entries(tmp, kind)[:_NAMED]}, which `OutputKind.files` does not allow"
+            )

@@ -337,7 +337,7 @@ def write_container(
         if annotations is not None:
             meta["annotations"] = annotation_list(annotations)
         root.attrs["smoothsal"] = json.loads(json.dumps(meta, default=str))
-        write_marker(root)
+        write_marker(root, tmp)
     return out
 
 
@@ -356,7 +356,7 @@ def make_heatmaps(
     """The `heatmaps` stage for one slide: read and check inputs, write the container atomically, then
     export the images named in `ome_tiff` ((image path, file) pairs) as pyramidal OME-TIFFs."""
     tiles = Path(tiles)
-    check_file_out(*(path for _, path in ome_tiff), option="--ome-tiff")
+    check_file_out(*(path for _, path in ome_tiff), option="--ome-tiff", within=[out])
     table = read_tile_table(tiles, slide_path)
     stores = [open_store(p) for p in saliency]
     ann = read_annotations(annotations, class_map) if annotations else None

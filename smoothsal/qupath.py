@@ -34,7 +34,7 @@ import numpy as np
 
 from .container import Container, ImageInfo, Level, open_container
 from .errors import BadOption, BadOutput, BadStore
-from .files import atomic_path
+from .files import atomic_path, check_file_out
 from .heatmaps import export_ome_tiff
 
 __all__ = ["CLASS_COLOURS", "ExportSettings", "ExportSummary", "export", "hot_spots"]
@@ -221,6 +221,8 @@ def export(
 ) -> ExportSummary:
     """Write the hot-spot GeoJSON of `image` (and its OME-TIFF when `ome_tiff` is given), atomically."""
     out_geojson = Path(out_geojson)
+    check_file_out(out_geojson)
+    check_file_out(ome_tiff, option="--ome-tiff")
     _check_replaceable(out_geojson, ome_tiff)
     collection, summary = hot_spots(container, image, settings)
     with atomic_path(out_geojson) as tmp:

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from . import files
 from .errors import BadOption, BadOutput, BadStore, BadTable, MissingInput, one_line
 from .files import MARKER_KEY, OutputKind, atomic_path, check_replaceable, read_marker, replace_dir, writable
 from .killpoints import kill_point
@@ -275,6 +276,7 @@ def check_out(out: Path, table: Path | None = None) -> None:
         raise BadOption(
             f"--table {table} is the same path as --out; give {Path(out).with_suffix('.parquet')}"
         )
+    files.refuse_inside_output(table, "--table", within=[out])
     if table.is_dir() or table.is_symlink():
         raise BadOutput(
             f"{table} is a directory or a link; give a new file path for --table (METHOD.parquet)"
@@ -386,7 +388,7 @@ def _start(
         "targets_sha256": targets_sha256,
     }  # fmt: skip
     moved = progress is not None and progress.get("moved") and state.table.is_file()
-    if moved and progress.get("key") == key and read_marker(out) == STORE_KIND.marker:
+    if moved and progress.get("key") == key and STORE_KIND.carried_by(read_marker(out)):
         return None, n  # killed between moving the store and the table: `_finish` moves the table
     if progress is not None and progress.get("key") == key and state.store.is_dir():
         try:
@@ -435,7 +437,10 @@ def _finish(state: _State, out: Path, results: Path, meta: dict, columns: Sequen
             table = pd.DataFrame({c: pd.Series(dtype=_empty_dtype(c)) for c in columns or ()})
         with atomic_path(state.table) as tmp:
             _write_table(table, tmp, meta)
-        zarr.consolidate_metadata(zarr.open_group(state.store, mode="r+", zarr_format=2).store)
+        group = zarr.open_group(state.store, mode="r+", zarr_format=2)
+        group.attrs[MARKER_KEY] = STORE_KIND.record(state.store)  # what it holds, for `check_replaceable`
+        zarr.consolidate_metadata(group.store)
+        check_replaceable(out, STORE_KIND)  # a file put into the old store meanwhile: kept, and said so
         replace_dir(state.store, out)
         state.write_progress(progress | {"moved": True})
         kill_point("saliency.finish")  # tests: killed between the two renames

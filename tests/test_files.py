@@ -18,9 +18,10 @@ import pytest
 import zarr
 from helpers import CMU, TISSUE_TILES
 
-from smoothsal import files, store
+from smoothsal import container, files, report, store
 from smoothsal.container import open_container
 from smoothsal.errors import BadOutput
+from smoothsal.viewer.export import KIND as EXPORT_KIND
 
 KIND = files.OutputKind("test-output", "smoothsal test")
 
@@ -88,8 +89,9 @@ def test_output_dir_replaces_only_its_own_kind_and_marks_what_it_writes(tmp_path
     with files.output_dir(out, KIND) as tmp:
         tmp.mkdir()
         (tmp / "a").write_text("1")
-    assert files.read_marker(out) == KIND.marker
-    assert json.loads((out / files.MARKER_FILE).read_text()) == {"kind": "test-output", "format": 1}
+    assert KIND.carried_by(files.read_marker(out))
+    marker = {"kind": "test-output", "format": 1, "entries": ["a"]}  # the record of what it holds
+    assert json.loads((out / files.MARKER_FILE).read_text()) == marker
     with files.output_dir(out, KIND) as tmp:  # ours: replaced as a whole
         tmp.mkdir()
         (tmp / "b").write_text("2")
@@ -103,12 +105,12 @@ def test_output_dir_replaces_only_its_own_kind_and_marks_what_it_writes(tmp_path
     empty.mkdir()
     with files.output_dir(empty, KIND) as tmp:  # an empty folder holds nothing to lose
         tmp.mkdir()
-    assert files.read_marker(empty) == KIND.marker
+    assert KIND.carried_by(files.read_marker(empty))
     made = tmp_path / "made"  # what Snakemake leaves before a job: the folders of the rule's outputs
     (made / "figures" / "overview").mkdir(parents=True)
     with files.output_dir(made, KIND) as tmp:
         tmp.mkdir()
-    assert files.read_marker(made) == KIND.marker
+    assert KIND.carried_by(files.read_marker(made))
     nested = tmp_path / "nested"  # a file however deep is something to lose
     (nested / "a" / "b").mkdir(parents=True)
     (nested / "a" / "b" / "mine.csv").write_text("x")
@@ -159,7 +161,7 @@ def test_a_second_writer_fails_at_once_and_the_lock_dies_with_the_first(tmp_path
         holder.wait()
     with files.output_dir(out, KIND) as tmp:
         tmp.mkdir()
-    assert files.read_marker(out) == KIND.marker
+    assert KIND.carried_by(files.read_marker(out))
 
 
 def test_partials_of_killed_writers_are_cleared_by_the_next_writer(tmp_path):
@@ -307,6 +309,109 @@ def test_an_out_the_command_did_not_write_is_refused_and_left_byte_identical(cli
     assert len(err.splitlines()) == 1 and str(out) in err, err
     after = tree(tmp_path)
     assert after == before
+
+
+NESTED = {
+    "saliency": "gradient",
+    "heatmaps": "tissue",
+    "report": "tables",
+    "export": "tiles",
+}  # a folder each writes
+
+
+def refused_naming(cli, args: list[object], out: Path, *names: str) -> None:
+    """``args`` exits 1 with one line naming ``out`` and each of ``names``, and changes nothing."""
+    before = tree(out.parent)
+    err = cli(*args, expect=1).err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and all(n in err for n in names), err
+    assert "move them out of it, or give another --out" in err, err
+    assert tree(out.parent) == before
+
+
+@pytest.mark.parametrize("name", list(OUT_OF))
+def test_case_11_an_output_holding_files_it_did_not_write_is_not_replaced(cli, made, tmp_path, name):
+    """Issue 27 case 11: `heatmaps --out C.ome.zarr` over a container into which the user had put files
+    replaced it, and the files were gone. Every marked output records what its writer put at its top
+    level; a rewrite over one holding anything else (at any depth) is refused naming it; one holding only
+    its own entries (and Snakemake's flags) is replaced as before."""
+    out = tmp_path / made[OUT_OF[name]].name
+    shutil.copytree(made[OUT_OF[name]], out)
+    args = command(name, made, out)
+    (out / "mine.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    refused_naming(cli, args, out, "holds 1 entry", "(mine.geojson)")
+    (out / "mine.geojson").unlink()
+    (out / "notes").mkdir()  # a folder of the user's, and a file deep inside one of the writer's
+    (out / NESTED[name] / "notes.txt").write_text("mine")
+    refused_naming(cli, args, out, "holds 2 entries", "notes/", f"{NESTED[name]}/notes.txt")
+    (out / "notes").rmdir()
+    (out / NESTED[name] / "notes.txt").unlink()
+    for flag in (out / ".snakemake_timestamp", out / NESTED[name] / ".snakemake_timestamp"):
+        flag.touch()  # what Snakemake adds to the directory outputs it made
+    cli(*args)
+    check_made(name, out)
+    assert files.foreign_entries(out, KINDS[name]) == [] and not (out / ".snakemake_timestamp").exists()
+
+
+KINDS = {
+    "saliency": store.STORE_KIND,
+    "heatmaps": container.KIND,
+    "report": report.KIND,
+    "export": EXPORT_KIND,
+}
+
+
+@pytest.mark.parametrize("name", ["heatmaps", "report"])
+def test_case_11_outputs_from_before_the_record_are_judged_by_the_names_their_writer_gives(
+    cli, made, tmp_path, name
+):
+    """An output written before markers recorded their entries: any file whose path the writer never
+    makes (a Zarr key; a report's index, tables and figures) is foreign; else it is replaced."""
+    out = tmp_path / made[OUT_OF[name]].name
+    shutil.copytree(made[OUT_OF[name]], out)
+    holder = out / (".zattrs" if name == "heatmaps" else files.MARKER_FILE)
+    meta = json.loads(holder.read_text())
+    marker = meta[files.MARKER_KEY] if name == "heatmaps" else meta
+    marker.pop("entries", None)  # the record, which older versions did not write
+    holder.write_text(json.dumps(meta))
+    assert files.read_marker(out) == KINDS[name].marker  # as older versions wrote it
+    args = command(name, made, out)
+    (out / "mine.geojson").write_text("{}")
+    (out / NESTED[name] / "notes.txt").write_text("mine")
+    refused_naming(cli, args, out, "holds 2 entries", "mine.geojson", f"{NESTED[name]}/notes.txt")
+    (out / "mine.geojson").unlink()
+    (out / NESTED[name] / "notes.txt").unlink()
+    cli(*args)
+    check_made(name, out)
+    assert "entries" in files.read_marker(out)
+
+
+def test_case_11_no_file_output_goes_inside_a_smoothsal_output(cli, made, tmp_path):
+    """`export --out C.ome.zarr/mine.geojson` (or --ome-tiff there, or in a store, or through a link into
+    one, or inside the container `heatmaps` is writing) is refused before any work, naming the output."""
+    c, s = made["container"], made["store"]
+    link = tmp_path / "link"
+    link.symlink_to(c)
+    export = ["export", c, "--map", "original/gradient/layer1", "--out"]
+    cases = [
+        ([*export, c / "mine.geojson"], c, "a heatmap-container"),
+        ([*export, link / "mine.geojson"], link, "a heatmap-container"),  # a link to it, named as given
+        ([*export, tmp_path / "h.geojson", "--ome-tiff", s / "h.ome.tif"], s, "a saliency-store"),
+        (
+            [*export, tmp_path / "h.geojson", "--ome-tiff", c / "heatmaps" / "h.ome.tif"],
+            c,
+            "a heatmap-container",
+        ),
+    ]
+    new = tmp_path / "new.ome.zarr"
+    own = [*command("heatmaps", made, new), "--ome-tiff", "tissue", new / "tissue.ome.tif"]
+    cases.append((own, new, "the output this command writes"))
+    for args, inside, what in cases:
+        made_before = {k: tree(made[k]) for k in ("container", "store")}
+        err = cli(*args, expect=1).err.strip()
+        assert len(err.splitlines()) == 1 and f"lies inside {inside}, {what}" in err, err
+        assert "outside it, e.g." in err, err
+        assert {k: tree(made[k]) for k in ("container", "store")} == made_before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]  # nothing written
 
 
 def test_case_1_heatmaps_never_deletes_its_own_saliency_input(cli, made, tmp_path):

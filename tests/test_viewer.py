@@ -582,9 +582,17 @@ def test_export_replaces_an_earlier_export_only(container: Path, tmp_path: Path)
     assert first.tiles == sum(c.tile_bytes(*k) is not None for k in keys) < len(keys)  # empty tiles left out
     jpg = out / "tiles/0/0/0/0.jpg"
     assert jpg.read_bytes() == c.tile_bytes(0, 0, 0, 0)
-    (out / "stale").write_text("x")
+    (out / "stale").write_text(
+        "x"
+    )  # not written by the export: kept, and the export refused (issue 27 case 11)
+    with pytest.raises(
+        BadOutput, match=r"site holds 1 entry that `smoothsal view --export` did not write \(stale\)"
+    ):
+        viewer.export(container, out, progress=False)
+    assert (out / "stale").read_text() == "x"
+    (out / "stale").unlink()
     viewer.export(container, out, progress=False)
-    assert not (out / "stale").exists() and jpg.is_file()
+    assert jpg.is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     other = tmp_path / "other"
     other.mkdir()

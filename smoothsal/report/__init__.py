@@ -80,7 +80,12 @@ def _dataset_of(overview: Overview, collected: Collected) -> tuple[str, str] | N
     return pairs[0] if len(pairs) == 1 else (by_path[0] if len(by_path) == 1 else None)
 
 
-KIND = OutputKind("report", "smoothsal report", format=1)  # the output marker (`files` module doc)
+KIND = OutputKind(  # the output marker (`files` module doc) and the files a report holds
+    "report",
+    "smoothsal report",
+    format=1,
+    files=r"index\.html|tables/[^/]+\.(?:csv|md)|figures/[^/]+/[^/]+\.(?:png|svg)",
+)
 
 
 @dataclass(frozen=True)

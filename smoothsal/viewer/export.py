@@ -14,7 +14,12 @@ from .server import STATIC_DIR, STATIC_FILES, page_json
 
 __all__ = ["KIND", "ExportSummary", "export"]
 
-KIND = OutputKind("viewer-export", "smoothsal view --export", format=1)  # the output marker
+KIND = OutputKind(  # the output marker and the files an export holds
+    "viewer-export",
+    "smoothsal view --export",
+    format=1,
+    files=r"[^/]+\.(?:html|js|css|json)|tiles/(?:\d+/){3}\d+\.(?:jpg|f32)",
+)
 
 
 @dataclass(frozen=True)
