@@ -4,11 +4,17 @@
 Columns (in this order, then the label columns of `tiling.label_tiles`): see ``TABLE_COLUMNS``. The
 tiles' hash (``tiles_sha256``) ties every later output to the table it was computed on; ``TileDataset``
 reads the tiles for a model, one ``read_region`` each, in DataLoader worker processes.
+
+The schema metadata (``smoothsal``, JSON) holds the table's format and each slide's fingerprint (slide id →
+`fingerprint.slide_fingerprint`): a stage that reads a slide again refuses one whose content changed since
+the table was made. Tables of format 1 (before the fingerprint) are read with one warning, unchecked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,11 +24,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
-from .errors import BadTable, MissingInput, SmoothsalError, from_worker, one_line
+from .errors import BadSlide, BadTable, MissingInput, SmoothsalError, from_worker, one_line
 from .files import atomic_path
+from .fingerprint import slide_fingerprint
 from .slides import SlideReader, open_reader, read_tile
 
 __all__ = [
@@ -50,30 +58,93 @@ REQUIRED_COLUMNS = ("slide_id", "slide_path", "x", "y", "w", "h", "level", "tile
 TILE_KEY_COLUMNS = ("slide_id", "x", "y", "w", "h", "level", "tile_size")  # what `tiles_sha256` covers
 INTEGER_COLUMNS = ("x", "y", "w", "h", "level", "tile_size")  # whole pixels (and a whole level)
 FIX = "make it with `smoothsal tiles`"
+TABLE_FORMAT = 2  # 2: the slides' fingerprints in the schema metadata; 1 (no metadata): before them
+META_KEY = b"smoothsal"
+
+log = logging.getLogger(__name__)
 
 
 # --- writing and reading --------------------------------------------------------------------------
 
 
-def write_tile_table(table: pd.DataFrame, path: str | Path) -> None:
-    """Write Parquet atomically: a temporary file renamed at the end (a killed job leaves no table)."""
+def write_tile_table(
+    table: pd.DataFrame, path: str | Path, fingerprints: Mapping[str, str] | None = None
+) -> None:
+    """Write Parquet atomically: a temporary file renamed at the end (a killed job leaves no table).
+
+    ``fingerprints`` (slide id → fingerprint) go into the schema metadata; by default those of the slide
+    files the table names, as they are now (`tiling.make_tiles` gives the one taken before tiling)."""
+    if fingerprints is None:
+        fingerprints = {i: slide_fingerprint(p) for i, p in _slides(table) if p.is_file()}
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    meta = json.dumps({"format": TABLE_FORMAT, "slide_fingerprints": dict(fingerprints)})
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), META_KEY: meta})
     with atomic_path(path) as tmp:
-        table.to_parquet(tmp, index=False)
+        pq.write_table(arrow, tmp)
 
 
-def _read(path: Path) -> pd.DataFrame:
+def _slides(table: pd.DataFrame) -> list[tuple[str, Path]]:
+    """(slide id, slide file) of each slide the table names."""
+    if table.empty or "slide_id" not in table or "slide_path" not in table:
+        return []
+    pairs = table[["slide_id", "slide_path"]].drop_duplicates().itertuples(index=False)
+    return [(str(i), Path(str(p))) for i, p in pairs]
+
+
+def _read(path: Path) -> tuple[pd.DataFrame, dict[str, str] | None]:
+    """The checked table and its slides' fingerprints (None: a table of format 1, without them)."""
     if not path.is_file():
         raise MissingInput(f"tile table {path} does not exist; {FIX}")
     try:
         table = pd.read_parquet(path)
+        raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+        meta = json.loads(raw) if raw else {"format": 1, "slide_fingerprints": None}
     except (OSError, ValueError, pa.ArrowException) as err:
         raise BadTable(f"could not read tile table {path} ({one_line(err)}); {FIX}") from err
+    if meta.get("format") not in (1, TABLE_FORMAT):
+        raise BadTable(
+            f"tile table {path} has format {meta.get('format')!r}, which this smoothsal cannot read; {FIX}"
+        )
     missing = [c for c in REQUIRED_COLUMNS if c not in table]
     if missing:
         raise BadTable(f"tile table {path} lacks columns {missing}; {FIX}")
     table = table.reset_index(drop=True)
     _check_rows(table, path)
-    return table
+    return table, meta["slide_fingerprints"]
+
+
+def _check_slide(path: Path, recorded: Mapping[str, str] | None, slide_id: str, slide: Path) -> bool:
+    """The slide file is the one the table was made from, as it was then: a slide replaced since (same
+    path, other content, even with an older modification time) would be read under the old grid and
+    labels. False where the table records no fingerprint for it (format 1): nothing to check."""
+    want = None if recorded is None else recorded.get(slide_id)
+    if want is None:
+        return False
+    if not slide.is_file():  # reading it fails, naming it
+        return True
+    try:
+        now = slide_fingerprint(slide)
+    except OSError as err:
+        raise BadSlide(f"{slide}: cannot be read ({one_line(err)}); check its permissions") from None
+    if now != want:
+        raise BadTable(
+            f"slide {slide} is not the file that tile table {path} was made from (its size or content "
+            f"changed since: replaced or rewritten); tile it again: smoothsal tiles {slide} --out {path} "
+            "(with the options it was tiled with)"
+        )
+    return True
+
+
+def _warn_unchecked(paths: Sequence[Path]) -> None:
+    """One line for the tables of format 1 read by a command."""
+    if paths:
+        more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+        log.warning(
+            "tile table %s%s predates slide fingerprints (format 1): a slide replaced since it was made "
+            "cannot be noticed; make it again with `smoothsal tiles` to have its slide checked",
+            paths[0],
+            more,
+        )
 
 
 def _first(bad: np.ndarray) -> int:
@@ -110,9 +181,19 @@ def _check_rows(table: pd.DataFrame, path: Path) -> None:
         )
 
 
-def _check_inside(table: pd.DataFrame, path: Path, slide: Path, width: int, height: int) -> None:
+def _check_inside(table: pd.DataFrame, path: Path, slide: Path, size: tuple[int, int], levels: int) -> None:
     """Every tile's level-0 box [x, x + w) × [y, y + h) inside the slide's level 0 (what `tiles` emits,
-    edge tiles included: its grid keeps only whole tiles); else the tile would be read on padding."""
+    edge tiles included: its grid keeps only whole tiles), at a level the slide has; else the tile would
+    be read on padding, or not at all."""
+    width, height = size
+    level = table["level"].to_numpy(np.int64)
+    bad = (level < 0) | (level >= levels)
+    if bad.any():
+        i = _first(bad)
+        raise BadTable(
+            f"tile table {path} {_row(table, i)}: slide {slide.name} has no level {level[i]} (levels 0 to "
+            f"{levels - 1}); {FIX} {slide}"
+        )
     x, y, w, h = (table[c].to_numpy(np.int64) for c in ("x", "y", "w", "h"))
     bad = (x < 0) | (y < 0) | (x + w > width) | (y + h > height)
     if bad.any():
@@ -127,12 +208,13 @@ def read_tile_table(path: str | Path, slide: str | Path | None = None) -> pd.Dat
     """One tile table, checked; with ``slide``, it must be that slide's table (one slide, one tile size).
 
     A table whose ``slide_path`` no longer exists but names a file of the same name (data moved) is
-    pointed at ``slide``; ``slide`` itself must open (an unreadable slide fails here, naming it).
+    pointed at ``slide``; ``slide`` itself must open (an unreadable slide fails here, naming it), and
+    be the file the table was made from, as it was (its fingerprint; format 1 tables: a warning).
     """
     path = Path(path)
     if slide is not None and not Path(slide).is_file():
         raise MissingInput(f"slide {slide} does not exist; check the path")
-    table = _read(path)
+    table, recorded = _read(path)
     if slide is None or table.empty:
         return table
     slide = Path(slide)
@@ -143,7 +225,7 @@ def read_tile_table(path: str | Path, slide: str | Path | None = None) -> pd.Dat
             f"give the table of {slide.name} alone"
         )
     reader = open_reader(slide)
-    width, height = reader.level_dimensions[0]
+    size, levels = reader.level_dimensions[0], reader.level_count
     reader.close()
     made_from = Path(paths[0])
     same = made_from.exists() and os.path.samefile(made_from, slide)
@@ -153,18 +235,29 @@ def read_tile_table(path: str | Path, slide: str | Path | None = None) -> pd.Dat
             f"tile table {path} belongs to slide {ids[0]!r} (made from {made_from}), not this slide {slide}; "
             f"give the tile table made by `smoothsal tiles {slide}`"
         )
+    if not _check_slide(path, recorded, str(ids[0]), slide):
+        _warn_unchecked([path])
     sizes = table["tile_size"].unique().tolist()
     if len(sizes) != 1:
         raise BadTable(f"tile table {path} mixes tile sizes {sizes}; tile the slide with one --tile-size")
-    _check_inside(table, path, slide, width, height)
+    _check_inside(table, path, slide, size, levels)
     return table.assign(slide_path=str(slide))
 
 
 def read_tile_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """The tiles of all given tables, in the given order; one tile size (they are batched)."""
+    """The tiles of all given tables, in the given order; one tile size (they are batched). Each slide
+    must be the file its table was made from, as it was (`read_tile_table`)."""
     if not paths:
         raise BadTable("no tile tables given; pass --tiles TABLE.parquet [...]")
-    table = pd.concat([_read(Path(p)) for p in paths], ignore_index=True)
+    tables, unchecked = [], []
+    for path in map(Path, paths):
+        table, recorded = _read(path)
+        checked = [_check_slide(path, recorded, i, slide) for i, slide in _slides(table)]
+        if not all(checked):
+            unchecked.append(path)
+        tables.append(table)
+    _warn_unchecked(unchecked)
+    table = pd.concat(tables, ignore_index=True)
     names = ", ".join(map(str, paths))
     if table.empty:
         raise BadTable(

@@ -23,6 +23,7 @@ from .annotations import (
 )
 from .errors import BadOption
 from .files import atomic_path, check_file_out
+from .fingerprint import slide_fingerprint
 from .grid import TileGridSettings, check_tile_fits, grid_positions, slide_region, tile_geometry
 from .slides import Slide, open_slide
 from .tiles import write_tile_table
@@ -205,14 +206,16 @@ def make_tiles(
     overview: str | Path | None = None,
 ) -> Tiling:
     """The `tiles` stage for one slide: tile it, write the overview (default: OUT with .png), then the
-    table (last: the table marks a finished slide). The label columns cover every class of the map."""
+    table (last: the table marks a finished slide) with the slide's fingerprint, taken once it opened.
+    The label columns cover every class of the map."""
     check_file_out(out, overview or Path(out).with_suffix(".png"))
     class_map = DEFAULT_CLASS_MAP if class_map is None else class_map
     labels = replace(settings.labels, n_classes=max(1, n_classes(class_map)))
     regions = read_annotations(annotations, class_map) if annotations else None
     with open_slide(slide_path, mpp, slide_id) as slide:
+        fingerprint = {slide.slide_id: slide_fingerprint(slide.path)}  # the file as it is tiled
         tiling = tile_slide(slide, settings.grid, settings.mask, regions, labels)
     overview = Path(overview) if overview else Path(out).with_suffix(".png")
     plot_overview(tiling, overview, title=f"{Path(slide_path).name}: {len(tiling.table)} tiles")
-    write_tile_table(tiling.table, out)
+    write_tile_table(tiling.table, out, fingerprint)
     return tiling

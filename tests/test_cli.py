@@ -4,6 +4,7 @@ a slide with corrupt tile data fails every command with one line naming it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import openslide
 import pandas as pd
 import pytest
 import yaml
-from helpers import CMU, ROOT, TISSUE_TILES
+from helpers import CMU, DEMO_TILE_ARGS, ROOT, TISSUE_TILES, spec
 
 from smoothsal import (
     attribution,
@@ -346,6 +347,108 @@ def test_corrupt_tile_data_is_one_line_naming_the_slide_in_every_command(cli, co
     assert "Traceback" not in err and "DataLoader worker" not in err
     out = corrupt["dir"] / "out"  # nothing that looks finished (saliency keeps its hidden work state)
     assert not out.exists() or not [p.name for p in out.iterdir() if not p.name.startswith(".")]
+
+
+# --- a slide replaced after `tiles` (issue 27, case 5) ------------------------------------------------
+
+
+def replace_slide(slide: Path, by: Path) -> None:
+    """``by``'s content at ``slide``, with an older modification time than before (as `cp -p` may give)."""
+    before = slide.stat().st_mtime_ns
+    shutil.copyfile(by, slide)
+    os.utime(slide, ns=(before - 86_400 * 10**9,) * 2)
+
+
+def tiled_copy(cli, demo_dir: Path, d: Path) -> tuple[Path, Path]:
+    """A copy of a demo slide and its tile table (4 tiles), made by `smoothsal tiles`."""
+    slide, tiles = d / "slide.tif", d / "tiles.parquet"
+    shutil.copyfile(demo.slide_paths(demo_dir, spec("tumor_001"))[0], slide)
+    cli("tiles", slide, "--out", tiles, *DEMO_TILE_ARGS, "--max-tiles", "4")
+    return slide, tiles
+
+
+def saliency_of(slide: Path, tiles: Path, out: Path) -> list[object]:
+    return ["saliency", slide, "--tiles", tiles, "--arch", "resnet18", "--num-classes", "2", "--method",
+            "original", "--layers", "layer1", "--smoothgrad-samples", "0", "--no-progress",
+            "--out", out / "original.zarr", "--table", out / "original.parquet"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def replaced(cli, demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A demo slide's copy, its tile table and a saliency store made from it (touched first: a newer
+    modification time alone changes nothing); then its content replaced by another demo slide of the same
+    size, with an older modification time."""
+    d = tmp_path_factory.mktemp("replaced")
+    slide, tiles = tiled_copy(cli, demo_dir, d)
+    os.utime(slide)
+    cli(*saliency_of(slide, tiles, d))  # the unchanged slide runs as before
+    other = demo.slide_paths(demo_dir, spec("normal_001"))[0]
+    with open_slide(slide) as a, open_slide(other) as b:
+        assert a.dimensions == b.dimensions
+    replace_slide(slide, other)
+    return {"slide": slide, "tiles": tiles, "store": d / "original.zarr", "dir": d}
+
+
+def replaced_commands(slide: Path, tiles: Path, store: Path, out: Path) -> dict[str, list[object]]:
+    """Every command that reads the slide again, writing under ``out``."""
+    model = ["--arch", "resnet18", "--num-classes", "2"]
+    return {
+        "saliency": saliency_of(slide, tiles, out),
+        "heatmaps": ["heatmaps", slide, "--saliency", store, "--tiles", tiles, "--no-progress", "--out",
+                     out / "h.ome.zarr"],
+        "seams": ["seams", slide, "--saliency", store, "--tiles", tiles, "--without", out / "w.ome.zarr",
+                  "--with", out / "o.ome.zarr", "--table", out / "s.csv"],
+        "faithfulness": ["faithfulness", slide, "--tiles", tiles, "--saliency", store, "--method", "original",
+                         *model, "--out", out / "f.parquet", "--randomisation-out", out / "r.parquet"],
+        "train-surrogate": ["train-surrogate", *model, "--tiles", tiles, "--epochs", "1", "--no-progress",
+                            "--out", out / "s.pt"],
+        "evaluate": ["evaluate", *model, "--tiles", tiles, "--out", out / "e.csv"],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command", ["saliency", "heatmaps", "seams", "faithfulness", "train-surrogate", "evaluate"]
+)
+def test_a_slide_replaced_after_tiles_is_refused_by_every_command_that_reads_it(cli, replaced, command):
+    """Issue 27 case 5: another image of the same size at the slide's path, older than before, was read
+    under the old grid and labels (exit 0); now one line names the slide, the table and the fix."""
+    r = replaced
+    err = cli(*replaced_commands(r["slide"], r["tiles"], r["store"], r["dir"] / "out")[command], expect=1).err
+    assert err.count("\n") == 1 and err.startswith(f"smoothsal {command}: error: slide {replaced['slide']} ")
+    assert f"is not the file that tile table {replaced['tiles']} was made from" in err
+    assert f"smoothsal tiles {replaced['slide']} --out {replaced['tiles']}" in err
+    out = r["dir"] / "out"  # nothing that looks finished (hidden locks and work state aside)
+    assert not out.exists() or not [p.name for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def test_a_slide_replaced_by_one_of_another_size_is_one_line_not_an_index_error(
+    cli, demo_dir, slides_dir, tmp_path
+):
+    """Issue 27 case 5: a one-level slide at the path of a table of level-1 tiles was an IndexError."""
+    slide, tiles = tiled_copy(cli, demo_dir, tmp_path)
+    replace_slide(slide, slides_dir / CMU)
+    commands = replaced_commands(slide, tiles, tmp_path / "none.zarr", tmp_path / "out")
+    for command in ("saliency", "train-surrogate"):  # a table read with its slide, and as one of many
+        err = cli(*commands[command], expect=1).err
+        assert err.count("\n") == 1 and "Traceback" not in err and "IndexError" not in err, err
+        assert f"slide {slide} is not the file that tile table {tiles} was made from" in err
+
+
+def test_tile_tables_from_before_the_fingerprint_are_read_with_one_warning(
+    cli, demo_dir, slides_dir, tmp_path, caplog
+):
+    """A table of format 1 (no fingerprint, as `smoothsal tiles` wrote before) still runs, with one warning
+    naming it; a slide of another size replaced under it is still one line (the slide has no such level)."""
+    slide, tiles = tiled_copy(cli, demo_dir, tmp_path)
+    old = tmp_path / "old.parquet"
+    read_tile_table(tiles).to_parquet(old, index=False)  # how tile tables were written before format 2
+    cli(*saliency_of(slide, old, tmp_path / "a"))
+    warned = [r.getMessage() for r in caplog.records if r.name == "smoothsal.tiles"]
+    assert len(warned) == 1 and str(old) in warned[0] and "predates slide fingerprints" in warned[0], warned
+    replace_slide(slide, slides_dir / CMU)
+    err = cli(*saliency_of(slide, old, tmp_path / "b"), expect=1).err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(old) in err, err
+    assert "slide slide.tif has no level 1 (levels 0 to 0)" in err
 
 
 # --- issue 18, case 14: each a message naming the file or option and the fix -------------------------

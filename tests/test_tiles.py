@@ -1,14 +1,18 @@
-"""The tile table and the tile Dataset: several slides, worker processes, whole writes."""
+"""The tile table and the tile Dataset: several slides, worker processes, whole writes; the slide fingerprint."""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 import torch
 from helpers import RecordingReader
 
-from smoothsal import grid, slides, tiles, tiling
+from smoothsal import fingerprint, grid, slides, tiles, tiling
 
 
 def test_dataset_reads_tiles_of_several_slides(cmu, cmu_tissue, slides_dir):
@@ -65,3 +69,25 @@ def test_outputs_are_written_whole(cmu, cmu_tissue, tmp_path):
     with pytest.raises(ValueError):  # pyarrow cannot store Python objects
         tiles.write_tile_table(table.assign(bad=[object()] * len(table)), tmp_path / "out" / "u.parquet")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t.parquet", "t.png"]
+
+
+def test_slide_fingerprint_tells_apart_files_of_one_size_and_ignores_the_modification_time(tmp_path):
+    """Two uncompressed TIFFs of one size whose first and last 64 KiB are the same (header, first and last
+    rows) and whose middle rows differ: the sampled blocks tell them apart. A copy with another
+    modification time has the same fingerprint."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    other = image.copy()
+    other[256:768] = rng.integers(0, 256, (512, 1024, 3), dtype=np.uint8)
+    a, b, copy = tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "copy.tif"
+    tifffile.imwrite(a, image, photometric="rgb", metadata=None)
+    tifffile.imwrite(b, other, photometric="rgb", metadata=None)
+    ends = fingerprint.ENDS
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    assert len(data_a) == len(data_b) and data_a != data_b
+    assert data_a[:ends] == data_b[:ends] and data_a[-ends:] == data_b[-ends:]
+    assert fingerprint.slide_fingerprint(a) != fingerprint.slide_fingerprint(b)
+    shutil.copyfile(a, copy)
+    os.utime(copy, ns=(0, 0))
+    assert fingerprint.slide_fingerprint(copy) == fingerprint.slide_fingerprint(a)
+    assert fingerprint.slide_fingerprint(a).startswith(f"{len(data_a)}-")

@@ -6,7 +6,8 @@ ids in `exclude` / `train_slides` against the slides, and `arch`, `layers` and `
 smoothsal reads them (one model built per architecture). Slides come per dataset from a sample sheet (TSV)
 or a glob; both are read afresh on every run, so new slides (rows or files) are picked up and only their
 jobs run. Everything that changes results goes into a rule's `params:` (with the smoothsal version), so
-changing it reruns what it affects.
+changing it reruns what it affects; a slide's content is such a param too (its fingerprint), while its
+modification time decides nothing (slides are `ancient` inputs).
 """
 
 import difflib
@@ -460,8 +461,30 @@ def slides_of(dataset, split):
     return table[table["split"] == split]["slide_id"].tolist()
 
 
+def load_slide_fingerprint():
+    """smoothsal's `slide_fingerprint`, loaded from its file: importing the package would import torch."""
+    path = Path(workflow.basedir) / "smoothsal" / "fingerprint.py"
+    spec = importlib.util.spec_from_file_location("smoothsal_fingerprint", path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded.slide_fingerprint
+
+
+SLIDE_FINGERPRINT = load_slide_fingerprint()
+
+
 def get_slide(wildcards):
-    return SLIDES[wildcards.dataset].loc[wildcards.slide, "path"]
+    """The slide as an `ancient` input: its modification time decides nothing (a replacement may be older,
+    `cp -p`; a touched slide is unchanged); its content does, through `slide_fingerprint`."""
+    return ancient(SLIDES[wildcards.dataset].loc[wildcards.slide, "path"])
+
+
+def slide_fingerprint(wildcards):
+    """The slide's fingerprint now (size and sampled bytes, what `smoothsal tiles` records in the table): a
+    param of the rules that tile it, so that new content reruns them and all that follows. Empty for a
+    slide that a job has yet to write (the demo's): the job's params are read again when it runs."""
+    path = SLIDES[wildcards.dataset].loc[wildcards.slide, "path"]
+    return SLIDE_FINGERPRINT(path) if os.path.isfile(path) else ""
 
 
 def get_annotation(wildcards):

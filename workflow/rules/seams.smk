@@ -13,6 +13,7 @@ rule seams_tiles:
     params:
         settings=seams_tiles_settings,
         mpp=slide_mpp,
+        fingerprint=slide_fingerprint,
         annotation=lambda wildcards, input: optional("--annotations", input.annotation),
         version=VERSION,
     log:

@@ -11,6 +11,7 @@ rule tiles:
     params:
         settings=tiles_settings,
         mpp=slide_mpp,
+        fingerprint=slide_fingerprint,
         annotation=lambda wildcards, input: optional("--annotations", input.annotation),
         version=VERSION,
     log:
