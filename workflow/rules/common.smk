@@ -390,6 +390,13 @@ def saliency_settings(wildcards):
     return f"{model_args(wildcards.dataset)} {cli_args(settings)}"
 
 
+def threads_up_to(most):
+    """A job's threads: ``most``, but at most half the cores snakemake was given, so that on a small
+    machine two jobs run side by side (a job's start-up, reading and writing run on one core; another
+    job's compute fills the other). Cluster profiles set threads per rule (set-threads)."""
+    return max(1, min(most, (workflow.cores or 2) // 2))
+
+
 def saliency_run_options(threads):
     """The saliency jobs' speed-only options (config saliency without precision, which is a setting)."""
     options = {k: v for k, v in config["saliency"].items() if k != "precision"}

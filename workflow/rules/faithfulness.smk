@@ -28,7 +28,7 @@ rule faithfulness:
         mem_mb=8000,
         runtime=60,
         gpu=0,
-    threads: 2
+    threads: threads_up_to(2)
     conda:
         "../../envs/smoothsal.yaml"
     shell:

@@ -19,7 +19,7 @@ rule train_model:
         mem_mb=16000,
         runtime=240,
         gpu=0,
-    threads: 4
+    threads: threads_up_to(4)
     conda:
         "../../envs/smoothsal.yaml"
     shell:

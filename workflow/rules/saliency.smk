@@ -24,7 +24,7 @@ rule saliency:
         mem_mb=8000,
         runtime=240,
         gpu=0,
-    threads: 2
+    threads: threads_up_to(2)
     conda:
         "../../envs/smoothsal.yaml"
     shell:

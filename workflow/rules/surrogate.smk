@@ -20,7 +20,7 @@ rule train_surrogate:
         mem_mb=16000,
         runtime=720,
         gpu=0,
-    threads: 4
+    threads: threads_up_to(4)
     conda:
         "../../envs/smoothsal.yaml"
     shell:
