@@ -120,6 +120,15 @@ def test_checkerboard_share_of_a_mixture_sums_energies_over_channels():
     assert float(ss.checkerboard_share(two)) == pytest.approx(float(expected), rel=1e-12)
 
 
+def test_checkerboard_share_of_white_noise_is_three_over_pixels_minus_one_on_average():
+    """Gaussian noise is a uniformly random direction in the (H·W − 1)-dimensional mean-free space,
+    3 of whose dimensions are the patterns: E share = 3/(H·W − 1), as for the 8 × 8 ramp. The
+    share sees checkerboards, not noise."""
+    z = torch.randn(4000, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert float(ss.checkerboard_share(z).mean()) == pytest.approx(3 / 63, abs=0.003)  # ~5 std errors
+    assert float(ss.checkerboard_share(z.view(1000, 4, 8, 8)).mean()) == pytest.approx(3 / 63, abs=0.003)
+
+
 @pytest.mark.parametrize("shape", [(3, 2, 8, 6), (3, 2, 7, 9), (2, 3, 5, 4), (2, 1, 1, 6)])
 def test_checkerboard_share_is_the_projection_onto_the_patterns_span(shape: tuple[int, ...]):
     """Against least squares on [1, (−1)^h, (−1)^w, (−1)^(h+w)], per tile, odd sides included."""
