@@ -55,8 +55,9 @@ def checkerboard_share(z: torch.Tensor) -> torch.Tensor:
 
     1 for any mix of the three patterns (plus a constant); 3 / (N² − 1) for a linear ramp in any
     direction on an even N × N map (1/21 ≈ 0.048 on 8 × 8; 3(a² + b²) / (a²(H² − 1) + b²(W² − 1)) for
-    a·h + b·w on an even H × W map); 0 for a ramp along an odd side; NaN for a flat map. Channels are
-    weighted by their energy (TV instead weighs each channel the same).
+    a·h + b·w on an even H × W map); 0 for a ramp along an odd side; 3 / (H·W − 1) on average for white
+    noise; NaN for a flat map (centred energy at most 1e-24 of the raw energy: rounding only). Channels
+    are weighted by their energy (TV instead weighs each channel the same).
     """
     if z.ndim != 4:
         raise ValueError(f"maps must be [B, C, H, W], got shape {tuple(z.shape)}")
