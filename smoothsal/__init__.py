@@ -16,6 +16,7 @@ _HOMES = {
     "attribution": ("ATTRIBUTIONS", "SmoothGrad", "attribute"),
     "metrics": (
         "accuracy",
+        "checkerboard_share",
         "dice",
         "masked_prediction_difference",
         "prediction_difference",
@@ -37,6 +38,7 @@ __all__ = [  # loaded on first use by __getattr__
     "accuracy",
     "attribute",
     "canonicalise",
+    "checkerboard_share",
     "dice",
     "downsampling_convs",
     "load_model",

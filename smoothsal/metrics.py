@@ -1,5 +1,5 @@
-"""The paper's measures (total variation, prediction difference, accuracy) and the faithfulness
-measures: curve AUC, Spearman rank correlation, relevance mass, bootstrap intervals."""
+"""The paper's measures (total variation, prediction difference, accuracy), the checkerboard share
+and the faithfulness measures: curve AUC, Spearman rank correlation, relevance mass, bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ __all__ = [
     "accuracy",
     "auc",
     "bootstrap_mean_ci",
+    "checkerboard_share",
     "dice",
     "masked_prediction_difference",
     "prediction_difference",
@@ -38,6 +39,43 @@ def total_variation(z: torch.Tensor) -> torch.Tensor:
     rows = n.diff(dim=2).abs().sum(dim=(2, 3), dtype=torch.float64)
     cols = n.diff(dim=3).abs().sum(dim=(2, 3), dtype=torch.float64)
     return ((rows + cols) / (z.shape[2] * z.shape[3])).mean(dim=1).float()
+
+
+_FLAT = 1e-24  # centred energy below this share of the raw energy: a flat map (float rounding only)
+
+
+def checkerboard_share(z: torch.Tensor) -> torch.Tensor:
+    """Share of each map's energy in the period-2 patterns: ``[B, C, H, W]`` → ``[B]`` (float64).
+
+    Each channel x minus its mean; its energy in the span of (−1)^h, (−1)^w and (−1)^(h+w) (each minus
+    its mean), summed over channels, divided by Σ_c ‖x_c‖². For even H and W the three patterns are
+    orthogonal to each other and to the mean, and the energy is Σ_p ⟨x, p⟩² / (H·W). For an odd side
+    they are not: the energy is then the orthogonal projection onto their span, cᵀG⁺c with c = ⟨x, p̃⟩
+    and G the patterns' Gram matrix, which keeps every pixel and the share within [0, 1].
+
+    1 for any mix of the three patterns (plus a constant); 3 / (N² − 1) for a linear ramp in any
+    direction on an even N × N map (1/21 ≈ 0.048 on 8 × 8; 3(a² + b²) / (a²(H² − 1) + b²(W² − 1)) for
+    a·h + b·w on an even H × W map); 0 for a ramp along an odd side; 3 / (H·W − 1) on average for white
+    noise; NaN for a flat map (centred energy at most 1e-24 of the raw energy: rounding only). Channels
+    are weighted by their energy (TV instead weighs each channel the same).
+    """
+    if z.ndim != 4:
+        raise ValueError(f"maps must be [B, C, H, W], got shape {tuple(z.shape)}")
+    h, w = z.shape[2:]
+    x = z.double()
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    x = x - mean
+    a = 1.0 - 2.0 * (torch.arange(h, device=z.device) % 2).double()  # (−1)^h
+    b = 1.0 - 2.0 * (torch.arange(w, device=z.device) % 2).double()  # (−1)^w
+    patterns = torch.stack([a[:, None].expand(h, w), b[None, :].expand(h, w), a[:, None] * b[None, :]])
+    patterns = (patterns - patterns.mean(dim=(1, 2), keepdim=True)).flatten(1)  # [3, H·W]
+    inner = x.flatten(2) @ patterns.T  # [B, C, 3]
+    gram_inv = torch.linalg.pinv(patterns @ patterns.T, rtol=1e-9, hermitian=True)  # (H·W)⁻¹ I if even
+    periodic = torch.einsum("bci,ij,bcj->b", inner, gram_inv, inner)
+    energy = x.square().sum(dim=(1, 2, 3))
+    raw = energy + h * w * mean.square().sum(dim=(1, 2, 3))
+    share = (periodic / energy).clamp(0.0, 1.0)
+    return torch.where(energy > _FLAT * raw, share, torch.nan)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@
 One job per slide and smoothing method. Tiles stream from the slide in batches (DataLoader worker
 processes); each batch gets one ``attribute`` pass for all layers and attributions (SmoothGrad noise
 seeded per tile, so results do not depend on batch boundaries or on resuming); its channel-summed
-maps and its per-tile measures (TV of the full maps, predictions, prediction difference against the
-original model, `predictions`) go to the store and its results table (`store`), resumably: a killed
-job continues from its last complete batch.
+maps and its per-tile measures (TV and checkerboard share of the full maps, predictions, prediction
+difference against the original model, `predictions`) go to the store and its results table
+(`store`), resumably: a killed job continues from its last complete batch.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .files import output_locks
 from .hardware import hardware
 from .hooks import Hooks
 from .killpoints import kill_point
-from .metrics import total_variation
+from .metrics import checkerboard_share, total_variation
 from .models import check_input_size, layer_map, weights_sha256
 from .precision import arithmetic_of, check_precision, chosen_precision, forward
 from .predictions import TASKS, check_target, check_task, choose_targets, class_logits, prediction_columns
@@ -342,12 +342,13 @@ def _batch(
     _check_finite(f"logits of the {settings.method} model", out, rows)
     target = choose_targets(original, labels, settings.target, task=settings.task, majority=majority)
     maps = _maps(settings, models, x, rows, target, max_batch, settings.precision)
-    summed, tv = {}, {}
+    summed, tv, checkerboard = {}, {}, {}
     for a in settings.attributions:
         for layer in models.layers:
             z = maps[a][layer]
             _check_finite(f"{a} maps at {layer}", z, rows)
             tv[f"tv/{a}/{layer}"] = total_variation(z).cpu().numpy().astype(np.float64)
+            checkerboard[f"checkerboard/{a}/{layer}"] = checkerboard_share(z).cpu().numpy()
             summed[(a, layer)] = z.sum(dim=1).float().cpu().numpy()
     preds = prediction_columns(settings.task, original.cpu(), out.cpu(), labels, target, majority)
     table = pd.DataFrame(
@@ -364,6 +365,7 @@ def _batch(
             "task": settings.task,
             **preds,
             **tv,
+            **checkerboard,
         }
     )
     return summed, table

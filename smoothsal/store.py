@@ -7,8 +7,9 @@ row i = row i of the tile table), chunked by ``CHUNK_TILES`` tiles; its root att
 the store's ``meta``: version, slide_id, slide_path, method, layers (forward order), attributions,
 settings (every setting that affects results, one dict), tiles_sha256, n_tiles.
 
-Results table (Parquet, ``{method}.parquet``): one row per tile (`saliency.table_columns`), the same
-``meta`` as JSON in the schema metadata under ``smoothsal``.
+Results table (Parquet, ``{method}.parquet``): one row per tile (`results_columns`), the same
+``meta`` as JSON in the schema metadata under ``smoothsal``. Format 2 added the
+``checkerboard/{attribution}/{layer}`` columns; format 1 tables (without them) are still read and replaced.
 
 ``StoreWriter`` writes both resumably: work state sits in a hidden sibling ``.{store}.partial/`` (the
 store being written, one row file per batch, a progress file); the store and the table appear under
@@ -51,17 +52,17 @@ __all__ = [
     "TileMaps",
     "check_out",
     "chunk_file",
+    "measure_columns",
     "open_store",
     "partial_dir",
     "read_results",
     "results_columns",
     "results_meta",
     "table_marker",
-    "tv_columns",
     "write_results",
 ]
 
-PROGRESS_FORMAT = "smoothsal-saliency-progress/1"
+PROGRESS_FORMAT = "smoothsal-saliency-progress/2"  # /2: row files carry the checkerboard columns
 COMPACT_ROWS = 64  # per-batch row files kept before they are merged into one
 CHUNK_TILES = 64  # tiles per zarr chunk (one chunk = 64 maps of one layer: ~1 MB at 56×56)
 META_KEYS = ("slide_id", "method", "layers", "attributions", "tiles_sha256", "n_tiles")
@@ -72,7 +73,7 @@ SHARED_SETTINGS = (
     "smoothgrad_samples", "smoothgrad_stdev", "seed", "target", "task", "dataset", "precision",
 )  # fmt: skip
 RESULTS_FIX = "give the per-tile .parquet tables that `smoothsal saliency --table` writes"
-# What every per-tile results table has (besides tv/{attribution}/{layer} columns).
+# What every per-tile results table has (besides tv/… and, from format 2, checkerboard/… columns).
 RESULT_COLUMNS = ("dataset", "slide_id", "method", "arch", "tile", "task", "pd_all", "pd_target")
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def results_columns(num_classes: int, attributions: Sequence[str], layers: Seque
         "dataset", "slide_id", "method", "arch", "tile", "x", "y", "w", "h", "mpp", "label", "target", "task",
         *(f"logit_{c}" for c in range(k)), *(f"prob_{c}" for c in range(k)),
         "pred", "correct", "pd_all", "pd_target", "pd_masked", "agree",
-        *(f"tv/{a}/{layer}" for a in attributions for layer in layers),
+        *(f"{m}/{a}/{layer}" for m in ("tv", "checkerboard") for a in attributions for layer in layers),
     ]  # fmt: skip
 
 
@@ -221,48 +222,54 @@ def results_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def tv_columns(path: Path | str, names: Iterable[str]) -> list[tuple[str, str, str]]:
-    """(column, attribution, layer) of every ``tv/{attribution}/{layer}`` column, in table order."""
+def measure_columns(
+    path: Path | str, names: Iterable[str], measure: str = "tv"
+) -> list[tuple[str, str, str]]:
+    """(column, attribution, layer) of every ``{measure}/{attribution}/{layer}`` column, in table order."""
     out = []
     for name in names:
-        if name.startswith("tv/"):
+        if name.startswith(f"{measure}/"):
             parts = name.split("/", 2)
             if len(parts) != 3 or not parts[1] or not parts[2]:
-                raise BadTable(f"{path}: column {name!r} is not tv/{{attribution}}/{{layer}}; {RESULTS_FIX}")
+                raise BadTable(
+                    f"{path}: column {name!r} is not {measure}/{{attribution}}/{{layer}}; {RESULTS_FIX}"
+                )
             out.append((name, parts[1], parts[2]))
     return out
 
 
 @dataclass(frozen=True)
 class Results:
-    """A per-tile results table as read: the columns asked for, and its TV columns."""
+    """A per-tile results table as read: the columns asked for, its TV and checkerboard columns."""
 
     table: pd.DataFrame
     tv: list[tuple[str, str, str]]  # (column, attribution, layer)
+    checkerboard: list[tuple[str, str, str]]  # the same; none in a format 1 table
 
 
 def read_results(path: str | Path, optional: Sequence[str] = ()) -> Results:
-    """The ``RESULT_COLUMNS``, those of ``optional`` present and every TV column of a results table;
-    one-line errors naming the file when it lacks them or cannot be read."""
+    """The ``RESULT_COLUMNS``, those of ``optional`` present and every TV and checkerboard column of a
+    results table; one-line errors naming the file when it lacks them or cannot be read."""
     path = Path(path)
     names = _schema(path).names
-    tv = tv_columns(path, names)
+    tv, checkerboard = measure_columns(path, names), measure_columns(path, names, "checkerboard")
     missing = [c for c in RESULT_COLUMNS if c not in names] + ([] if tv else ["tv/{attribution}/{layer}"])
     if missing:
         raise BadTable(f"{path}: missing columns {', '.join(missing)}; {RESULTS_FIX}")
-    columns = [*RESULT_COLUMNS, *(c for c in optional if c in names), *(c for c, _, _ in tv)]
+    columns = [*RESULT_COLUMNS, *(c for c in optional if c in names), *(c for c, _, _ in tv + checkerboard)]
     try:
         table = pd.read_parquet(path, columns=columns)
     except (OSError, pa.ArrowException) as err:
         raise BadTable(f"{path}: not a readable Parquet table ({one_line(err)}); {RESULTS_FIX}") from err
-    return Results(table, tv)
+    return Results(table, tv, checkerboard)
 
 
 # --- writing: partial state, resume, the finished outputs -----------------------------------------
 
 
 STORE_KIND = OutputKind("saliency-store", "smoothsal saliency", format=1, zarr=True)
-TABLE_MARKER = {"kind": "saliency-table", "format": 1}  # in the results table's schema metadata
+TABLE_MARKER = {"kind": "saliency-table", "format": 2}  # in the results table's schema metadata
+TABLE_FORMATS = (1, 2)  # formats still read (and replaced by a rerun); 1 lacks the checkerboard columns
 
 
 def check_out(out: Path, table: Path | None = None) -> None:
@@ -281,7 +288,7 @@ def check_out(out: Path, table: Path | None = None) -> None:
         raise BadOutput(
             f"{table} is a directory or a link; give a new file path for --table (METHOD.parquet)"
         )
-    if table.exists() and table_marker(table) != TABLE_MARKER:
+    if table.exists() and table_marker(table) not in [TABLE_MARKER | {"format": f} for f in TABLE_FORMATS]:
         raise BadOutput(
             f"{table} exists and is not a per-tile table that `smoothsal saliency` wrote; give a new "
             "--table or remove it yourself"
@@ -390,7 +397,8 @@ def _start(
     moved = progress is not None and progress.get("moved") and state.table.is_file()
     if moved and progress.get("key") == key and STORE_KIND.carried_by(read_marker(out)):
         return None, n  # killed between moving the store and the table: `_finish` moves the table
-    if progress is not None and progress.get("key") == key and state.store.is_dir():
+    current = progress is not None and progress.get("format") == PROGRESS_FORMAT  # older rows lack columns
+    if current and progress.get("key") == key and state.store.is_dir():
         try:
             group = zarr.open_group(state.store, mode="r+", zarr_format=2)
             done = _done(progress["batches"])

@@ -1,5 +1,5 @@
-"""TV and prediction difference against hand-computed values of the paper's formulas; the faithfulness
-measures (AUC, Spearman, relevance mass, bootstrap) against hand-computed values and scipy."""
+"""TV and prediction difference against hand-computed values of the paper's formulas; the checkerboard
+share against its known values and a least-squares projection; the faithfulness measures (AUC, Spearman, relevance mass, bootstrap) against hand-computed values and scipy."""
 
 from __future__ import annotations
 
@@ -51,6 +51,97 @@ def test_tv_reference_loop():
             per_channel.append(diff / 20)
         ref.append(sum(per_channel) / 2)
     assert torch.allclose(ss.total_variation(z), torch.tensor(ref, dtype=torch.float32), rtol=1e-5)
+
+
+def _grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
+
+
+def test_checkerboard_share_of_period_two_patterns_is_one_and_of_a_flat_map_nan():
+    hh, ww = _grid(6, 10)
+    board, rows, cols = (-1) ** (hh + ww), (-1) ** hh, (-1) ** ww
+    maps = torch.stack([board, 3 * rows + 2, 0.5 * cols - 1, board + rows - 2 * cols + 7]).unsqueeze(1)
+    np.testing.assert_allclose(ss.checkerboard_share(maps).numpy(), 1.0, rtol=1e-12)
+    odd = ((-1) ** sum(_grid(7, 9))).view(1, 1, 7, 9)  # odd sides: still exactly the pattern
+    assert float(ss.checkerboard_share(odd)) == pytest.approx(1.0, rel=1e-12)
+    flat = torch.cat([torch.full((1, 2, 8, 8), 0.1), torch.zeros(1, 2, 8, 8)])
+    assert ss.checkerboard_share(flat).isnan().all()
+    assert ss.checkerboard_share(flat.double()).isnan().all()  # fp64 mean rounding is no structure
+
+
+@pytest.mark.parametrize(("h", "w", "a", "b"), [(8, 8, 1, 0), (8, 8, 0, 1), (8, 8, 2, 3), (6, 10, 1, -2)])
+def test_checkerboard_share_of_a_linear_ramp(h: int, w: int, a: float, b: float):
+    """a·h + b·w: ⟨x, (−1)^h⟩ = −a·H·W/2, ⟨x, (−1)^w⟩ = −b·H·W/2, ⟨x, (−1)^(h+w)⟩ = 0 and
+    ‖x − x̄‖² = H·W·(a²(H² − 1) + b²(W² − 1))/12, so the share is 3(a² + b²)/(a²(H² − 1) + b²(W² − 1));
+    on N × N, 3/(N² − 1) in any direction: 1/21 ≈ 0.048 on 8 × 8."""
+    hh, ww = _grid(h, w)
+    share = float(ss.checkerboard_share((a * hh + b * ww).view(1, 1, h, w).float()))
+    assert share == pytest.approx(3 * (a * a + b * b) / (a * a * (h * h - 1) + b * b * (w * w - 1)), rel=1e-9)
+    if h == w == 8:
+        assert share == pytest.approx(1 / 21, rel=1e-9)
+
+
+def test_checkerboard_share_of_a_ramp_along_an_odd_side_is_zero():
+    """Centred, h − 3 is odd about the middle row and (−1)^h even about it: no overlap."""
+    hh, ww = _grid(7, 9)
+    assert float(ss.checkerboard_share(hh.view(1, 1, 7, 9))) == pytest.approx(0.0, abs=1e-15)
+    assert float(ss.checkerboard_share((2 * hh - 3 * ww).view(1, 1, 7, 9))) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_checkerboard_share_under_a_smooth_envelope_is_mean_squared_over_mean_square():
+    """x = e·(−1)^(h+w), e > 0 smooth: the pattern alone carries (Σe)²/(H·W) and ‖x − x̄‖² ≤ Σe², so
+    share ≥ mean(e)² / mean(e²) = 1 / (1 + var(e)/mean(e)²); the other two patterns add only e's own
+    period-2 content, small for a smooth e: the share is that bound to within 0.001 here. The
+    envelope's variation moves energy off the period-2 frequencies, so a strongly modulated
+    checkerboard scores clearly below 1 (0.79 under this Gaussian bump)."""
+    hh, ww = _grid(16, 16)
+    for envelope, near in (
+        (1 + 0.3 * torch.sin(hh / 4) * torch.cos(ww / 5), 0.981),
+        (torch.exp(-((hh - 7) ** 2 + (ww - 9) ** 2) / 50), 0.790),
+    ):
+        share = float(ss.checkerboard_share((envelope * (-1) ** (hh + ww)).view(1, 1, 16, 16)))
+        bound = float(envelope.mean() ** 2 / envelope.square().mean())
+        assert bound <= share <= bound + 1e-3
+        assert share == pytest.approx(near, abs=1e-3)
+
+
+def test_checkerboard_share_of_a_mixture_sums_energies_over_channels():
+    """a·c + b·s with c a period-2 pattern and s smooth, mean-free and orthogonal to the three patterns:
+    share = a²‖c‖² / (a²‖c‖² + b²‖s‖²) exactly, in one channel or spread over channels."""
+    h, w = 12, 8
+    hh, ww = _grid(h, w)
+    c = (-1) ** (hh + ww)
+    s = torch.cos(2 * math.pi * hh / h) + torch.sin(2 * math.pi * 2 * ww / w)  # no period-2 component
+    a, b = 0.3, 1.7
+    expected = a**2 * c.square().sum() / (a**2 * c.square().sum() + b**2 * s.square().sum())
+    one = (a * c + b * s).view(1, 1, h, w)
+    two = torch.stack([a * c + 5, b * s - 2]).view(1, 2, h, w)  # channel means removed separately
+    assert float(ss.checkerboard_share(one)) == pytest.approx(float(expected), rel=1e-12)
+    assert float(ss.checkerboard_share(two)) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_checkerboard_share_of_white_noise_is_three_over_pixels_minus_one_on_average():
+    """Gaussian noise is a uniformly random direction in the (H·W − 1)-dimensional mean-free space,
+    3 of whose dimensions are the patterns: E share = 3/(H·W − 1), as for the 8 × 8 ramp. The
+    share sees checkerboards, not noise."""
+    z = torch.randn(4000, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert float(ss.checkerboard_share(z).mean()) == pytest.approx(3 / 63, abs=0.003)  # ~5 std errors
+    assert float(ss.checkerboard_share(z.view(1000, 4, 8, 8)).mean()) == pytest.approx(3 / 63, abs=0.003)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 8, 6), (3, 2, 7, 9), (2, 3, 5, 4), (2, 1, 1, 6)])
+def test_checkerboard_share_is_the_projection_onto_the_patterns_span(shape: tuple[int, ...]):
+    """Against least squares on [1, (−1)^h, (−1)^w, (−1)^(h+w)], per tile, odd sides included."""
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    hh, ww = _grid(*shape[2:])
+    design = torch.stack([torch.ones_like(hh), (-1) ** hh, (-1) ** ww, (-1) ** (hh + ww)]).flatten(1).T
+    expected = []
+    for tile in z.double():
+        y = tile.flatten(1).T  # [H·W, C]
+        fit = design @ torch.linalg.lstsq(design, y).solution
+        expected.append(float((fit - y.mean(0)).square().sum() / (y - y.mean(0)).square().sum()))
+    np.testing.assert_allclose(ss.checkerboard_share(z).numpy(), expected, rtol=1e-9)
+    assert ss.checkerboard_share(z).dtype == torch.float64
 
 
 def test_prediction_difference_all_and_target():

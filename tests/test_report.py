@@ -17,12 +17,16 @@ from ome_zarr.writer import write_multiscales_metadata
 
 from smoothsal import report
 from smoothsal.errors import BadOutput, SmoothsalError
+from smoothsal.report.checkerboard import checkerboard_table
+from smoothsal.report.tables import label_of
 from smoothsal.store import write_results
 
 ATTRIBUTIONS = ("deeplift", "gradient")
 # Mean TV per method (before noise); gradient/layer1 makes the backward hook the lowest, as in the
 # paper's ResNet34 row, so the marked minimum is not always the same column.
 LEVELS = {"original": 2.5, "surrogate": 1.9, "backward_hook": 1.7, "forward_hook": 1.6}
+# Mean checkerboard share per method: every smoothing method below the original at every layer.
+CHECKERBOARD = {"original": 0.30, "surrogate": 0.05, "backward_hook": 0.12, "forward_hook": 0.08}
 
 
 def _tile_table(dataset, arch, slide, method, layers, n, task, seed, labels=None, classes=2):
@@ -56,6 +60,9 @@ def _tile_table(dataset, arch, slide, method, layers, n, task, seed, labels=None
                 0.3 if (method, attribution, i) == ("backward_hook", "gradient", 0) else 0
             )
             frame[f"tv/{attribution}/{layer}"] = level - 0.1 * i + rng.normal(0, 0.05, n)
+            if dataset != "digipath":  # digipath's tables stand for format 1: no checkerboard columns
+                share = CHECKERBOARD[method] * (1 - 0.1 * i) + rng.normal(0, 0.01, n)
+                frame[f"checkerboard/{attribution}/{layer}"] = share.clip(0, 1)
     return frame
 
 
@@ -159,13 +166,13 @@ def built(cli, table_paths, tmp_path_factory):
     return out, container, values
 
 
-def _expected_tv(frames, dataset):
+def _expected_tv(frames, dataset, measure="tv"):
     """(layer, attribution, method) → (mean, std, n) over the tiles of every slide of a dataset."""
     rows = {}
     for (d, _, method), frame in frames.items():
         if d != dataset:
             continue
-        for column in (c for c in frame if c.startswith("tv/")):
+        for column in (c for c in frame if c.startswith(f"{measure}/")):
             _, attribution, layer = column.split("/", 2)
             rows.setdefault((layer, attribution, method), []).append(frame[column].to_numpy())
     return {k: (np.concatenate(v).mean(), np.concatenate(v).std(), sum(map(len, v))) for k, v in rows.items()}
@@ -202,6 +209,70 @@ def test_tv_table_means_stds_and_marked_minimum(built, frames):
     assert cells[columns.index("Gradient Backward hook")] == f"**{mean:.3f} ± {std:.3f}**"
     digipath = next(line for line in markdown.splitlines() if "digipath" in line and "encoder.layer2" in line)
     assert digipath.count("–") == 4  # no hooks run on digipath: empty cells, not a failure
+
+
+def test_checkerboard_table_beside_tv_with_not_recorded_cells_and_the_verdict(built, frames):
+    """Means over tiles as TV's; digipath's tables (no checkerboard columns, as format 1) say "not
+    recorded"; the note says, in numbers, whether every smoothing method lowers the share."""
+    out, _, _ = built
+    table = pd.read_csv(out / "tables" / "checkerboard.csv")
+    got = table[table["dataset"] == "camelyon16"].set_index(["layer", "attribution", "method"])
+    expected = _expected_tv(frames, "camelyon16", "checkerboard")
+    assert sorted(got.index) == sorted(expected) and got["recorded"].all()
+    for key, (mean, std, n) in expected.items():
+        assert (got.at[key, "mean"], got.at[key, "std"], got.at[key, "tiles"]) == (
+            pytest.approx(mean, abs=1e-12),
+            pytest.approx(std, abs=1e-12),
+            n,
+        )
+    digipath = table[table["dataset"] == "digipath"]
+    tv = pd.read_csv(out / "tables" / "tv.csv")
+    keys = ["dataset", "model", "layer", "attribution", "method"]
+    assert table[keys].equals(tv[keys])  # every TV cell, in the same order; digipath's none recorded
+    assert not digipath["recorded"].any() and digipath["mean"].isna().all() and (digipath["tiles"] == 0).all()
+    markdown = (out / "tables" / "checkerboard.md").read_text()
+    assert markdown.startswith("## Checkerboard share per method and layer")
+    row = next(line for line in markdown.splitlines() if "digipath" in line and "encoder.layer1" in line)
+    assert row.count("not recorded") == 4  # original and surrogate × two attributions
+    ratios = {
+        m: [expected[layer, a, m][0] / expected[layer, a, "original"][0] for layer in CAMELYON_LAYERS
+            for a in ATTRIBUTIONS]
+        for m in ("surrogate", "backward_hook", "forward_hook")
+    }  # fmt: skip
+    assert max(max(r) for r in ratios.values()) < 1
+    ranges = "; ".join(f"{label_of(m)} {min(r):.2f}–{max(r):.2f}" for m, r in ratios.items())
+    sentence = (
+        "camelyon16 / resnet18: every smoothing method lowers the checkerboard share at every layer and "
+        f"attribution (mean share / the original's: {ranges})."
+    )
+    assert sentence in markdown and "digipath" not in markdown.split("\n\n")[-1]
+    page = (out / "index.html").read_text()
+    assert page.index('id="tv_reduction"') < page.index('id="checkerboard"') < page.index('id="prediction')
+    assert html.escape(sentence) in page
+
+
+def test_checkerboard_verdict_names_where_a_method_does_not_lower_it(frames, tmp_path):
+    original = frames["camelyon16", "tumor_a", "original"]
+    raised = frames["camelyon16", "tumor_a", "forward_hook"].copy()
+    raised["checkerboard/gradient/layer3"] = 0.5  # above the original's 0.24
+    paths = [
+        _write(f, tmp_path / f"{m}.parquet") for f, m in ((original, "original"), (raised, "forward_hook"))
+    ]
+    note = checkerboard_table(report.collect(paths)).note
+    verdict = (
+        "camelyon16 / resnet18: not every smoothing method lowers the checkerboard share: not Forward hook "
+        "at layer3 (Gradient) (mean share / the original's: Forward hook 0."
+    )
+    assert verdict in note
+
+
+def test_report_of_format_1_tables_only_says_not_recorded(frames, table_paths, tmp_path):
+    old = [p for (d, _, _), p in table_paths.items() if d == "digipath"]  # no checkerboard columns
+    result = report.write_report(old, tmp_path / "report")
+    assert "tables/checkerboard.csv" in result.tables
+    table = checkerboard_table(report.collect(old))
+    assert (table.cells == "not recorded").all().all() and table.cells.shape == (2, 4)
+    assert not table.data["recorded"].any() and "every smoothing method" not in table.note
 
 
 def test_tv_reduction_average_min_and_max_over_layers(built, frames):
@@ -277,7 +348,7 @@ def test_accuracy_only_where_tiles_are_labelled(built, frames):
 
 def test_every_table_and_figure_is_written(built):
     out, _, _ = built
-    names = {"tv", "tv_reduction", "prediction_difference", "accuracy", "inputs", "tv_per_slide",
+    names = {"tv", "tv_reduction", "checkerboard", "prediction_difference", "accuracy", "inputs", "tv_per_slide",
              "prediction_difference_per_slide", "accuracy_per_slide", "precision"}  # fmt: skip
     assert {p.stem for p in (out / "tables").glob("*.csv")} == names
     assert {p.stem for p in (out / "tables").glob("*.md")} == names
@@ -342,10 +413,10 @@ def test_index_html_renders_in_headless_chromium(built):
         browser.quit()
     assert len(images) == 3 and all(complete and width > 0 for _, complete, width in images), images
     assert not errors, errors  # no failed request, no script error
-    assert tables == 9 and bold == 2 * 3 + 2 * 2  # the lowest TV per row and attribution
+    assert tables == 10 and bold == 2 * 3 + 2 * 2  # the lowest TV per row and attribution
     assert all(not link.startswith(("http:", "https:", "/")) for link in links)
     missing = [link for link in links if not (out / link).is_file()]
-    assert not missing and len(links) == 9 * 2 + 3 * 2
+    assert not missing and len(links) == 10 * 2 + 3 * 2
 
 
 def test_slide_without_labels_leaves_accuracy_out(table_paths, tmp_path):

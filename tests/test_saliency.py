@@ -107,7 +107,7 @@ def test_maps_tv_and_prediction_difference_equal_the_library_run_directly(
     assert list(table.columns) == [
         "dataset", "slide_id", "method", "arch", "tile", "x", "y", "w", "h", "mpp", "label", "target", "task",
         "logit_0", "logit_1", "prob_0", "prob_1", "pred", "correct", "pd_all", "pd_target", "pd_masked", "agree",
-        *(f"tv/{a}/{layer}" for a in ("gradient", "deeplift") for layer in LAYERS),
+        *(f"{m}/{a}/{layer}" for m in ("tv", "checkerboard") for a in ("gradient", "deeplift") for layer in LAYERS),
     ]  # fmt: skip
     assert store.results_meta(batch5 / "forward_hook.parquet") == meta
     assert table["tile"].tolist() == list(range(n))
@@ -142,6 +142,10 @@ def test_maps_tv_and_prediction_difference_equal_the_library_run_directly(
                 assert np.abs(stored - summed).max() <= 1e-5 * np.abs(summed).max(), (i, a, layer)
                 tv = float(ss.total_variation(full)[0])
                 assert table[f"tv/{a}/{layer}"].iloc[i] == pytest.approx(tv, rel=1e-5)
+                share = float(ss.checkerboard_share(full)[0])  # of the full maps, as TV (channels summed)
+                assert table[f"checkerboard/{a}/{layer}"].iloc[i] == pytest.approx(share, rel=1e-4, abs=1e-6)
+    shares = table[[c for c in table if c.startswith("checkerboard/")]].to_numpy()
+    assert ((shares > 0) & (shares < 1)).all()
 
 
 def test_killed_job_resumes_with_the_results_of_an_uninterrupted_run_whatever_the_batch_size(
@@ -248,7 +252,8 @@ def test_empty_tile_table_gives_empty_outputs(cli, slide: Path, tiles: Path, tmp
     assert meta["n_tiles"] == 0 and meta["layers"] == list(LAYERS) and len(maps) == 6
     assert all(m.shape[0] == 0 for m in maps.values())
     table = pd.read_parquet(tmp_path / "original.parquet")
-    assert table.empty and "tv/deeplift/layer3" in table and "pd_all" in table
+    assert table.empty and "tv/deeplift/layer3" in table and "checkerboard/deeplift/layer3" in table
+    assert "pd_all" in table
 
 
 def fake_surrogate(arch: str, path: Path) -> Path:

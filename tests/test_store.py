@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import zarr
 
 from smoothsal import store
-from smoothsal.errors import BadStore, BadTable, MissingInput
+from smoothsal.errors import BadOutput, BadStore, BadTable, MissingInput
+from smoothsal.files import MARKER_KEY
 
 N, SHAPE = 10, (4, 6)
 
@@ -111,3 +116,30 @@ def test_what_is_not_a_store_or_results_table_is_named(tmp_path):
         writer.open({}, 64)
         writer.finish()
         store.open_store(tmp_path / "s.zarr").array("gradient", "layer9")
+
+
+def test_format_1_tables_are_read_and_replaced_and_older_partial_state_is_not_resumed(tmp_path, caplog):
+    """Format 2 added the checkerboard columns: a format 1 table (none) still reads, with no
+    checkerboard columns, and a rerun may replace it; row files of an older job are not resumed."""
+    old = pd.DataFrame({c: ["x"] for c in store.RESULT_COLUMNS} | {"tv/gradient/layer1": [1.0]})
+    arrow = pa.Table.from_pandas(old, preserve_index=False)
+    marker = {MARKER_KEY.encode(): json.dumps({"kind": "saliency-table", "format": 1})}
+    pq.write_table(arrow.replace_schema_metadata(marker), tmp_path / "old.parquet")
+    read = store.read_results(tmp_path / "old.parquet")
+    assert read.tv == [("tv/gradient/layer1", "gradient", "layer1")] and read.checkerboard == []
+    store.check_out(tmp_path / "m.zarr", tmp_path / "old.parquet")  # replaceable: no error
+    pq.write_table(arrow.replace_schema_metadata({MARKER_KEY.encode(): b'{"kind": "saliency-table", "format": 9}'}),
+                   tmp_path / "new.parquet")  # fmt: skip
+    with pytest.raises(BadOutput, match=r"new\.parquet exists and is not a per-tile table"):
+        store.check_out(tmp_path / "m.zarr", tmp_path / "new.parquet")
+
+    out, results = tmp_path / "m.zarr", tmp_path / "m.parquet"
+    writer = store.StoreWriter(out, results, meta())
+    writer.open({"layer1": SHAPE}, 64)
+    writer.write_batch(0, 4, maps(0, 4), rows(0, 4))
+    progress = store.partial_dir(out) / "progress.json"
+    state = json.loads(progress.read_text())
+    assert store.StoreWriter(out, results, meta()).open({"layer1": SHAPE}, 64) == 4  # same format: resumed
+    progress.write_text(json.dumps(state | {"format": "smoothsal-saliency-progress/1"}))
+    assert store.StoreWriter(out, results, meta()).open({"layer1": SHAPE}, 64) == 0
+    assert "starting over" in caplog.text

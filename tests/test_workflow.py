@@ -245,6 +245,10 @@ def test_full_run_writes_every_output(full_run: Path) -> None:
                 )
                 tv = table[[f"tv/{a}/{layer}" for a in ATTRIBUTIONS for layer in LAYERS]]
                 assert tv.notna().all().all() and (tv.to_numpy() >= 0).all() and (tv.to_numpy() > 0).any()
+                share = table[
+                    [f"checkerboard/{a}/{layer}" for a in ATTRIBUTIONS for layer in LAYERS]
+                ].to_numpy()
+                assert np.isfinite(share).any() and not ((share < 0) | (share > 1)).any()  # NaN: a flat map
                 store = zarr.open_group(stem.with_suffix(".zarr"), mode="r")
                 assert store.attrs["smoothsal"]["method"] == method
                 for a in ATTRIBUTIONS:
@@ -257,6 +261,9 @@ def test_full_run_writes_every_output(full_run: Path) -> None:
     tv = pd.read_csv(report / "tables" / "tv.csv")
     assert set(tv["dataset"]) == set(EVAL_SLIDES) and set(tv["method"]) == set(METHODS)
     assert set(tv["layer"]) == set(LAYERS) and set(tv["attribution"]) == set(ATTRIBUTIONS)
+    checkerboard = pd.read_csv(report / "tables" / "checkerboard.csv")  # beside TV, the same cells
+    keys = ["dataset", "layer", "attribution", "method"]
+    assert checkerboard[keys].equals(tv[keys]) and checkerboard["recorded"].all()
     fit = pd.read_csv(report / "tables" / "surrogate_fit.csv")  # issue 14: 1 epoch, so the cap stopped it
     assert set(fit["dataset"]) == set(EVAL_SLIDES) and set(fit["stop_reason"]) == {"max_epochs"}
     assert {f"{d}_{ARCH[d][0]}_losses.png" for d in EVAL_SLIDES} <= {

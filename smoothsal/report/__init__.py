@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from ..errors import BadOption
 from ..faithfulness_tables import read_faithfulness
 from ..files import OutputKind, output_dir
+from .checkerboard import checkerboard_table
 from .faithfulness import faithfulness_section
 from .figures import Overview, Raster, overview_figure, read_overview, tv_per_layer_figure
 from .fit import fit_path_table, fit_table, loss_curve_figure, read_fits
@@ -98,6 +99,15 @@ class ReportResult:
     notes: list[str]
 
 
+def _tables(collected: Collected) -> tuple[list[Table], list[str]]:
+    """The tables in reading order, the checkerboard share beside TV, and the precision section's notes."""
+    precision_tables, notes = precision_section(collected)
+    built = report_tables(collected)
+    names = [t.name for t in built]
+    after_tv = names.index("tv_reduction" if "tv_reduction" in names else "tv") + 1
+    return built[:after_tv] + [checkerboard_table(collected)] + built[after_tv:] + precision_tables, notes
+
+
 def write_report(
     tables: Sequence[str | Path],
     out: str | Path,
@@ -115,8 +125,7 @@ def write_report(
     ``surrogates``: surrogate files (``results/{dataset}/surrogate.pt``) for the "Surrogate fit" section."""
     out = Path(out)
     collected = collect(tables)
-    precision_tables, notes = precision_section(collected)
-    built = report_tables(collected) + precision_tables
+    built, notes = _tables(collected)
     fits = read_fits(surrogates)
     if fits:
         built += [fit_table(fits), fit_path_table(fits)]

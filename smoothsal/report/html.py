@@ -71,7 +71,7 @@ def index_html(
         f"<p>{html.escape(summary)}.</p>",
         *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
     ]
-    for name in ("tv", "tv_reduction", "precision_check"):
+    for name in ("tv", "tv_reduction", "checkerboard", "precision_check"):
         if name in by_name:
             parts.append(_table_section(by_name[name]))
     if figures["tv_per_layer"]:

@@ -30,10 +30,13 @@ __all__ = [
     "collect",
     "display_labels",
     "label_of",
+    "mean_std",
+    "measure_long",
     "method_label",
     "ordered",
     "pool",
     "report_tables",
+    "wide",
 ]
 
 ATTRIBUTION_NAMES = {"deeplift": "DeepLift", "gradient": "Gradient"}
@@ -64,9 +67,9 @@ class Collected:
     """Per-slide moments of every measure, and what the tables hold.
 
     ``moments``: one row per dataset, model, slide, method and measure (``tv/{attribution}/{layer}``,
-    ``pd_all``, ``pd_target``, ``pd_masked``, ``correct``) with ``n`` (non-missing tiles), ``mean`` and
-    ``m2`` (sum of squared deviations). ``tiles``: one row per dataset, model, slide, method with the
-    tile count, task and source file. ``layers``: (dataset, model) → layers in forward order.
+    ``checkerboard/…``, ``pd_all``, ``pd_target``, ``pd_masked``, ``correct``) with ``n`` (non-missing
+    tiles), ``mean`` and ``m2`` (sum of squared deviations). ``tiles``: one row per dataset, model, slide,
+    method with the tile count, task, source file and whether it records the checkerboard share. ``layers``: (dataset, model) → layers in forward order.
     """
 
     moments: pd.DataFrame
@@ -125,10 +128,11 @@ def collect(paths: Iterable[str | Path]) -> Collected:
             order = layers.setdefault((dataset, model), [])
             order.extend(layer for _, _, layer in tv if layer not in order)
         attributions.extend(a for _, a, _ in tv if a not in attributions)
-        measures = [c for c, _, _ in tv] + ["pd_all", "pd_target"] + [c for c in OPTIONAL if c in table]
+        measures = [c for c, _, _ in tv + results.checkerboard] + ["pd_all", "pd_target"]
+        measures += [c for c in OPTIONAL if c in table]
         moments.append(_moments(table, measures))
         counts = table.groupby(KEYS, sort=False).agg(tiles=("tile", "size"), task=("task", "first"))
-        tiles.append(counts.reset_index().assign(file=str(path)))
+        tiles.append(counts.reset_index().assign(file=str(path), checkerboard=bool(results.checkerboard)))
     if not tiles:
         raise BadTable(f"no per-tile tables given; {RESULTS_FIX}")
     moments = pd.concat(moments, ignore_index=True)
@@ -189,7 +193,8 @@ def _escape_label(label: object) -> object:
     return tuple(html.escape(str(x)) for x in label) if isinstance(label, tuple) else html.escape(str(label))
 
 
-def _pm(mean: float, std: float, decimals: int) -> str:
+def mean_std(mean: float, std: float, decimals: int) -> str:
+    """A table cell "mean ± std" ("–" where the mean is missing)."""
     return "–" if not np.isfinite(mean) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
@@ -199,7 +204,7 @@ def ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
     return [v for v in order if v in present] + [v for v in present if v not in order]
 
 
-def _wide(
+def wide(
     long: pd.DataFrame,
     rows: list[str],
     cols: list[str],
@@ -207,6 +212,7 @@ def _wide(
     row_order: list[tuple],
     col_order: list[tuple],
 ) -> pd.DataFrame:
+    """``long``'s ``value`` laid out with ``rows`` down and ``cols`` across, in the orders given."""
     wide = long.set_index(rows + cols)[value].unstack(cols)
     index = (
         pd.MultiIndex.from_tuples(row_order, names=rows)
@@ -258,8 +264,10 @@ def _sort(frame: pd.DataFrame, collected: Collected, extra: Sequence[str] = ()) 
     return frame.drop(columns="_layer", errors="ignore").reset_index(drop=True)
 
 
-def _tv_long(collected: Collected, per_slide: bool) -> pd.DataFrame:
-    tv = collected.moments[collected.moments["measure"].str.startswith("tv/")]
+def measure_long(collected: Collected, per_slide: bool, measure: str = "tv") -> pd.DataFrame:
+    """Per cell (dataset, model, [slide,] layer, attribution, method) of ``{measure}/…`` columns: tiles,
+    mean, std, the lowest per row and attribution, reduction vs the original (%); sorted as the tables."""
+    tv = collected.moments[collected.moments["measure"].str.startswith(f"{measure}/")]
     by = ["dataset", "model", *(["slide_id"] if per_slide else []), "measure", "method"]
     stats = pool(tv, by)
     parts = stats["measure"].str.split("/", n=2, expand=True)
@@ -286,10 +294,10 @@ def _tv_long(collected: Collected, per_slide: bool) -> pd.DataFrame:
 
 
 def _tv_table(collected: Collected, per_slide: bool) -> Table:
-    long = _tv_long(collected, per_slide)
+    long = measure_long(collected, per_slide)
     rows = ["dataset", "model", *(["slide_id"] if per_slide else []), "layer"]
     cols = ["attribution", "method"]
-    long["text"] = [_pm(m, s, 3) for m, s in zip(long["mean"], long["std"], strict=True)]
+    long["text"] = [mean_std(m, s, 3) for m, s in zip(long["mean"], long["std"], strict=True)]
     row_order = list(dict.fromkeys(long[rows].itertuples(index=False, name=None)))
     col_order = [
         (a, m)
@@ -297,8 +305,8 @@ def _tv_table(collected: Collected, per_slide: bool) -> Table:
         for m in ordered(long["method"], METHODS)
         if ((long["attribution"] == a) & (long["method"] == m)).any()
     ]
-    cells = _wide(long, rows, cols, "text", row_order, col_order).fillna("–")
-    marked = _wide(long, rows, cols, "lowest", row_order, col_order).fillna(False).astype(bool)
+    cells = wide(long, rows, cols, "text", row_order, col_order).fillna("–")
+    marked = wide(long, rows, cols, "lowest", row_order, col_order).fillna(False).astype(bool)
     name, title = ("tv_per_slide", "Total variation per slide") if per_slide else ("tv", "Total variation")
     note = (
         "Mean ± std over tiles of the TV of each tile's saliency map (lower = smoother); "
@@ -313,7 +321,7 @@ def _reduction_table(collected: Collected) -> Table | None:
     One row per dataset/model, attribution and method; with several dataset/model pairs also rows
     ``(all)`` over every pair and layer, as the paper's averages over its models.
     """
-    long = _tv_long(collected, per_slide=False)
+    long = measure_long(collected, per_slide=False)
     long = long[(long["method"] != "original") & long["reduction_percent"].notna()]
     if long.empty:
         return None
@@ -379,7 +387,7 @@ def _pd_table(collected: Collected, per_slide: bool) -> Table | None:
         .reset_index(drop=True)
     )
     stats["text"] = [
-        f"{m:.1f}" if k == "agree" else _pm(m, s, 2)
+        f"{m:.1f}" if k == "agree" else mean_std(m, s, 2)
         for m, s, k in zip(stats["mean"], stats["std"], stats["measure"], strict=True)
     ]
     row_order = list(dict.fromkeys(stats[rows].itertuples(index=False, name=None)))
@@ -388,7 +396,7 @@ def _pd_table(collected: Collected, per_slide: bool) -> Table | None:
     col_order = [
         (m, k) for m in methods for k in measures if ((stats["method"] == m) & (stats["measure"] == k)).any()
     ]
-    cells = _wide(stats, rows, ["method", "measure"], "text", row_order, col_order).fillna("–")
+    cells = wide(stats, rows, ["method", "measure"], "text", row_order, col_order).fillna("–")
     name = "prediction_difference_per_slide" if per_slide else "prediction_difference"
     title = "Prediction difference per slide" if per_slide else "Prediction difference vs the original"
     note = (
@@ -436,7 +444,7 @@ def _accuracy_table(collected: Collected, per_slide: bool) -> Table | None:
     row_order = list(dict.fromkeys(stats[rows].itertuples(index=False, name=None)))
     if len(rows) == 1:
         row_order = [r[0] for r in row_order]
-    cells = _wide(stats.assign(text=stats["accuracy_percent"].map("{:.2f}".format)), rows, ["method"], "text",
+    cells = wide(stats.assign(text=stats["accuracy_percent"].map("{:.2f}".format)), rows, ["method"], "text",
                   row_order, methods).fillna("–")  # fmt: skip
     labelled = stats.groupby(rows, sort=False)["labelled_tiles"].max()
     cells.insert(0, "labelled tiles", labelled.reindex(cells.index).astype(int).astype(str).to_numpy())
