@@ -196,7 +196,7 @@ def tile(cli, out: Path, name: str) -> Path:
 PRECISION_LAYERS = ("layer1", "layer2", "layer3")
 PRECISION_CROP = 128  # px at 1 µm/px (slide level 1 of a demo slide): layer3 maps of 8 × 8
 PRECISION_SMOOTHGRAD = ss.SmoothGrad(10, 0.2)  # the paper's σ; half its samples (20), to keep tests short
-DEMO_SMOOTHGRAD = ss.SmoothGrad(4, 0.2)  # the demo's n: bf16 is emulated (~6.6x slower) on CPUs without AMX
+CPU_SMOOTHGRAD = ss.SmoothGrad(4, 0.2)  # fewer samples: bf16 is emulated (~6.6x slower) on CPUs without AMX
 
 
 def crops(slide: Path, table, n: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEMO_SMOOTHGRAD, agreement, missed
+from helpers import CPU_SMOOTHGRAD, agreement, missed
 from helpers import model as build_model
 from torch import nn
 
@@ -27,11 +27,11 @@ def test_measures_known_answers():
 
 
 def test_bf16_maps_look_like_fp32_on_a_trained_classifier(trained):
-    """SmoothGrad maps with the demo's n = 4 (on CPUs without AMX bf16 is emulated and the test costs
+    """SmoothGrad maps with n = 4 (on CPUs without AMX bf16 is emulated and the test costs
     minutes; the GPU test uses n = 10), both attributions, every method at layer1-3. Measured with n = 10:
     cosine >= 0.985 (gradient, layer1) and >= 0.9999 (DeepLift); relative error median <= 1 % (DeepLift)
     and <= 12 % (gradient); TV within 0.2 %. n = 4 met the gates on an AVX2 EPYC too."""
-    rows = agreement(*trained, DEMO_SMOOTHGRAD)
+    rows = agreement(*trained, CPU_SMOOTHGRAD)
     assert not missed(rows)
 
 
