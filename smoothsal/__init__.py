@@ -4,8 +4,6 @@ The public names below load their modules on first use (PEP 562), so that a comm
 (`smoothsal tiles`, `heatmaps`, `report`) does not pay for importing torchvision.
 """
 
-from __future__ import annotations
-
 import importlib
 import importlib.util
 from typing import Any
