@@ -393,8 +393,13 @@ def saliency_settings(wildcards):
 def threads_up_to(most):
     """A job's threads: ``most``, but at most half the cores snakemake was given, so that on a small
     machine two jobs run side by side (a job's start-up, reading and writing run on one core; another
-    job's compute fills the other). Cluster profiles set threads per rule (set-threads)."""
-    return max(1, min(most, (workflow.cores or 2) // 2))
+    job's compute fills the other). Without --cores (a cluster executor, --report, --lint) it is
+    ``most``: cluster profiles set threads per rule (set-threads)."""
+    try:
+        cores = workflow.cores
+    except WorkflowError:
+        return most
+    return max(1, min(most, cores // 2))
 
 
 def saliency_run_options(threads):
