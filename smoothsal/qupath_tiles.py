@@ -366,13 +366,12 @@ def _features(
     head = json.dumps({"objectType": settings.object_type,
                        "classification": {"name": settings.class_name, "color": list(settings.class_color)}})[:-1]  # fmt: skip
     for start in range(0, len(boxes), CHUNK_OBJECTS):
-        chunk = values[start : start + CHUNK_OBJECTS]
-        text = np.char.mod("%.7g", chunk)
-        finite = np.isfinite(chunk)
-        for i, (x0, y0, x1, y1) in enumerate(boxes[start : start + CHUNK_OBJECTS]):
+        rows = values[start : start + CHUNK_OBJECTS].tolist()
+        for (x0, y0, x1, y1), row in zip(boxes[start : start + CHUNK_OBJECTS].tolist(), rows, strict=True):
             x0, y0, x1, y1 = (_number(v) for v in (x0, y0, x1, y1))
             ring = f"[[{x0}, {y0}], [{x1}, {y0}], [{x1}, {y1}], [{x0}, {y1}], [{x0}, {y0}]]"
-            measures = ", ".join(keys[j] + text[i, j] for j in np.flatnonzero(finite[i]))
+            # 7 significant digits: float32's; NaN and ±inf left out (JSON has none; QuPath reads missing as NaN)
+            measures = ", ".join([k + format(v, ".7g") for k, v in zip(keys, row) if math.isfinite(v)])
             yield (f'{{"type": "Feature", "geometry": {{"type": "Polygon", "coordinates": [{ring}]}}, '
                    f'"properties": {head}, "measurements": {{{measures}}}}}}}')  # fmt: skip
 
@@ -439,7 +438,7 @@ def export_tiles(
     with atomic_path(out) as tmp:
         features = _features(boxes, names, values, settings)
         if settings.gzip:
-            with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=6) as f:
                 _write(f, header, features)
         else:
             with open(tmp, "w", encoding="utf-8") as f:
