@@ -26,6 +26,7 @@ import zarr
 from ngff import assert_valid_ngff
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
+from qupath_geojson import load, read_objects
 
 import smoothsal as ss
 from smoothsal.surrogate import read_surrogate
@@ -89,13 +90,15 @@ def job(rule: str, **wildcards: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     return rule, tuple(sorted(wildcards.items()))
 
 
-def slide_jobs(dataset: str, slide: str) -> set:
-    """The jobs one new eval slide adds: its tiles, saliency and faithfulness per method, and heatmaps."""
+def slide_jobs(dataset: str, slide: str, qupath: bool = False) -> set:
+    """The jobs one new eval slide adds: its tiles, saliency and faithfulness per method, and heatmaps (and
+    its QuPath tile objects where config qupath.tiles is on)."""
     return {
         job("tiles", dataset=dataset, slide=slide),
         *(job("saliency", dataset=dataset, slide=slide, method=m) for m in METHODS),
         *faithfulness_jobs(dataset, slide),
         job("heatmaps", dataset=dataset, slide=slide),
+        *([job("qupath_tiles", dataset=dataset, slide=slide)] if qupath else []),
     }
 
 
@@ -199,7 +202,7 @@ def full_run(tmp_path_factory, slides_dir: Path) -> Path:
             "surrogate": {"epochs": 1, "batch_size": 4},
         },
     }
-    write_config(workdir, tiny_config(datasets))
+    write_config(workdir, tiny_config(datasets, qupath={"tiles": True}))  # the QuPath objects too
     run_local(workdir)
     return workdir
 
@@ -274,8 +277,9 @@ def test_full_run_writes_every_output(full_run: Path) -> None:
                 "train_surrogate/c16.log", "train_model/digi.log", "heatmaps/c16/test_001.log"]:  # fmt: skip
         assert (results / "logs" / log).is_file(), log
     assert (
-        len(list((results / "benchmarks").rglob("*.tsv"))) == 1 + 6 + 2 + 2 + 12 + 12 + 3 + 1
-    )  # + faithfulness
+        len(list((results / "benchmarks").rglob("*.tsv"))) == 1 + 6 + 2 + 2 + 12 + 12 + 3 + 1 + 3
+    )  # + faithfulness, + QuPath tile objects
+    check_qupath_tiles(results)
 
 
 def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tmp_path: Path) -> None:
@@ -317,6 +321,26 @@ def test_snakemake_report_holds_the_report_tables_and_figures(full_run: Path, tm
         assert any(n.endswith(entry["data_uri"]) for n in names), entry["data_uri"]
 
 
+def check_qupath_tiles(results: Path) -> None:
+    """Config qupath.tiles: each eval slide's objects, as QuPath's rules read them, one per stride cell with
+    every map's statistics and the tile values."""
+    for dataset, slides in EVAL_SLIDES.items():
+        for slide in slides:
+            objects = read_objects(load(results / dataset / "qupath" / f"{slide}.geojson.gz"))
+            tiles = pd.read_parquet(results / dataset / "tiles" / f"{slide}.parquet")
+            assert len(objects) == len(tiles) and {o.object_type for o in objects} == {
+                "tile"
+            }  # stride = size
+            names = set().union(*(o.measurements for o in objects))
+            assert {
+                f"{m} {a} {layer} mean" for m in METHODS for a in ATTRIBUTIONS for layer in LAYERS
+            } <= names
+            assert {f"{m} PD all ×100" for m in METHODS} | {
+                f"{m} TV deeplift layer3" for m in METHODS
+            } <= names
+    assert (results / "logs" / "qupath" / "c16" / "cmu.log").is_file()
+
+
 def check_container(path: Path, slide: str) -> None:
     """Every method × attribution × layer heatmap opens with ome-zarr-py as a µm-scaled 2-D pyramid."""
     assert_valid_ngff(path)
@@ -354,7 +378,7 @@ def test_a_slides_content_decides_what_reruns_not_its_modification_time(
     shutil.copyfile(workdir / "demo" / "camelyon16" / "test_002.tif", slide)
     os.utime(slide, ns=(older, older))
     assert older < (workdir / "results" / "c16" / "tiles" / "test_001.parquet").stat().st_mtime_ns
-    assert planned_jobs(workdir, *real_size) == slide_jobs("c16", "test_001") | {job("report")}
+    assert planned_jobs(workdir, *real_size) == slide_jobs("c16", "test_001", qupath=True) | {job("report")}
 
 
 def test_settings_rerun_what_they_affect(full_run: Path, tmp_path: Path) -> None:
@@ -370,7 +394,8 @@ def test_settings_rerun_what_they_affect(full_run: Path, tmp_path: Path) -> None
     # SmoothGrad: every saliency job, heatmaps and report; no tiles, no training
     expected = {job("saliency", dataset=d, slide=s, method=m) for d, s in eval_slides for m in METHODS}
     expected |= {j for d, s in eval_slides for j in faithfulness_jobs(d, s)}
-    expected |= {job("heatmaps", dataset=d, slide=s) for d, s in eval_slides} | {job("report")}
+    expected |= {job(r, dataset=d, slide=s) for d, s in eval_slides for r in ("heatmaps", "qupath_tiles")}
+    expected |= {job("report")}
     assert planned_after(lambda c: c["smoothgrad"].update(samples=3)) == expected
     # precision (a saliency option that changes results): the same jobs
     edit_config(workdir, lambda c: c["smoothgrad"].update(samples=2))
@@ -380,7 +405,10 @@ def test_settings_rerun_what_they_affect(full_run: Path, tmp_path: Path) -> None
     expected = {job("train_surrogate", dataset="c16")}
     expected |= {job("saliency", dataset="c16", slide=s, method="surrogate") for s in EVAL_SLIDES["c16"]}
     expected |= {j for s in EVAL_SLIDES["c16"] for j in faithfulness_jobs("c16", s, ["surrogate"])}
-    expected |= {job("heatmaps", dataset="c16", slide=s) for s in EVAL_SLIDES["c16"]} | {job("report")}
+    expected |= {
+        job(r, dataset="c16", slide=s) for s in EVAL_SLIDES["c16"] for r in ("heatmaps", "qupath_tiles")
+    }
+    expected |= {job("report")}
     assert planned_after(lambda c: c["datasets"]["c16"]["surrogate"].update(epochs=2)) == expected
     # the faithfulness settings: its jobs and the report only; its run options: nothing
     edit_config(workdir, lambda c: c["datasets"]["c16"]["surrogate"].update(epochs=1))
@@ -401,7 +429,8 @@ def test_new_slides_run_only_their_jobs_and_a_broken_one_fails_alone(
         {"slide_id": "tcga", "path": str(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"), "mpp": "0.5"},  # no µm/px in file
     ])  # fmt: skip
     # eval slides: no model or surrogate training, only their own jobs and the report
-    assert planned_jobs(workdir) == slide_jobs("c16", "broken") | slide_jobs("c16", "tcga") | {job("report")}
+    new = slide_jobs("c16", "broken", qupath=True) | slide_jobs("c16", "tcga", qupath=True)
+    assert planned_jobs(workdir) == new | {job("report")}
     result = run_local(workdir, check=False)
     assert result.returncode != 0
     results = workdir / "results"
@@ -441,7 +470,7 @@ def test_shipped_config_is_the_demo(shipped: Path) -> None:
     counts = pd.Series([rule for rule, _ in jobs]).value_counts().to_dict()
     # and config seams: one slide again at half stride (tiles, 4 methods' saliency, both stitchings)
     assert counts == {"demo_data": 1, "tiles": 9, "train_model": 2, "train_surrogate": 2, "saliency": 3 * 4,
-                      "faithfulness": 3 * 4, "heatmaps": 3, "report": 1,
+                      "faithfulness": 3 * 4, "heatmaps": 3, "qupath_tiles": 3, "report": 1,
                       "seams_tiles": 1, "seams_saliency": 4, "seams": 1}  # fmt: skip
 
 

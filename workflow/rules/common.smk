@@ -414,6 +414,15 @@ def heatmaps_settings(wildcards):
                      "class_map": DATASETS[wildcards.dataset]["class_map"]})  # fmt: skip
 
 
+def qupath_settings(wildcards):
+    """Config qupath: what the tile objects carry (`smoothsal export --qupath-tiles`); every map of the
+    container (the config's methods, attributions and layers)."""
+    qp = config["qupath"]
+    settings = {"qupath_subdivide": qp["subdivide"], "qupath_statistics": qp["statistics"]}
+    measures = shlex.join(["--qupath-tile-measures", *qp["tile_measures"]])
+    return f"{cli_args(settings)} {measures}"
+
+
 def train_model_settings(wildcards):
     ds = DATASETS[wildcards.dataset]
     train = cli_args({**ds["model"]["train"], "class_map": ds["class_map"]})
@@ -536,6 +545,12 @@ def get_saliency_stores(wildcards):
                   slide=wildcards.slide, method=METHODS)  # fmt: skip
 
 
+def get_saliency_tables(wildcards):
+    """The slide's per-tile tables, one per method (their probabilities, labels, TV, prediction difference)."""
+    return expand("results/{dataset}/saliency/{slide}/{method}.parquet", dataset=wildcards.dataset,
+                  slide=wildcards.slide, method=METHODS)  # fmt: skip
+
+
 def eval_outputs(pattern):
     """`pattern` for every eval slide of every dataset (and every method, where it has {method})."""
     return [
@@ -574,8 +589,15 @@ def get_report_surrogates(wildcards):
     return [f"results/{dataset}/surrogate.pt" for dataset in DATASETS if slides_of(dataset, "eval")]
 
 
+def get_qupath_outputs():
+    """Config qupath.tiles: every eval slide's QuPath tile objects (none when off)."""
+    if not config["qupath"]["tiles"]:
+        return []
+    return list(dict.fromkeys(eval_outputs("results/{dataset}/qupath/{slide}.geojson.gz")))
+
+
 def get_final_outputs():
-    return ["results/report/index.html"]
+    return ["results/report/index.html", *get_qupath_outputs()]
 
 
 # --- seams: eval slides tiled again at half stride (rule seams) --------------------------------------

@@ -27,3 +27,28 @@ rule heatmaps:
     shell:
         "smoothsal heatmaps {input.slide:q} --saliency {input.saliency:q} --tiles {input.tiles:q}"
         " {params.mpp} {params.annotation} {params.settings} --no-progress --out {output:q} > {log:q} 2>&1"
+
+
+rule qupath_tiles:
+    """Config qupath.tiles: the slide's tile objects with measurements for QuPath's measurement maps."""
+    input:
+        container="results/{dataset}/heatmaps/{slide}.ome.zarr",
+        tables=get_saliency_tables,
+    output:
+        "results/{dataset}/qupath/{slide}.geojson.gz",
+    params:
+        settings=qupath_settings,
+        version=VERSION,
+    log:
+        "results/logs/qupath/{dataset}/{slide}.log",
+    benchmark:
+        "results/benchmarks/qupath/{dataset}/{slide}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    threads: 1
+    conda:
+        "../../envs/smoothsal.yaml"
+    shell:
+        "smoothsal export {input.container:q} --qupath-tiles --gzip --tables {input.tables:q} {params.settings}"
+        " --out {output:q} > {log:q} 2>&1"
