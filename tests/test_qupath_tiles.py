@@ -22,10 +22,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+import yaml
+from helpers import ROOT
 from qupath_geojson import DETECTIONS, QuPathFormatError, load, read_objects
 from test_heatmaps import make_tiles
 
 from smoothsal import heatmaps
+from smoothsal.cli import build_parser
 from smoothsal.errors import BadOption
 from smoothsal.qupath_tiles import SUBDIVISIONS, TileExportSettings, export_tiles, stride_cells
 from smoothsal.store import StoreWriter
@@ -268,3 +271,17 @@ def test_a_20000_tile_slide_stays_under_a_million_objects_and_more_is_refused(ma
     assert len(cells.cols) * max(SUBDIVISIONS) ** 2 < 1_000_000
     with pytest.raises(BadOption, match="use a smaller --qupath-subdivide"):
         export_tiles(made["container"], tmp_path / "s.geojson", TileExportSettings(max_objects=10))
+
+
+def test_the_config_and_the_command_line_default_to_the_settings():
+    """The workflow's config qupath and the command's options leave out nothing: their defaults are
+    `TileExportSettings`' (the one source)."""
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    qp = {k: v["default"] for k, v in schema["properties"]["qupath"]["properties"].items()}
+    t = TileExportSettings
+    assert qp == {"tiles": False, "subdivide": t.subdivide, "statistics": list(t.statistics),
+                  "tile_measures": list(t.tile_measures)}  # fmt: skip
+    args = vars(build_parser().parse_args(["export", "c.ome.zarr", "--qupath-tiles", "--out", "o.geojson"]))
+    assert (args["qupath_subdivide"], args["qupath_statistics"], args["qupath_tile_measures"]) == (
+        t.subdivide, list(t.statistics), list(t.tile_measures))  # fmt: skip
+    assert args["qupath_object_type"] == t.object_type and args["qupath_methods"] is None
