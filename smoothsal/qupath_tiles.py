@@ -50,7 +50,9 @@ __all__ = [
     "TileExportSettings",
     "TileExportSummary",
     "export_tiles",
+    "is_ours",
     "map_statistics",
+    "object_boxes",
     "stride_cells",
 ]
 
