@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,9 @@ def test_module_runs_through_the_report_outside_the_repository(project: Path, sl
     assert "<html" in (report / "index.html").read_text().lower()
     assert (report / "tables" / "tv_per_slide.csv").is_file()
     assert (project / "results" / "my_slides" / "heatmaps" / "cmu.ome.zarr").is_dir()
+    snakemake(project, "--report", "report.zip")  # the captions come from the module (catalog: report: true)
+    with zipfile.ZipFile(project / "report.zip") as archive:
+        assert any(name.endswith("tv_per_slide.csv") for name in archive.namelist())
     assert repository_files() == before, "the module run wrote inside the repository"
 
 
