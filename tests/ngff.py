@@ -95,8 +95,9 @@ def assert_valid_series(container: str | Path) -> list[str]:
         ome = ome_types.from_xml(xml, validate=True)
     except Exception as err:
         raise AssertionError(f"{container}/OME/METADATA.ome.xml is not valid OME-XML: {err}") from err
-    assert [im.id for im in ome.images] == [f"Image:{p}" for p in series], container
-    assert [im.name for im in ome.images] == series, container
+    ids, names = [im.id for im in ome.images], [im.name for im in ome.images]
+    assert ids == [f"Image:{p}" for p in series], (container, "Image IDs", ids)
+    assert names == series, (container, "Image names", names)
     for image, path in zip(ome.images, series, strict=True):
         ms = _ome(root[path])["multiscales"][0]
         axes = [a["name"] for a in ms["axes"]]
