@@ -1,35 +1,14 @@
-"""smoothsal: smooth hidden-layer saliency maps for whole-slide images (Smooth Deep Saliency).
+"""smoothsal in this repository: the workflow (workflow/Snakefile) on the embedded demo.
 
-slides ─tiles─▶ tile tables ─train_surrogate─▶ surrogate ─saliency (per slide × method)─▶ maps + tables
-       ─heatmaps (per slide)─▶ OME-Zarr containers ─report─▶ results/report/
-       ─faithfulness (per slide × method, config faithfulness)─▶ per-tile faithfulness tables ─report
-Configuration: config.yaml (read and checked in workflow/rules/common.smk against
-workflow/schemas/config.schema.yaml and the installed smoothsal's registries). Profiles:
---workflow-profile workflow/profiles/default (local) or workflow/profiles/slurm.
+Configuration: config.yaml (the demo; read and checked in workflow/rules/common.smk against
+workflow/schemas/config.schema.yaml and the installed smoothsal's registries). For a project of your own,
+deploy the workflow as a module instead (README, "Use it in your own project"; config/config.yaml).
+Profiles: --workflow-profile workflow/profiles/default (local) or workflow/profiles/slurm.
 """
 
-from snakemake.utils import min_version
 
-min_version("9.0")
+include: "workflow/Snakefile"
 
-
-include: "workflow/rules/common.smk"
-include: "workflow/rules/demo.smk"
-include: "workflow/rules/tiles.smk"
-include: "workflow/rules/model.smk"
-include: "workflow/rules/surrogate.smk"
-include: "workflow/rules/saliency.smk"
-include: "workflow/rules/heatmaps.smk"
-include: "workflow/rules/seams.smk"
-include: "workflow/rules/faithfulness.smk"
-include: "workflow/rules/report.smk"
-
-
-localrules:
-    all,
-
-
-rule all:
-    input:
-        get_final_outputs(),
-    default_target: True
+# Snakemake keeps the default target of the main Snakefile only (an included file's is reset after the
+# include): the workflow's target rule `all` is this one's too, so that `snakemake --cores all` runs it.
+workflow.default_target = "all"

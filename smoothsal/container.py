@@ -6,7 +6,13 @@ Layout (OME-Zarr, NGFF 0.4 on Zarr v2 by default, 0.5 on Zarr v3):
 - ``tissue/``: the slide as an RGB uint8 pyramid (c, y, x);
 - ``heatmaps/{method}/{attribution}/{layer}/``: float32 pyramids (y, x) of the stitched maps, NaN where
   no tile lies, empty chunks not written;
-- ``tiles``: the tile grid, [n, 4] level-0 (x, y, w, h) px.
+- ``tiles``: the tile grid, [n, 4] level-0 (x, y, w, h) px;
+- ``OME/``: the image list of a multi-image OME-Zarr (NGFF "bioformats2raw.layout": the root attribute
+  ``bioformats2raw.layout: 3``, ``OME/series`` naming the image groups above, tissue first, and
+  ``OME/METADATA.ome.xml``; `ome_series`), so that napari-ome-zarr and Bio-Formats find every image.
+
+Format 2 added ``OME/`` and the layout attribute; format 1 containers (without them) are still read
+(by the viewer, the napari plugin, the report and ``smoothsal export``) and replaced by `smoothsal heatmaps`.
 
 Every image carries NGFF ``coordinateTransformations`` in µm (scale, plus the half-pixel translation
 of pixel centres), so maps of any layer overlay the tissue at their physical size. The root attribute
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -30,7 +37,8 @@ import zarr
 
 from .annotations import Annotations
 from .errors import BadOption, BadStore, MissingInput, one_line
-from .files import MARKER_KEY, OutputKind, check_replaceable
+from .files import MARKER_KEY, ZARR_FILES, OutputKind, check_replaceable
+from .ome_series import XML_KEY, write_series
 
 __all__ = [
     "KIND",
@@ -49,6 +57,7 @@ __all__ = [
     "write_marker",
     "write_multiscales",
     "write_pyramid",
+    "write_series",
 ]
 
 FIX = "give the .ome.zarr that `smoothsal heatmaps` writes"
@@ -172,7 +181,9 @@ def write_multiscales(
     )
 
 
-KIND = OutputKind("heatmap-container", "smoothsal heatmaps", format=1, zarr=True)  # the output marker
+# the output marker; format 1 (before OME/) is still read and replaced
+KIND = OutputKind("heatmap-container", "smoothsal heatmaps", format=2, replaces=(1,), zarr=True,
+                  files=f"{ZARR_FILES}|{re.escape(XML_KEY)}")  # fmt: skip
 
 
 def check_existing(path: Path) -> None:

@@ -31,9 +31,9 @@ from .models import (
     check_arch,
     check_input_size,
     in_channels,
-    save_torch_file,
 )
 from .tiles import TileDataset, read_tile_table, read_tile_tables
+from .torch_files import save_torch_file
 
 __all__ = [
     "MODEL_FORMAT",

@@ -5,7 +5,8 @@ The rule for directory outputs (saliency stores, heatmap containers, reports, vi
 carries a *marker*, ``{"kind": …, "format": N}``, written by the one command that makes that kind of
 output: in the root attributes (key ``smoothsal_output``) of a Zarr group, in a hidden file
 ``.smoothsal-output.json`` inside any other directory. An existing ``--out`` is replaced only if it
-carries the marker of the command now writing (same kind, same format version) or is an empty directory;
+carries the marker of the command now writing (same kind, same format version, or an earlier format that
+the kind lists in ``replaces``) or is an empty directory;
 anything else is refused with one line naming it (`BadOutput`) and left untouched. Nor is a marked output
 replaced while it holds entries its writer did not put there (`foreign_entries`): the marker of a finished
 output records the names at its top level (``"entries"``), and what lies deeper must bear a name the
@@ -82,7 +83,8 @@ class OutputKind:
 
     kind: str  # e.g. "saliency-store"
     command: str  # e.g. "smoothsal saliency"
-    format: int = 1  # bumped when the layout changes: an output of another format is not replaced
+    format: int = 1  # bumped when the layout changes: an output of another format is not replaced …
+    replaces: tuple[int, ...] = ()  # … except these earlier formats of this kind (still read, replaced whole)
     zarr: bool = False  # a Zarr group (marker in its root attributes; the writer puts it there)
     files: str = ""  # regex of the files' paths the writer makes, relative to the output ("": Zarr keys)
 
@@ -98,6 +100,11 @@ class OutputKind:
     def carried_by(self, marker: dict[str, Any] | None) -> bool:
         """Whether ``marker`` (`read_marker`'s) is this kind's, in this format (whatever it records)."""
         return marker is not None and (marker.get("kind"), marker.get("format")) == (self.kind, self.format)
+
+    def replaceable(self, marker: dict[str, Any] | None) -> bool:
+        """Whether an output carrying ``marker`` may be replaced: this kind's, in this or a `replaces` format."""
+        formats = (self.format, *self.replaces)
+        return marker is not None and marker.get("kind") == self.kind and marker.get("format") in formats
 
     def makes(self, relative: str) -> bool:
         """Whether the writer may have made the file at ``relative`` (a POSIX path inside the output)."""
@@ -301,7 +308,7 @@ def check_replaceable(path: str | Path, kind: OutputKind) -> None:
         )
     if not path.exists():
         return
-    if kind.carried_by(read_marker(path)):
+    if kind.replaceable(read_marker(path)):
         with writable(path):
             found = foreign_entries(path, kind)
         if found:

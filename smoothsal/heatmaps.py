@@ -37,6 +37,7 @@ from .container import (
     write_marker,
     write_multiscales,
     write_pyramid,
+    write_series,
 )
 from .errors import BadOption, BadStore, BadTable
 from .files import atomic_path, check_file_out, output_dir
@@ -336,6 +337,7 @@ def write_container(
         }  # fmt: skip
         if annotations is not None:
             meta["annotations"] = annotation_list(annotations)
+        write_series(root, [image["path"] for image in images], f"smoothsal {__version__}")
         root.attrs["smoothsal"] = json.loads(json.dumps(meta, default=str))
         write_marker(root, tmp)
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,9 +22,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .architectures import ARCHITECTURES, check_arch
-from .errors import BadCheckpoint, BadOption, MissingInput, one_line, plain
-from .files import atomic_path
+from .errors import BadCheckpoint, BadOption, MissingInput, one_line
 from .hooks import Hooks
+from .torch_files import load_torch_file
 
 __all__ = [
     "ARCHITECTURES",
@@ -40,12 +39,9 @@ __all__ = [
     "in_channels",
     "layer_map",
     "load_model",
-    "load_torch_dict",
-    "load_torch_file",
     "module_stack",
     "resolve_layer",
     "resolve_layers",
-    "save_torch_file",
     "stage_blocks",
     "weights_sha256",
 ]
@@ -193,36 +189,7 @@ def check_input_size(model: nn.Module, size: int, arch: str, option: str = "--ti
         model.train(was_training)
 
 
-# --- torch files ------------------------------------------------------------------------------
-
-
-def load_torch_file(path: Path, what: str, fix: str = "save it with torch.save(state_dict)") -> object:
-    """``torch.load`` (weights only) with one-line errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInput(f"{what} {path} does not exist; check the path")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises anything from pickle, zipfile and its own checks
-        text = plain(str(err)).strip()
-        first = " ".join(text.splitlines()[0].split()) if text else type(err).__name__
-        raise BadCheckpoint(f"{what} {path} could not be read as a torch file ({first}); {fix}") from err
-
-
-def load_torch_dict(path: Path, what: str, fix: str) -> dict:
-    """``load_torch_file`` of a file that must hold a dict (a smoothsal surrogate, model or state file)."""
-    obj = load_torch_file(path, what, fix)
-    if not isinstance(obj, dict):
-        raise BadCheckpoint(f"{path} is not a {what} (it holds a {type(obj).__name__}); {fix}")
-    return obj
-
-
-def save_torch_file(obj: object, path: str | Path) -> None:
-    """``torch.save`` to a temporary file renamed into place: a kill never leaves a torn file."""
-    buffer = io.BytesIO()  # serialised in memory, then written by Python: a full disk is then an
-    torch.save(obj, buffer)  # OSError (BadOutput naming the file), not torch's internal writer message
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
+# --- checkpoint files ------------------------------------------------------------------------
 
 
 def file_sha256(path: str | Path) -> str:

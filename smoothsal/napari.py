@@ -19,9 +19,10 @@ metadata (`container.Container` opens it); for anything else (another OME-Zarr, 
 container) it returns None and leaves the path to other readers. napari's own builtin reader also declares
 ``*.zarr`` directories (and napari-ome-zarr does too, when installed), so a plain `napari SLIDE.ome.zarr`
 asks which plugin to use: choose smoothsal, or pass ``--plugin smoothsal``. Checked with napari 0.9.2 and
-napari-ome-zarr 0.10.0: napari-ome-zarr returns no layers for a container's root ("No matching spec");
-given one image (SLIDE.ome.zarr/heatmaps/M/A/L) it opens it with the µm scale but without the half-pixel
-translation, and the tissue as three channel layers. napari's builtin reader fails on the root.
+napari-ome-zarr 0.10.0: on the root of a container of format 2 (a multi-image OME-Zarr, `ome_series`)
+napari-ome-zarr opens the tissue (three channel layers) and every map, with the µm scale but without the
+half-pixel translation and with a grey colour map; on a format-1 root it finds nothing ("No matching
+spec"). napari's builtin reader fails on the root.
 """
 
 from __future__ import annotations

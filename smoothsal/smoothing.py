@@ -9,6 +9,7 @@ so layer names and state-dict keys stay as they were.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from torch import nn
 from .errors import BadCheckpoint, BadOption
 from .hooks import Hooks
 from .models import in_channels
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
@@ -123,27 +126,35 @@ class _RollMeanGrad(torch.autograd.Function):
         return _roll_mean_of(grad)
 
 
-class _Recast(nn.Conv2d):
+class _Wrapped(nn.Module):
+    """A downsampling conv run inside a method: the conv itself (its own class and forward, e.g. a
+    subclass that pads dynamically) is kept as ``conv`` and called on a changed input."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
     @classmethod
-    def of(cls, conv: nn.Conv2d) -> nn.Conv2d:
-        """A shallow copy of ``conv`` (same weights) that runs as this class."""
-        new = copy.copy(conv)
-        new.__class__ = cls
-        return new
+    def of(cls, conv: nn.Conv2d) -> _Wrapped:
+        """``conv`` (the same module, same weights) inside this method."""
+        return cls(conv)
+
+    def extra_repr(self) -> str:
+        return "wraps its conv; the conv's own forward runs"
 
 
-class BackwardHookConv2d(_Recast):
+class BackwardHookConv2d(_Wrapped):
     """Same forward; every input pixel receives a gradient from every weight (roll-mean)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(_RollMeanGrad.apply(x))
+        return self.conv(_RollMeanGrad.apply(x))
 
 
-class ForwardHookConv2d(_Recast):
+class ForwardHookConv2d(_Wrapped):
     """The conv applied to the four rolled inputs, averaged (conv is affine: roll-mean first)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(_roll_mean(x))
+        return self.conv(_roll_mean(x))
 
 
 # --- bilinear surrogate -----------------------------------------------------------------------
@@ -318,6 +329,12 @@ class Method:
             names = surrogate.conv_names
         else:
             names = downsampling_convs(model, example)
+            if not names:
+                log.warning(
+                    "%s changes nothing in %s: it has no stride-2 conv after the stem (it downsamples by "
+                    "pooling or not at all), so its maps equal the original's",
+                    self.name, type(model).__name__,
+                )  # fmt: skip
         smoothed = copy.deepcopy(model)
         for name in names:
             parent, _, attr = name.rpartition(".")

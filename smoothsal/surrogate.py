@@ -34,13 +34,12 @@ from .models import (
     file_sha256,
     in_channels,
     load_model,
-    load_torch_dict,
-    save_torch_file,
     weights_sha256,
 )
 from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
 from .surrogate_fit import SurrogateFit, validation_size
 from .tiles import tiles_sha256
+from .torch_files import load_torch_dict, save_torch_file
 
 __all__ = [
     "INITS",

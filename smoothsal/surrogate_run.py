@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .errors import BadCheckpoint, BadOption
 from .files import atomic_path, check_file_out, partial_paths
 from .killpoints import kill_point
-from .models import check_input_size, in_channels, load_model, load_torch_dict, save_torch_file
+from .models import check_input_size, in_channels, load_model
 from .smoothing import SurrogatePaths, smooth
 from .surrogate import (
     EpochBatches,
@@ -54,6 +54,7 @@ from .surrogate_fit import (
     validation_sums,
 )
 from .tiles import TileDataset, TileLoader, default_workers, majority_classes, read_tile_tables, tile_labels
+from .torch_files import load_torch_dict, save_torch_file
 
 __all__ = [
     "STATE_FORMAT",

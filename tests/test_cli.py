@@ -61,6 +61,36 @@ def test_corrupt_checkpoint(cli, tiles_dir, tmp_path):
     assert f"checkpoint {bad} could not be read as a torch file" in err and "torch.save" in err
 
 
+@pytest.mark.parametrize("form", ["torchscript", "pickled module"])
+def test_a_torchscript_or_pickled_model_is_one_line_saying_why_and_how_to_save_its_weights(
+    cli, tiles_dir, tmp_path, form
+):
+    """Issue 25: hooks and module replacement need an eager model built by code, and a pickled module runs code
+    when loaded: one line each with a fix the user can follow, no torch warnings and no "weights_only=False"."""
+    import warnings
+
+    import torch
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=2)
+    path = tmp_path / "model.pt"
+    with warnings.catch_warnings():  # torch.jit.script is deprecated (FutureWarning), still what users have
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(model), path) if form == "torchscript" else torch.save(model, path)
+    err = cli(
+        "compare", tiles_dir / "no-tissue.png", "--checkpoint", path, "--out", tmp_path / "f.png", expect=1
+    ).err
+    assert err.count("\n") == 1 and "Traceback" not in err and "weights_only" not in err, err
+    if form == "torchscript":
+        assert f"checkpoint {path} is a TorchScript archive, which cannot be explained" in err
+        assert "torch.jit.load(PATH).state_dict()" in err
+    else:
+        assert f"checkpoint {path} holds a pickled torchvision.models.resnet.ResNet" in err
+        assert "would run code from the file" in err
+    assert "torch.save(model.state_dict(), PATH)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no output written
+
+
 def test_a_tile_too_small_for_the_model_is_one_line_naming_the_option(cli, tiles_dir, tmp_path):
     """The bundle's head pools 7×7: a 64-px tile is too small; said before any forward pass fails."""
     err = cli("compare", tiles_dir / "no-tissue.png", "--arch", "monai_fc_resnet18", "--num-classes", "1",

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import zarr
 from helpers import CMU
-from ngff import assert_valid_ngff
+from ngff import assert_valid_ngff, assert_valid_series
 
 from smoothsal import container, heatmaps
 from smoothsal.errors import BadOption, BadStore, MissingInput
@@ -145,3 +145,50 @@ def test_the_ngff_check_fails_on_broken_containers(written, tmp_path, case):
     break_it(copy)
     with pytest.raises(AssertionError, match=message):
         assert_valid_ngff(copy)
+
+
+# --- and on containers whose image list (format 2: bioformats2raw layout) breaks the spec or the images ---
+
+
+def _edit_xml(path: Path, old: str, new: str) -> None:
+    xml = path / "OME" / "METADATA.ome.xml"
+    text = xml.read_text()
+    assert old in text
+    xml.write_text(text.replace(old, new, 1))
+
+
+def _edit_attrs(path: Path, change) -> None:
+    attrs = path / ".zattrs"
+    meta = json.loads(attrs.read_text())
+    change(meta)
+    attrs.write_text(json.dumps(meta))
+
+
+def _edit_series(path: Path, change) -> None:
+    attrs = path / "OME" / ".zattrs"
+    meta = json.loads(attrs.read_text())
+    change(meta["series"])
+    attrs.write_text(json.dumps(meta))
+
+
+BROKEN_SERIES = {
+    "another layout version": (lambda p: _edit_attrs(p, lambda a: a.update({"bioformats2raw.layout": 2})), "bioformats2raw"),
+    "a map missing from series": (lambda p: _edit_series(p, lambda s: s.pop()), "series"),
+    "series in another order": (lambda p: _edit_series(p, lambda s: s.reverse()), "series"),
+    "an Image ID that is not its path": (lambda p: _edit_xml(p, 'ID="Image:tissue"', 'ID="Image:0"'), "Image"),
+    "a pixel size that is not level 0's": (lambda p: _edit_xml(p, 'PhysicalSizeY="', 'PhysicalSizeY="3'), "heatmaps|tissue"),
+    "a size that is not level 0's": (lambda p: _edit_xml(p, 'SizeX="', 'SizeX="1'), "heatmaps|tissue"),
+    "XML the OME schema refuses": (lambda p: _edit_xml(p, "<MetadataOnly />", "<Nonsense />"), "not valid OME-XML"),
+    "no XML": (lambda p: (p / "OME" / "METADATA.ome.xml").unlink(), "METADATA"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BROKEN_SERIES))
+def test_the_series_check_fails_on_broken_image_lists(written, tmp_path, case):
+    break_it, message = BROKEN_SERIES[case]
+    copy = tmp_path / "broken.ome.zarr"
+    shutil.copytree(written[0], copy)
+    assert assert_valid_series(copy) == ["tissue", LAYER1]  # valid before it is broken
+    break_it(copy)
+    with pytest.raises((AssertionError, FileNotFoundError), match=message):
+        assert_valid_series(copy)

@@ -18,11 +18,12 @@ from smoothsal.annotations.masks import tile_label_mask
 from smoothsal.faithfulness import FaithfulnessSettings, sample_tiles
 from smoothsal.faithfulness_tables import FAITHFULNESS_COLUMNS, RANDOMISATION_COLUMNS, read_faithfulness
 from smoothsal.metrics import region_fraction
-from smoothsal.models import Normalize, load_model, save_torch_file
+from smoothsal.models import Normalize, load_model
 from smoothsal.perturbation import PerturbationSettings, deletion_insertion
 from smoothsal.saliency import tile_seed
 from smoothsal.store import open_store
 from smoothsal.tiles import TileDataset, read_tile_table
+from smoothsal.torch_files import save_torch_file
 
 LAYERS = ("layer1", "layer2", "layer3")
 SAMPLE, STEPS = 4, 3

@@ -8,6 +8,7 @@ exactly; the last test runs the real `tiles` → `saliency` → `heatmaps` chain
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -497,3 +498,29 @@ def _array_paths(group, prefix: str = "") -> list[str]:
     for name, sub in group.groups():
         paths += _array_paths(sub, f"{prefix}{name}/")
     return paths
+
+
+def test_a_format_1_container_is_replaced_and_a_later_format_refused(cli, cmu, grid, tmp_path):
+    """Format 2 added OME/ (the bioformats2raw image list): a container of format 1 (as written before,
+    without it) is still `smoothsal heatmaps`' own and is replaced; one of a format it does not know is not."""
+    tiles, table = grid
+    store = write_store(tmp_path / "original.zarr", table, "original", random_maps(table))
+    out = tmp_path / "s.ome.zarr"
+    args = ["heatmaps", str(cmu), "--saliency", str(store), "--tiles", str(tiles), "--no-tissue",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    cli(*args)
+    root = zarr.open_group(out, mode="r+")
+    assert root.attrs[files.MARKER_KEY]["format"] == 2 and "OME" in root.attrs[files.MARKER_KEY]["entries"]
+    shutil.rmtree(out / "OME")  # now as format 1 wrote it
+    attrs = dict(root.attrs)
+    del attrs["bioformats2raw.layout"]
+    attrs[files.MARKER_KEY] = attrs[files.MARKER_KEY] | {"format": 1, "entries": ["heatmaps", "tiles"]}
+    root.attrs.put(attrs)
+    cli(*args)
+    assert zarr.open_group(out, mode="r").attrs[files.MARKER_KEY]["format"] == 2
+    assert_valid_ngff(out)
+    root = zarr.open_group(out, mode="r+")
+    root.attrs[files.MARKER_KEY] = root.attrs[files.MARKER_KEY] | {"format": 3}
+    err = cli(*args, expect=1).err.strip()
+    assert f"{out} exists and is a heatmap-container (format 3)" in err, err
+    assert "replaces only a heatmap-container (format 2)" in err, err

@@ -6,6 +6,11 @@ run as a script) on an Xvfb display started here, so no Qt state or X connection
 child opens the container through napari's plugin machinery (`viewer.open(..., plugin="smoothsal")`),
 takes `viewer.screenshot()` of the tissue alone and of each heatmap over it, and the parent checks that
 every hot spot lands on its disk and every disk where napari's camera puts its µm position.
+
+The same check runs with napari-ome-zarr alone (smoothsal's plugin disabled) on the container's root, a
+multi-image OME-Zarr (format 2: bioformats2raw layout): it must find the tissue (one layer per channel) and
+every map. napari-ome-zarr keeps only each image's scale, not the NGFF translation of pixel centres, so each
+image sits half of its level-0 pixel up and left of where NGFF puts it; the check predicts that shift.
 """
 
 from __future__ import annotations
@@ -67,15 +72,16 @@ def display() -> Iterator[str]:
 
 
 def screenshots(
-    container: Path, display: str, out: Path, scale: float = 1.0
+    container: Path, display: str, out: Path, scale: float = 1.0, plugin: str = "smoothsal"
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Run the napari child; its layer summary and screenshots (name → RGB). ``scale`` ≠ 1 multiplies each
-    heatmap layer's scale after the reader set it: a deliberately wrong scale, which the check must catch."""
+    heatmap layer's scale after the reader set it: a deliberately wrong scale, which the check must catch.
+    ``plugin``: the reader napari opens the container with (smoothsal's, or napari-ome-zarr alone)."""
     _napari()
     env = dict(os.environ, DISPLAY=display, QT_QPA_PLATFORM="xcb", NAPARI_CONFIG=str(out / "napari.yaml"),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))  # fmt: skip
     done = subprocess.run(
-        [sys.executable, __file__, str(container), str(out), str(scale)], env=env, capture_output=True,
+        [sys.executable, __file__, str(container), str(out), str(scale), plugin], env=env, capture_output=True,
         text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -97,27 +103,37 @@ def _screen(summary: dict, um: tuple[float, float], shape: tuple[int, ...]) -> n
     return np.array([(um[1] - cy) * zoom + shape[0] / 2, (um[0] - cx) * zoom + shape[1] / 2]) - 0.5
 
 
-def check_hot_spots(summary: dict, shots: dict[str, np.ndarray], names: list[str]) -> dict[str, float]:
+def check_hot_spots(
+    summary: dict, shots: dict[str, np.ndarray], names: list[str], drop_um: dict[str, float] | None = None,
+    transparent_zero: bool = True,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """Every tissue disk where napari's camera puts its µm position, every heatmap's hot spot on its disk
-    (AssertionError otherwise); returns each hot spot's offset from its disk (screen px)."""
+    (AssertionError otherwise); returns each hot spot's offset from its disk (screen px, (row, col)).
+
+    ``drop_um``: how far up and left (µm, both axes) a reader puts each image ("tissue" and the map names)
+    from where its NGFF metadata puts it; a hot spot must then be off its disk by the difference."""
     from test_viewer import DISK_UM, FEATURES
 
+    drop_um = drop_um or {}
     tissue = shots["tissue"]
     zoom = summary["camera"]["zoom"]
     disks = {}
     for layer, ((x, y), colour, _) in FEATURES.items():
         disks[layer], area = _blob(np.abs(tissue - colour).max(axis=2) < 30)
-        assert np.abs(disks[layer] - _screen(summary, (x, y), tissue.shape)).max() < 2.0, layer
+        d = drop_um.get("tissue", 0.0)
+        assert np.abs(disks[layer] - _screen(summary, (x - d, y - d), tissue.shape)).max() < 2.0, layer
         assert abs(area - np.pi * (DISK_UM * zoom) ** 2) < 0.1 * area, (layer, area)
-    top = np.asarray(summary["top_colour"])
     offsets = {}
     for name in names:
         layer = name.rsplit("/", 1)[1]
         shot = shots[name]
+        top = np.asarray(summary.get("tops", {}).get(name, summary["top_colour"]))
         spot, area = _blob(np.abs(shot - top).max(axis=2) < 12)  # saturated: values >= the upper limit
-        offsets[name] = float(np.abs(spot - disks[layer]).max())
-        assert offsets[name] < 2.5, (name, spot, disks[layer], offsets)
-        if name.split("/")[1] == "gradient":  # ~0 elsewhere: transparent, the other disks show through
+        offsets[name] = spot - disks[layer]
+        expected = -(drop_um.get(name, 0.0) - drop_um.get("tissue", 0.0)) * zoom
+        assert np.abs(offsets[name] - expected).max() < 2.5, (name, spot, disks[layer], expected, offsets)
+        assert np.hypot(*offsets[name]) < 0.5 * DISK_UM * zoom, (name, offsets[name])  # on its disk
+        if transparent_zero and name.split("/")[1] == "gradient":  # ~0 elsewhere: other disks show through
             for other, ((x, y), colour, _) in FEATURES.items():
                 if other != layer:
                     r, c = np.round(disks[other]).astype(int)
@@ -137,7 +153,52 @@ def test_napari_shows_every_heatmap_on_its_tissue_disk(container: Path, display:
     assert summary["layers"] == summary["open_viewer_layers"]  # `smoothsal view --napari`: the same layers
     assert summary["plugin"] == "smoothsal"
     offsets = check_hot_spots(summary, shots, names)
-    print("hot spot offsets from their disks (screen px):", {k: round(v, 2) for k, v in offsets.items()})
+    print("hot spot offsets from their disks (screen px):", {k: v.round(2).tolist() for k, v in offsets.items()})  # fmt: skip
+
+
+def test_napari_ome_zarr_alone_opens_the_root_with_every_map_on_its_disk(
+    container: Path, display: str, tmp_path: Path
+) -> None:
+    """napari-ome-zarr, smoothsal's plugin disabled, on the container's root (format 2): the tissue (a layer
+    per channel) and every map, each at its level-0 µm scale but without the NGFF pixel-centre translation;
+    every hot spot on its disk, off it by just the half pixels napari-ome-zarr drops."""
+    pytest.importorskip(
+        "napari_ome_zarr", reason="napari-ome-zarr is not installed: pip install -e '.[test]'"
+    )
+    from smoothsal.container import open_container
+
+    summary, shots = screenshots(container, display, tmp_path, plugin="napari-ome-zarr")
+    assert summary["plugin"] == "napari-ome-zarr" and "smoothsal" not in summary["plugins"]
+    names = heatmap_names(container)
+    assert summary["keys"] == ["tissue"] * 3 + names
+    assert [layer["name"] for layer in summary["layers"][:3]] == ["tissue: R", "tissue: G", "tissue: B"]
+    c = open_container(container)
+    images = {key: c.image("tissue" if key == "tissue" else f"heatmaps/{key}") for key in summary["keys"]}
+    for layer, key in zip(summary["layers"], summary["keys"], strict=True):
+        assert layer["scale"] == list(images[key].levels[0].scale), (key, layer)
+        assert layer["translate"] == [0.0, 0.0] and layer["affine"] == np.eye(3).tolist(), (key, layer)
+    drop = {key: image.levels[0].translation[0] for key, image in images.items()}  # half a level-0 pixel
+    offsets = check_hot_spots(summary, shots, names, drop_um=drop, transparent_zero=False)
+    zoom, mpp = summary["camera"]["zoom"], c.meta["slide_mpp"]
+    for name, offset in offsets.items():  # measured (screen px → µm → slide level-0 px) vs NGFF's place
+        um = offset / zoom
+        print(f"napari-ome-zarr {name}: hot spot off its disk by (y, x) {um.round(2).tolist()} µm = "
+              f"{(um / mpp).round(1).tolist()} slide level-0 px; dropped translations predict "
+              f"{drop['tissue'] - drop[name]:.1f} µm")  # fmt: skip
+
+
+def test_a_format_1_container_still_opens_in_the_plugin(display: str, tmp_path: Path) -> None:
+    """A container as `smoothsal heatmaps` wrote it before the image list (format 1: no OME/, no layout
+    attribute) opens through smoothsal's plugin as before, every hot spot on its disk."""
+    from test_viewer import write_container
+
+    old = write_container(tmp_path / "format1.ome.zarr", series=False)
+    assert not (old / "OME").exists() and "bioformats2raw.layout" not in zarr.open_group(old, mode="r").attrs
+    summary, shots = screenshots(old, display, tmp_path)
+    names = heatmap_names(old)
+    assert [layer["name"] for layer in summary["layers"]] == ["tissue", *names]
+    assert summary["layers"] == summary["open_viewer_layers"]
+    check_hot_spots(summary, shots, names)
 
 
 def test_a_wrong_layer_scale_fails_the_check(container: Path, display: str, tmp_path: Path) -> None:
@@ -232,8 +293,9 @@ def test_manifest_and_entry_point() -> None:
 # --- child side: napari itself ---------------------------------------------------------------------------
 
 
-def _child(container: str, out: str, scale: float) -> None:
-    """Open the container in napari through the plugin, and screenshot the tissue and each heatmap."""
+def _child(container: str, out: str, scale: float, plugin: str) -> None:
+    """Open the container in napari through ``plugin`` (smoothsal's, or napari-ome-zarr with smoothsal's
+    disabled), and screenshot the tissue and each heatmap."""
     import napari
     import npe2
 
@@ -241,18 +303,25 @@ def _child(container: str, out: str, scale: float) -> None:
 
     pm = npe2.PluginManager.instance()
     pm.discover()
-    if "smoothsal" not in {m.name for m in pm.iter_manifests()}:  # an install of another checkout
-        pm.register(npe2.PluginManifest.from_file(MANIFEST))
+    if plugin == "smoothsal" and "smoothsal" not in {m.name for m in pm.iter_manifests()}:
+        pm.register(npe2.PluginManifest.from_file(MANIFEST))  # an install of another checkout
+    elif plugin != "smoothsal" and "smoothsal" in {m.name for m in pm.iter_manifests()}:
+        pm.disable("smoothsal")
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1100, 900)
-    layers = viewer.open(container, plugin="smoothsal")
+    layers = viewer.open(container, plugin=plugin)
+
+    def key(layer) -> str:  # napari-ome-zarr names a map "layer1: heatmaps/original/gradient/layer1"
+        name = layer.name.split(": ", 1)[-1]
+        return "tissue" if layer.name.startswith("tissue") else name.removeprefix("heatmaps/")
 
     def summary(layer_list) -> list[dict]:
         return [{"name": ly.name, "scale": [float(v) for v in ly.scale], "translate": [float(v) for v in ly.translate],
+                 "affine": np.asarray(ly.affine.affine_matrix).round(9).tolist(),
                  "contrast_limits": [float(v) for v in ly.contrast_limits], "blending": str(ly.blending),
                  "rgb": bool(ly.rgb)} for ly in layer_list]  # fmt: skip
 
-    heat = [ly for ly in layers if ly.name != "tissue"]
+    heat = [ly for ly in layers if key(ly) != "tissue"]
     for ly in heat:
         ly.visible = False
         ly.scale = [s * scale for s in ly.scale]  # 1.0 except in the wrong-scale test
@@ -260,19 +329,24 @@ def _child(container: str, out: str, scale: float) -> None:
     shots = {"tissue": viewer.screenshot(canvas_only=True, flash=False)}
     for ly in heat:
         ly.visible = True
-        shots[ly.name] = viewer.screenshot(canvas_only=True, flash=False)
+        shots[key(ly)] = viewer.screenshot(canvas_only=True, flash=False)
         ly.visible = False
     camera = viewer.camera
     info = {
         "plugin": layers[0].source.reader_plugin,
+        "plugins": sorted({m.name for m in pm.iter_manifests() if not pm.is_disabled(m.name)}),
         "layers": summary(layers),
+        "keys": [key(ly) for ly in layers],
         "camera": {"center": [float(v) for v in camera.center], "zoom": float(camera.zoom)},
         "top_colour": (np.asarray(sn.colormap().map(np.array([1.0])))[0, :3] * 255).round().tolist(),
-    }
+        "tops": {key(ly): (np.asarray(ly.colormap.map(np.array([1.0])))[0, :3] * 255).round().tolist()
+                 for ly in heat},
+    }  # fmt: skip
     viewer.close()
-    second = sn.open_napari(container, run=False)  # what `smoothsal view --napari` shows
-    info["open_viewer_layers"] = summary(second.layers)
-    second.close()
+    if plugin == "smoothsal":
+        second = sn.open_napari(container, run=False)  # what `smoothsal view --napari` shows
+        info["open_viewer_layers"] = summary(second.layers)
+        second.close()
     Path(out, "summary.json").write_text(json.dumps(info))
     np.savez_compressed(Path(out, "shots.npz"), **shots)
 
@@ -281,4 +355,4 @@ if __name__ == "__main__":
     import warnings
 
     warnings.simplefilter("ignore", DeprecationWarning)
-    _child(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    _child(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4])

@@ -36,8 +36,9 @@ def gradient_towards_conv_input(net: nn.Module) -> torch.Tensor:
         seen["x"] = inputs[0].detach().requires_grad_()
         return (seen["x"],)
 
-    net.down.register_forward_pre_hook(as_leaf)
+    handle = net.down.register_forward_pre_hook(as_leaf)
     net(x).sum().backward()
+    handle.remove()  # a later copy of ``net`` (``smooth``) must not carry it
     return seen["x"].grad[0, 0]
 
 
@@ -84,6 +85,60 @@ def test_forward_hook_is_the_mean_of_four_rolled_convs():
     expected = torch.stack([conv(torch.roll(x, s, (2, 3))) for s in SHIFTS]).mean(0)
     recast = ss.smoothing.ForwardHookConv2d.of(conv)
     assert torch.allclose(recast(x), expected, atol=1e-6)
+
+
+class SameConv2d(nn.Conv2d):
+    """A conv subclass with its own forward, like timm's ``Conv2dSame``: TF "same" padding computed from the
+    input size at each call (asymmetric on odd sizes), then an unpadded conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1], strict=True):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.conv2d(nn.functional.pad(x, pads), self.weight, self.bias, self.stride)
+
+
+def test_a_conv_subclass_keeps_its_own_forward_under_every_hook_method():
+    """Issue 25: the methods wrap a downsampling conv instead of recasting its class, so a subclass's own
+    forward (dynamic padding) still runs: the backward hook's logits equal the original's bit for bit, at an
+    even and an odd input size, and the forward hook is the mean of the subclass conv over the four rolls."""
+    torch.manual_seed(0)
+    net = nn.Sequential(SameConv2d(3, 4, 3, stride=2), nn.ReLU(), SameConv2d(4, 5, 3, stride=2), nn.ReLU(),
+                        SameConv2d(5, 6, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()  # fmt: skip
+    assert ss.downsampling_convs(net, torch.zeros(1, 3, 64, 64)) == ["2", "4"]
+    for size in (64, 45):
+        x = torch.randn(2, 3, size, size)
+        backward = ss.smooth(net, "backward_hook", example=x)
+        assert type(backward[2].conv) is SameConv2d and torch.equal(backward(x), net(x))
+        forward = ss.smooth(net, "forward_hook", example=x)
+        inner = forward[:4](x)  # what the conv "4" sees in the smoothed model
+        expected = torch.stack([net[4](torch.roll(inner, s, (2, 3))) for s in SHIFTS]).mean(0)
+        assert torch.allclose(forward[:5](x), expected, atol=1e-6)
+
+
+def test_a_network_that_downsamples_by_pooling_is_told_that_the_hooks_change_nothing(caplog):
+    """Issue 25: a VGG-like net (stride-1 convs, max pooling) has nothing for a method to change: the hook
+    methods say so in one warning line and return the original's function; the surrogate is refused."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()  # fmt: skip
+    x = torch.randn(1, 3, 32, 32)
+    for method in ("backward_hook", "forward_hook"):
+        caplog.clear()
+        smoothed = ss.smooth(net, method, example=x)
+        assert torch.equal(smoothed(x), net(x))
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        expected = (
+            f"{method} changes nothing in Sequential: it has no stride-2 conv after the stem (it downsamples "
+            "by pooling or not at all), so its maps equal the original's"
+        )
+        assert lines == [expected]
+    caplog.clear()
+    ss.smooth(net, "original", example=x)
+    assert not caplog.records  # the original is meant to change nothing
+    with pytest.raises(ValueError, match="Sequential has no downsampling convs to replace"):
+        ss.SurrogatePaths.for_model(net, x)
 
 
 def test_backward_hook_gradient_is_the_roll_mean():

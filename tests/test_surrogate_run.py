@@ -28,12 +28,13 @@ from helpers import conv_io, train_args
 
 from smoothsal import load_model, metrics, smooth
 from smoothsal.evaluation import evaluate
-from smoothsal.models import Normalize, save_torch_file
+from smoothsal.models import Normalize
 from smoothsal.smoothing import SurrogatePaths
 from smoothsal.surrogate import TrainSettings, read_surrogate
 from smoothsal.surrogate_fit import split_tiles
 from smoothsal.surrogate_run import STATE_FORMAT, RunOptions, per_rank_batch_size, run_training, training_data
 from smoothsal.tiles import TileDataset, read_tile_table, tile_labels
+from smoothsal.torch_files import save_torch_file
 
 STEPS_PER_EPOCH = (TILES - VALIDATION) // BATCH
 # lr 0.01 overshoots at first and its validation L1 rises again after epoch 3: the rule stops at

@@ -35,6 +35,7 @@ from PIL import Image
 from skimage.transform import downscale_local_mean
 
 from smoothsal import viewer
+from smoothsal.container import write_series
 from smoothsal.errors import BadOutput, BadStore
 
 SLIDE_MPP = 0.5
@@ -75,6 +76,20 @@ def datasets(um: float, n: int, lead: int) -> list[dict]:
     ]
 
 
+def _omero(levels: list[np.ndarray], name: str) -> dict:
+    """omero rendering settings as `smoothsal heatmaps` writes them: RGB tissue; a map grey, window p1–p99."""
+    if levels[0].dtype == np.uint8:
+        return {"channels": [{"label": c, "color": colour, "active": True,
+                              "window": {"min": 0, "max": 255, "start": 0, "end": 255}}
+                             for c, colour in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))],
+                "rdefs": {"model": "color"}}  # fmt: skip
+    finite = levels[-1][np.isfinite(levels[-1])]
+    lo, hi = np.percentile(finite, [1, 99]).tolist()
+    window = {"min": float(finite.min()), "max": float(finite.max()), "start": lo, "end": hi}
+    return {"channels": [{"label": name, "color": "FFFFFF", "active": True, "window": window}],
+            "rdefs": {"model": "greyscale"}}  # fmt: skip
+
+
 def _write_image(group: zarr.Group, levels: list[np.ndarray], um: float, axes: list[dict]) -> None:
     """Levels as NGFF 0.4 arrays ('/' chunk keys, 512 px chunks, NaN fill for maps) + ome-zarr-py metadata."""
     lead = levels[0].ndim - 2
@@ -82,7 +97,9 @@ def _write_image(group: zarr.Group, levels: list[np.ndarray], um: float, axes: l
     for k, data in enumerate(levels):
         group.create_array(str(k), data=data, chunks=(*data.shape[:lead], 512, 512), fill_value=fill,
                            chunk_key_encoding={"name": "v2", "separator": "/"})  # fmt: skip
-    write_multiscales_metadata(group, datasets(um, len(levels), lead), fmt=FormatV04(), axes=axes)
+    name = group.path
+    write_multiscales_metadata(group, datasets(um, len(levels), lead), fmt=FormatV04(), axes=axes, name=name,
+                               metadata={"omero": _omero(levels, name)})  # fmt: skip
 
 
 def tissue_image() -> np.ndarray:
@@ -111,9 +128,11 @@ def heatmap(method: str, attribution: str, layer: str) -> np.ndarray:
 
 
 def write_container(
-    path: Path, methods=("original", "surrogate"), attributions=("gradient", "deeplift")
+    path: Path, methods=("original", "surrogate"), attributions=("gradient", "deeplift"), series: bool = True
 ) -> Path:
-    """A small heatmap container laid out as the contract (and `smoothsal heatmaps`) describes."""
+    """A small heatmap container laid out as the contract (and `smoothsal heatmaps`) describes: format 2
+    (the images also listed as a bioformats2raw-layout collection, `container.write_series`), or with
+    ``series=False`` format 1 (as `smoothsal heatmaps` wrote before: no ``OME/``)."""
     root = zarr.open_group(str(path), mode="w", zarr_format=2)
     space = [{"name": a, "type": "space", "unit": "micrometer"} for a in ("y", "x")]
     tissue = tissue_image()
@@ -149,6 +168,8 @@ def write_container(
             {"class": 1, "name": "Tumor", "vertices": [[x / SLIDE_MPP, y / SLIDE_MPP] for x, y in square]}
         ],
     }
+    if series:
+        write_series(root, [image["path"] for image in images], "smoothsal tests")
     assert_valid_ngff(path)
     return path
 
@@ -572,6 +593,22 @@ def test_whole_slide_container_opens_without_reading_whole_levels(
     assert np.abs(np.asarray(Image.open(io.BytesIO(jpeg)), dtype=int) - 7).max() <= 2
     assert np.all(values[100:200, 44:144] == 2.5) and np.isnan(values[:100]).all()
     assert c.tile_bytes(1, 0, 40, 40) is None  # never written: an empty tile, no content
+
+
+def test_a_format_1_container_serves_the_same_page(container: Path, tmp_path: Path) -> None:
+    """A container as `smoothsal heatmaps` wrote it before the image list (format 1: no OME/) gives the
+    viewer the same manifest, tiles and grid as the same container in format 2, and exports."""
+    old = write_container(tmp_path / "format1.ome.zarr", series=False)
+    assert (container / "OME").is_dir() and not (old / "OME").exists()
+    now, before = viewer.Page(container), viewer.Page(old)
+    assert {k: v for k, v in before.manifest().items() if k != "version"} == {
+        k: v for k, v in now.manifest().items() if k != "version"
+    }
+    keys = [(i, 0, 0, 0) for i in range(len(now.images))] + [(0, 0, 1, 1), (1, 0, 2, 1)]
+    assert all(before.tile_bytes(*k) == now.tile_bytes(*k) for k in keys)
+    assert before.grid() == now.grid()
+    summary = viewer.export(old, tmp_path / "site", progress=False)
+    assert summary.tiles > 0 and (tmp_path / "site" / "index.html").is_file()
 
 
 def test_export_replaces_an_earlier_export_only(container: Path, tmp_path: Path) -> None:

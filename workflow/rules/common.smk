@@ -74,7 +74,10 @@ def check_syntax(path):
         ) from None
 
 
-check_syntax(CONFIG_FILE)
+# Used as a module (`module smoothsal: ... config: config`), the workflow gets the project's config and
+# Snakemake skips the configfile statement below; this repository's Snakefile reads config.yaml.
+if not getattr(workflow.modifier, "skip_configfile", False):
+    check_syntax(CONFIG_FILE)
 
 
 configfile: CONFIG_FILE
@@ -91,16 +94,19 @@ DEMO_SLIDES = {
 }  # fmt: skip
 SAMPLE_COLUMNS = ("slide_id", "path", "annotation", "split", "mpp")
 # The one definition of a valid slide id (it names output files): the sample sheet schema's, for globs too.
-with open(Path(workflow.basedir) / "workflow" / "schemas" / "samples.schema.yaml") as f:
+# Files of the workflow are found relative to this file (workflow.source_path), never workflow.basedir: in a
+# module that is the directory of the project's own Snakefile.
+with open(workflow.source_path("../schemas/samples.schema.yaml")) as f:
     SLIDE_ID = re.compile(yaml.safe_load(f)["properties"]["slide_id"]["pattern"])
 
 
 def smoothsal_version():
-    """The installed smoothsal's version (else the checkout's): a params entry of every rule."""
+    """The installed smoothsal's version (else the workflow's own, from its repository's pyproject.toml):
+    a params entry of every rule."""
     try:
         return importlib.metadata.version("smoothsal")
     except importlib.metadata.PackageNotFoundError:
-        with open(Path(workflow.basedir) / "pyproject.toml", "rb") as f:
+        with open(workflow.source_path("../../pyproject.toml"), "rb") as f:
             return tomllib.load(f)["project"]["version"]
 
 
@@ -483,8 +489,16 @@ def slides_of(dataset, split):
 
 
 def load_slide_fingerprint():
-    """smoothsal's `slide_fingerprint`, loaded from its file: importing the package would import torch."""
-    path = Path(workflow.basedir) / "smoothsal" / "fingerprint.py"
+    """smoothsal's `slide_fingerprint` (standard library only): from the installed smoothsal, which loads its
+    names lazily (no torch), as in a deployed module; where smoothsal is not importable in Snakemake's own
+    environment (its jobs run in the conda env), from the file in the workflow's repository, beside it."""
+    try:
+        from smoothsal.fingerprint import slide_fingerprint
+    except ImportError:
+        pass
+    else:
+        return slide_fingerprint
+    path = workflow.source_path("../../smoothsal/fingerprint.py")
     spec = importlib.util.spec_from_file_location("smoothsal_fingerprint", path)
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
