@@ -11,8 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..smoothing import METHODS
-from .tables import Collected, Table, display_labels, label_of, mean_std, measure_long, ordered, wide
+from .tables import (
+    Collected,
+    Table,
+    display_labels,
+    label_of,
+    mean_std,
+    measure_long,
+    measure_orders,
+    wide,
+)
 
 __all__ = ["NOT_RECORDED", "checkerboard_table", "lowered"]
 
@@ -38,13 +46,7 @@ def checkerboard_table(collected: Collected) -> Table:
         for m, s, r in zip(long["mean"], long["std"], long["recorded"], strict=True)
     ]
     rows, cols = ["dataset", "model", "layer"], ["attribution", "method"]
-    row_order = list(dict.fromkeys(long[rows].itertuples(index=False, name=None)))
-    col_order = [
-        (a, m)
-        for a in collected.attributions
-        for m in ordered(long["method"], METHODS)
-        if ((long["attribution"] == a) & (long["method"] == m)).any()
-    ]
+    row_order, col_order = measure_orders(collected, long, rows)
     cells = wide(long.assign(text=text), rows, cols, "text", row_order, col_order).fillna("–")
     marked = wide(long, rows, cols, "lowest", row_order, col_order).fillna(False).astype(bool)
     note = (

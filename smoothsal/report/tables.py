@@ -227,6 +227,21 @@ def wide(
     return wide.reindex(index=index, columns=columns)
 
 
+def measure_orders(
+    collected: Collected, long: pd.DataFrame, rows: list[str]
+) -> tuple[list[tuple], list[tuple]]:
+    """Row and column order of a per-layer measure table (TV, checkerboard): rows as they come, columns
+    attribution × method in the run's attribution order and the paper's method order."""
+    row_order = list(dict.fromkeys(long[rows].itertuples(index=False, name=None)))
+    col_order = [
+        (a, m)
+        for a in collected.attributions
+        for m in ordered(long["method"], METHODS)
+        if ((long["attribution"] == a) & (long["method"] == m)).any()
+    ]
+    return row_order, col_order
+
+
 def display_labels(frame: pd.DataFrame) -> pd.DataFrame:
     """Display names for methods, attributions and measures in the index and the columns."""
 
@@ -298,13 +313,7 @@ def _tv_table(collected: Collected, per_slide: bool) -> Table:
     rows = ["dataset", "model", *(["slide_id"] if per_slide else []), "layer"]
     cols = ["attribution", "method"]
     long["text"] = [mean_std(m, s, 3) for m, s in zip(long["mean"], long["std"], strict=True)]
-    row_order = list(dict.fromkeys(long[rows].itertuples(index=False, name=None)))
-    col_order = [
-        (a, m)
-        for a in collected.attributions
-        for m in ordered(long["method"], METHODS)
-        if ((long["attribution"] == a) & (long["method"] == m)).any()
-    ]
+    row_order, col_order = measure_orders(collected, long, rows)
     cells = wide(long, rows, cols, "text", row_order, col_order).fillna("–")
     marked = wide(long, rows, cols, "lowest", row_order, col_order).fillna(False).astype(bool)
     name, title = ("tv_per_slide", "Total variation per slide") if per_slide else ("tv", "Total variation")
