@@ -554,15 +554,19 @@ def get_surrogate(wildcards):
     return [f"results/{wildcards.dataset}/surrogate.pt"] if wildcards.method == "surrogate" else []
 
 
+def saliency_outputs(wildcards, suffix):
+    """The slide's saliency outputs, one per method: stores (``zarr``) or per-tile tables (``parquet``)."""
+    return expand("results/{dataset}/saliency/{slide}/{method}.{suffix}", dataset=wildcards.dataset,
+                  slide=wildcards.slide, method=METHODS, suffix=suffix)  # fmt: skip
+
+
 def get_saliency_stores(wildcards):
-    return expand("results/{dataset}/saliency/{slide}/{method}.zarr", dataset=wildcards.dataset,
-                  slide=wildcards.slide, method=METHODS)  # fmt: skip
+    return saliency_outputs(wildcards, "zarr")
 
 
 def get_saliency_tables(wildcards):
-    """The slide's per-tile tables, one per method (their probabilities, labels, TV, prediction difference)."""
-    return expand("results/{dataset}/saliency/{slide}/{method}.parquet", dataset=wildcards.dataset,
-                  slide=wildcards.slide, method=METHODS)  # fmt: skip
+    """The slide's per-tile tables (their probabilities, labels, TV, prediction difference)."""
+    return saliency_outputs(wildcards, "parquet")
 
 
 def eval_outputs(pattern):
