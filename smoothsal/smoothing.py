@@ -134,11 +134,6 @@ class _Wrapped(nn.Module):
         super().__init__()
         self.conv = conv
 
-    @classmethod
-    def of(cls, conv: nn.Conv2d) -> _Wrapped:
-        """``conv`` (the same module, same weights) inside this method."""
-        return cls(conv)
-
     def extra_repr(self) -> str:
         return "wraps its conv; the conv's own forward runs"
 
@@ -354,8 +349,8 @@ def _surrogate_path(name: str, _conv: nn.Conv2d, surrogate: SurrogatePaths | Non
 _REGISTRY = (
     Method("original", "Original", "tab:gray", None),
     Method("surrogate", "Bilinear surrogate", "tab:blue", _surrogate_path, needs_surrogate=True),
-    Method("backward_hook", "Backward hook", "tab:orange", lambda _n, conv, _s: BackwardHookConv2d.of(conv)),
-    Method("forward_hook", "Forward hook", "tab:green", lambda _n, conv, _s: ForwardHookConv2d.of(conv)),
+    Method("backward_hook", "Backward hook", "tab:orange", lambda _n, conv, _s: BackwardHookConv2d(conv)),
+    Method("forward_hook", "Forward hook", "tab:green", lambda _n, conv, _s: ForwardHookConv2d(conv)),
 )
 METHODS = tuple(m.name for m in _REGISTRY)
 _BY_NAME = {m.name: m for m in _REGISTRY}
