@@ -1,5 +1,6 @@
 """Load the supported models (their registry is ``architectures``); their input normalisation;
-canonicalise ReLUs; name the resolution stages; read and write torch files.
+canonicalise ReLUs; read and write torch files. The resolution stages (layer aliases) live in
+``stages`` and are re-exported here.
 
 Canonical form matters for DeepLift: Captum (and our one-pass DeepLift) attach state to each ReLU
 module, so a ReLU module that runs twice, or a functional ``F.relu``, gives wrong attributions.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,12 @@ from torch.overrides import TorchFunctionMode
 from .architectures import ARCHITECTURES, check_arch
 from .errors import BadCheckpoint, BadOption, MissingInput, one_line
 from .hooks import Hooks
+from .stages import BLOCKS_ALIAS, layer_map, resolve_layer, resolve_layers, stage_blocks, stage_modules
 from .torch_files import load_torch_file
 
 __all__ = [
     "ARCHITECTURES",
+    "BLOCKS_ALIAS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Normalize",
@@ -43,6 +46,7 @@ __all__ = [
     "resolve_layer",
     "resolve_layers",
     "stage_blocks",
+    "stage_modules",
     "weights_sha256",
 ]
 
@@ -366,75 +370,3 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> list[nn.Module
                 setattr(parent, attr, new)
                 parents.append(parent)
     return parents
-
-
-# --- layer names ------------------------------------------------------------------------------
-
-# Where each supported family keeps its resolution stages (stage k → container of its blocks).
-_STAGE_CONTAINERS = (
-    lambda k: f"layer{k}",  # torchvision ResNet
-    lambda k: f"encoder.layer{k}",  # MONAI FlexibleUNet (ResNet encoder)
-    lambda k: f"features.{k + 3}",  # MONAI TorchVisionFCModel(resnet*)
-)
-STAGE_ALIASES = ("layer1", "layer2", "layer3", "layer4")
-BLOCKS_ALIAS = "blocks"
-
-
-def stage_blocks(model: nn.Module) -> dict[str, list[str]]:
-    """Qualified block names per stage alias (``layer1`` … ``layer4``), in forward order."""
-    modules = dict(model.named_modules())
-    for container in _STAGE_CONTAINERS:
-        names = [container(k) for k in range(1, 5)]
-        if all(isinstance(modules.get(n), nn.Sequential) for n in names):
-            return {
-                alias: [f"{n}.{child}" for child, _ in modules[n].named_children()]
-                for alias, n in zip(STAGE_ALIASES, names, strict=True)
-            }
-    return {}
-
-
-def resolve_layer(model: nn.Module, name: str) -> str:
-    """The qualified module name behind a module name or a stage alias (``layer1`` … ``layer4``).
-
-    A stage alias means the last block of that stage: the layers the paper calls Layer1/2/3.
-    """
-    stages = stage_blocks(model)
-    if name in stages:
-        return stages[name][-1]
-    modules = dict(model.named_modules())
-    if name and name in modules:
-        return name
-    aliases = ", ".join(stages) if stages else "none for this model"
-    raise BadOption(
-        f"unknown layer {name!r} for {type(model).__name__}; allowed: a module name "
-        f"(e.g. {_example_names(modules)}), the aliases {aliases}, or {BLOCKS_ALIAS!r}"
-    )
-
-
-def layer_map(model: nn.Module, names: str | Sequence[str]) -> dict[str, str]:
-    """Each requested name → its qualified module name; ``"blocks"`` expands to every block."""
-    names = [names] if isinstance(names, str) else list(names)
-    out: dict[str, str] = {}
-    for name in names:
-        if name == BLOCKS_ALIAS:
-            stages = stage_blocks(model)
-            if not stages:
-                raise BadOption(
-                    f"{type(model).__name__} has no known stages for {BLOCKS_ALIAS!r}; name the layers instead"
-                )
-            out |= {b: b for blocks in stages.values() for b in blocks}
-        else:
-            out[name] = resolve_layer(model, name)
-    if not out:
-        raise BadOption("no layers given; name at least one (e.g. --layers layer1)")
-    return out
-
-
-def resolve_layers(model: nn.Module, names: str | Sequence[str]) -> list[str]:
-    """The distinct qualified module names behind several layer names, in the order given."""
-    return list(dict.fromkeys(layer_map(model, names).values()))
-
-
-def _example_names(modules: dict[str, nn.Module], n: int = 4) -> str:
-    names = [name for name, m in modules.items() if name and len(list(m.children())) > 0]
-    return ", ".join(names[:n])
