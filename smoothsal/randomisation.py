@@ -145,9 +145,10 @@ def _deepest_needed(model: nn.Module, layers: str | Sequence[str], blocks: list[
     """Index of the shallowest block that the cascade must reach (len(blocks): the head only)."""
     found = []
     for layer in resolve_layers(model, layers):
-        inside = [i for i, b in enumerate(blocks) if _inside(layer, b) or _inside(b, layer)]
-        if inside:
-            found.append(inside[0])
+        holding = [i for i, b in enumerate(blocks) if _inside(layer, b)]
+        within = [i for i, b in enumerate(blocks) if _inside(b, layer)]  # a stage: its last block's output
+        if holding or within:
+            found.append(holding[0] if holding else within[-1])
         elif any(_inside(layer, h) or _inside(h, layer) for h in head):
             found.append(len(blocks))
         else:

@@ -102,10 +102,10 @@ def test_unknown_arch_names_the_allowed_ones():
 @pytest.mark.parametrize(
     "arch,expected",
     [
-        ("resnet18", ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]),
-        ("resnet50", ["layer1.2", "layer2.3", "layer3.5", "layer4.2"]),
-        ("monai_fc_resnet18", ["features.4.1", "features.5.1", "features.6.1", "features.7.1"]),
-        ("unet_resnet34", ["encoder.layer1.2", "encoder.layer2.3", "encoder.layer3.5", "encoder.layer4.2"]),
+        ("resnet18", ["layer1", "layer2", "layer3", "layer4"]),
+        ("resnet50", ["layer1", "layer2", "layer3", "layer4"]),
+        ("monai_fc_resnet18", ["features.4", "features.5", "features.6", "features.7"]),
+        ("unet_resnet34", ["encoder.layer1", "encoder.layer2", "encoder.layer3", "encoder.layer4"]),
     ],
 )
 def test_stage_aliases(arch, expected):
