@@ -21,8 +21,10 @@ _HOMES = {
         "probabilities",
         "total_variation",
     ),
-    "models": ("ARCHITECTURES", "canonicalise", "load_model", "resolve_layer", "resolve_layers"),
+    "downsampling": ("DownsamplingOp", "downsampling_ops"),
+    "models": ("ARCHITECTURES", "canonicalise", "load_model"),
     "smoothing": ("METHODS", "SurrogatePaths", "downsampling_convs", "smooth"),
+    "stages": ("layer_map", "resolve_layer", "resolve_layers", "stage_blocks", "stage_modules"),
     "surrogate": ("train_surrogate",),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
@@ -30,6 +32,7 @@ _HOME = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = [  # loaded on first use by __getattr__
     "ARCHITECTURES",
     "ATTRIBUTIONS",
+    "DownsamplingOp",
     "METHODS",
     "SmoothGrad",
     "SurrogatePaths",
@@ -39,6 +42,8 @@ __all__ = [  # loaded on first use by __getattr__
     "checkerboard_share",
     "dice",
     "downsampling_convs",
+    "downsampling_ops",
+    "layer_map",
     "load_model",
     "masked_prediction_difference",
     "prediction_difference",
@@ -46,6 +51,8 @@ __all__ = [  # loaded on first use by __getattr__
     "resolve_layer",
     "resolve_layers",
     "smooth",
+    "stage_blocks",
+    "stage_modules",
     "total_variation",
     "train_surrogate",
 ]

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import BadOption
+from .errors import BadOption, one_line
 from .hooks import Hooks
 
 __all__ = [
@@ -224,6 +224,11 @@ def _run_trace(model: nn.Module, named: dict[str, nn.Module], example: torch.Ten
             model.eval()
             with _Recorder(size, stack, clock) as recorder:
                 model(example)
+    except RuntimeError as err:  # torch's shape checks: the example is too small, or of the wrong kind
+        raise BadOption(
+            f"cannot trace {type(model).__name__} on a {tuple(example.shape)} input to find its stages "
+            f"({one_line(err)}); pass an example input the model takes"
+        ) from None
     finally:
         for module, mode in modes.items():
             module.training = mode
