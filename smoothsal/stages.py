@@ -11,13 +11,14 @@ wins over it; same tensor), where a module is a candidate only if
 - it runs once per forward (a module that runs twice names no single tensor);
 - its input is at most one class finer than its output (a whole-backbone ``features`` container that
   takes the image and ends at class 5 is no stage; its output is its last child's anyway);
-- it does not run inside a module that takes class K+1 in and gives a coarser map out: a ResNet-50
-  Bottleneck runs ``conv1`` at ¼ before its stride-2 ``conv2``, so that block is no Layer1 candidate;
+- it does not run inside (its start/end nested in those of) a module run that takes class K+1 in and
+  gives a coarser map out: a ResNet-50 Bottleneck runs ``conv1`` at ¼ before its stride-2 ``conv2``,
+  so that block is no Layer1 candidate;
 - its input is not coarser than its output (no upsampling module), and its forward starts before the
   first upsampling run starts (a run whose input is coarser than its output: a decoder's first
-  ``Upsample`` / ``ConvTranspose2d`` / upsampling block, with what runs inside it). In an encoder–decoder only the encoder's
-  modules count (an encoder stage that finishes at the coarsest class counts; decoder modules start
-  later). This cut is taken at the first *upsampling* rather than at the first output at the coarsest
+  ``Upsample`` / ``ConvTranspose2d`` / upsampling block, with what runs inside it). In an
+  encoder–decoder only the encoder's modules count (an encoder stage that finishes at the coarsest
+  class counts; decoder modules start later). This cut is taken at the first *upsampling* rather than at the first output at the coarsest
   class: both give the same Layer1/2/3 and the same U-Net encoder, but the latter would make a
   classifier's deepest alias its last downsampler (ConvNeXt ``features.6``, not the stage
   ``features.7``), since a classifier's last stage starts after its coarsest class appears.
