@@ -65,7 +65,8 @@ def captum(
         return [captum(model, x, n, target, attribution, samples, stdev, seed, samples_batch) for n in layer]
     forward = PerClassLogits(model)
     several = isinstance(layer, list)
-    modules = [model.get_submodule(ss.resolve_layer(model, n)) for n in (layer if several else [layer])]
+    names = [ss.resolve_layer(model, n, example=x[:1]) for n in (layer if several else [layer])]  # trace x
+    modules = [model.get_submodule(n) for n in names]
     if attribution == "gradient":
         target_layer = modules if several else modules[0]
         method, extra = LayerGradientXActivation(forward, target_layer, multiply_by_inputs=False), {}
