@@ -32,8 +32,8 @@ _HOME = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = [  # loaded on first use by __getattr__
     "ARCHITECTURES",
     "ATTRIBUTIONS",
-    "DownsamplingOp",
     "METHODS",
+    "DownsamplingOp",
     "SmoothGrad",
     "SurrogatePaths",
     "accuracy",
