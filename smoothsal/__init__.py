@@ -21,7 +21,9 @@ _HOMES = {
         "probabilities",
         "total_variation",
     ),
-    "models": ("ARCHITECTURES", "canonicalise", "load_model", "resolve_layer", "resolve_layers"),
+    "architectures": ("ARCHITECTURES",),
+    "model_spec": ("ModelSpec", "load_model"),
+    "models": ("canonicalise", "resolve_layer", "resolve_layers"),
     "smoothing": ("METHODS", "SurrogatePaths", "downsampling_convs", "smooth"),
     "surrogate": ("train_surrogate",),
 }
@@ -31,6 +33,7 @@ __all__ = [  # loaded on first use by __getattr__
     "ARCHITECTURES",
     "ATTRIBUTIONS",
     "METHODS",
+    "ModelSpec",
     "SmoothGrad",
     "SurrogatePaths",
     "accuracy",

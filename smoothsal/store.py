@@ -11,6 +11,10 @@ Results table (Parquet, ``{method}.parquet``): one row per tile (`results_column
 ``meta`` as JSON in the schema metadata under ``smoothsal``. Format 2 added the
 ``checkerboard/{attribution}/{layer}`` columns; format 1 tables (without them) are still read and replaced.
 
+Store format 2 and table format 3 record the whole model spec in ``settings``: besides arch, num_classes and the
+weights' sha256, the constructor options (``model_kwargs``) and, for a ``python:`` arch, its file's sha256
+(``model_code_sha256``); earlier formats (without them: a registered arch, no options) are still read and replaced.
+
 ``StoreWriter`` writes both resumably: work state sits in a hidden sibling ``.{store}.partial/`` (the
 store being written, one row file per batch, a progress file); the store and the table appear under
 their final names only when every tile is done.
@@ -267,9 +271,9 @@ def read_results(path: str | Path, optional: Sequence[str] = ()) -> Results:
 # --- writing: partial state, resume, the finished outputs -----------------------------------------
 
 
-STORE_KIND = OutputKind("saliency-store", "smoothsal saliency", format=1, zarr=True)
-TABLE_MARKER = {"kind": "saliency-table", "format": 2}  # in the results table's schema metadata
-TABLE_FORMATS = (1, 2)  # formats still read (and replaced by a rerun); 1 lacks the checkerboard columns
+STORE_KIND = OutputKind("saliency-store", "smoothsal saliency", format=2, replaces=(1,), zarr=True)
+TABLE_MARKER = {"kind": "saliency-table", "format": 3}  # in the results table's schema metadata
+TABLE_FORMATS = (1, 2, 3)  # still read (and replaced by a rerun); 1 lacks the checkerboard columns, 1–2 the spec
 
 
 def check_out(out: Path, table: Path | None = None) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 import smoothsal as ss
 from smoothsal.errors import BadCheckpoint
-from smoothsal.models import ARCHITECTURES
+from smoothsal.architectures import ARCHITECTURES
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
