@@ -9,8 +9,8 @@ from helpers import module_calls, num_classes, with_real_statistics
 from torch import nn
 
 import smoothsal as ss
-from smoothsal.errors import BadCheckpoint
 from smoothsal.architectures import ARCHITECTURES
+from smoothsal.errors import BadCheckpoint
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
