@@ -38,7 +38,7 @@ from .model_spec import ModelSpec
 from .models import check_input_size, layer_map
 from .precision import arithmetic_of, check_precision, chosen_precision, forward
 from .predictions import TASKS, check_target, check_task, choose_targets, class_logits, prediction_columns
-from .smoothing import check_methods, smooth
+from .smoothing import changes_nothing, check_methods, downsampling_convs, smooth
 from .store import StoreWriter, check_out, results_columns
 from .surrogate import surrogate_sha256
 from .tiles import (
@@ -158,6 +158,9 @@ class _Models:
     method: nn.Module
     layers: dict[str, str]  # requested name → module, in forward order
     shapes: dict[str, tuple[int, int, int]]  # requested name → (C, h, w) for one tile
+    changed: tuple[
+        str, ...
+    ] = ()  # the downsampling convs the method replaces (none: its maps are the original's)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -239,7 +242,12 @@ def _load_models(
             f"2×2 (TV, heatmaps); tile the slide with --tile-size {need} or more, or leave {small[0]} out"
         )
     check_task(settings.task, shapes["output"], settings.arch)
-    return _Models(model, method, {k: modules[k] for k in order}, shapes["layers"]), norm
+    changed = (
+        ()
+        if settings.method == "original"
+        else tuple(paths.conv_names if paths else downsampling_convs(model, example))
+    )
+    return _Models(model, method, {k: modules[k] for k in order}, shapes["layers"], changed), norm
 
 
 def _warm_up(settings: SaliencySettings, models: _Models, tile_size: int, device: torch.device) -> None:
@@ -439,12 +447,14 @@ def _run(
     models, norm = _load_models(settings, spec, tile_size, device, Path(tiles))
     layers = list(models.layers)
     slide_id = str(table["slide_id"].iloc[0]) if n else Path(slide).stem
+    unchanged = settings.method != "original" and not models.changed
     meta = {
         "version": __version__, "slide_id": slide_id, "slide_path": str(slide), "method": settings.method,
         "layers": layers, "attributions": list(settings.attributions),
         "settings": settings.as_dict() | {"mean": list(norm.mean), "std": list(norm.std)},
         "tiles_sha256": tiles_sha256(table), "n_tiles": n, "precision_requested": requested,
-        "hardware": hardware(device).as_dict(),
+        "hardware": hardware(device).as_dict(), "changed_ops": list(models.changed),
+        "warnings": [changes_nothing(settings.method, f"arch {settings.arch!r}")] if unchanged else [],
     }  # fmt: skip
     rows = table.assign(tile=np.arange(n, dtype=np.int64))
     check = _check_sample(settings, models, rows, norm, device, options.max_batch)

@@ -325,11 +325,7 @@ class Method:
         else:
             names = downsampling_convs(model, example)
             if not names:
-                log.warning(
-                    "%s changes nothing in %s: it has no stride-2 conv after the stem (it downsamples by "
-                    "pooling or not at all), so its maps equal the original's",
-                    self.name, type(model).__name__,
-                )  # fmt: skip
+                log.warning(changes_nothing(self.name, type(model).__name__))
         smoothed = copy.deepcopy(model)
         for name in names:
             parent, _, attr = name.rpartition(".")
@@ -339,6 +335,14 @@ class Method:
                 self.replace(name, smoothed.get_submodule(name), surrogate),
             )
         return smoothed.eval()
+
+
+def changes_nothing(method: str, model: str) -> str:
+    """The warning for a method that changes nothing in a model (logged, and recorded with its maps)."""
+    return (
+        f"{method} changes nothing in {model}: it has no stride-2 conv after the stem (it downsamples by "
+        "pooling or not at all), so its maps equal the original's"
+    )
 
 
 def _surrogate_path(name: str, _conv: nn.Conv2d, surrogate: SurrogatePaths | None) -> nn.Module:
