@@ -207,17 +207,24 @@ class SurrogatePath(nn.Module):
     def start_from(self, conv: nn.Conv2d) -> bool:
         """Start at the conv this path replaces: ``pre`` = its weights (at stride 1), ``post`` =
         identity, so the path begins as the conv's output averaged 2×2 (even sizes; odd ones are
-        resampled bilinearly), about the forward hook, and training improves on that. False, and left
-        as it was, for a conv that ``pre`` cannot hold (kernel other than 1 or 3, off-centre or
-        non-zero padding, dilation, groups)."""
+        resampled bilinearly), about the forward hook, and training improves on that. A grouped or
+        depthwise conv starts as its block-diagonal dense equivalent (the path itself is dense: it can
+        hold the grouped conv exactly, and training may use the cross-group terms). False, and left as it
+        was, for a conv that ``pre`` cannot hold (kernel other than 1 or 3, off-centre or non-zero
+        padding, dilation)."""
         kh, kw = conv.kernel_size
         centred = conv.padding == (kh // 2, kw // 2) and conv.padding_mode == "zeros"
-        if not centred or {kh, kw} - {1, 3} or conv.groups != 1 or conv.dilation != (1, 1):
+        if not centred or {kh, kw} - {1, 3} or conv.dilation != (1, 1):
             return False
         with torch.no_grad():
             self.pre.weight.zero_()
             top, left = (3 - kh) // 2, (3 - kw) // 2
-            self.pre.weight[:, :, top : top + kh, left : left + kw] = conv.weight.to(self.pre.weight)
+            per_in, per_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+            for g in range(conv.groups):  # block g: outputs g·per_out… read inputs g·per_in…
+                rows, cols = slice(g * per_out, (g + 1) * per_out), slice(g * per_in, (g + 1) * per_in)
+                self.pre.weight[rows, cols, top : top + kh, left : left + kw] = conv.weight[rows].to(
+                    self.pre.weight
+                )
             if conv.bias is None:
                 self.pre.bias.zero_()
             else:

@@ -260,6 +260,21 @@ def test_a_path_started_at_its_conv_is_that_conv_averaged_2x2():
     assert started == ss.downsampling_convs(wide)[1:]
 
 
+@pytest.mark.parametrize("groups", [4, 16])
+def test_a_grouped_or_depthwise_conv_starts_as_its_block_diagonal_dense_path(groups):
+    """Issue 25: the surrogate path is dense; a grouped conv (and a depthwise one, groups = channels) starts
+    as the same conv at stride 1 averaged 2×2, exactly, with zeros between the groups."""
+    conv = nn.Conv2d(16, 16 if groups == 16 else 32, 3, stride=2, padding=1, groups=groups)
+    path = SurrogatePath(ConvSpec.of(conv))
+    assert path.start_from(conv)
+    x = torch.randn(2, 16, 16, 16)
+    stride1 = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1, groups=groups)
+    with torch.no_grad():
+        torch.testing.assert_close(path(x), nn.functional.avg_pool2d(stride1, 2))
+    per_out, per_in = conv.out_channels // groups, 16 // groups
+    assert not path.pre.weight[:per_out, per_in:].any()  # no cross-group term at the start
+
+
 def test_train_surrogate_refuses_a_one_shot_iterator():
     net = build_model("resnet18")
     with pytest.raises(ValueError, match="one-shot iterator"):
