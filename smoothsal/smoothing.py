@@ -13,7 +13,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -165,18 +165,39 @@ class ConvSpec:
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
+    same: bool = False  # pads itself to TF's "same" (timm's Conv2dSame): output = ceil(input / stride)
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> ConvSpec:
         if isinstance(conv.padding, str):
             raise BadOption(f"string padding {conv.padding!r} on a downsampling conv is not supported")
-        return cls(
+        spec = cls(
             conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
             tuple(conv.padding), tuple(conv.dilation),
         )  # fmt: skip
+        return spec if type(conv).forward is nn.Conv2d.forward else spec._probed(conv)
+
+    def _probed(self, conv: nn.Conv2d) -> ConvSpec:
+        """A conv subclass with its own forward: its output size measured on two input sizes; "same"
+        padding is recognised, any other rule cannot be mirrored by a surrogate path."""
+        param = next(conv.parameters())
+        sizes = [2 * max(self.kernel_size) + k for k in (3, 4)]
+        with torch.no_grad():
+            got = [tuple(conv(param.new_zeros(1, self.in_channels, n, n)).shape[-2:]) for n in sizes]
+        if got == [self.output_size(n, n) for n in sizes]:
+            return self
+        same = replace(self, same=True)
+        if got == [same.output_size(n, n) for n in sizes]:
+            return same
+        raise BadOption(
+            f"{type(conv).__name__} sizes its output unlike nn.Conv2d and unlike 'same' padding ({got} for inputs "
+            f"{sizes}); a surrogate path cannot mirror it: leave the surrogate method out"
+        )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The original conv's output size for an input of ``height`` × ``width``."""
+        if self.same:
+            return tuple(-(-n // s) for n, s in zip((height, width), self.stride, strict=True))  # type: ignore[return-value]
         return tuple(
             (n + 2 * p - d * (k - 1) - 1) // s + 1
             for n, p, d, k, s in zip(

@@ -305,3 +305,17 @@ def test_the_method_registry_is_the_config_schemas_list():
         }[info.name]  # fmt: skip
     with pytest.raises(ValueError, match="unknown methods \\['a', 'b'\\]; allowed: original"):
         ss.smoothing.check_methods(["a", "original", "b"])
+
+
+def test_a_conv_that_pads_itself_to_same_gets_a_path_of_its_output_size():
+    """Issue 25: timm's Conv2dSame (all tf_* models) pads dynamically, so its output is ceil(n / 2) where
+    nn.Conv2d's rule gives less; the spec measures that, and the path's output fits the conv's at every size."""
+    layers = pytest.importorskip("timm.layers")
+    conv = layers.Conv2dSame(8, 16, 3, stride=2)
+    spec = ConvSpec.of(conv)
+    assert spec.same and not ConvSpec.of(nn.Conv2d(8, 16, 3, stride=2)).same
+    path = SurrogatePath(spec)
+    for n in (15, 16, 31, 64):
+        x = torch.randn(1, 8, n, n)
+        with torch.no_grad():
+            assert path(x).shape == conv(x).shape, n
