@@ -31,6 +31,7 @@ from torch import nn
 
 from .architectures import ARCHITECTURES
 from .errors import BadOption, one_line
+from .models import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "SOURCES",
@@ -195,6 +196,19 @@ def timm_normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float
     if mean is None or std is None:
         return None
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def architecture_normalisation(
+    arch: str, num_classes: int, kwargs: str | Mapping[str, Any] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The default normalisation of ``arch`` without loading weights: a timm model's own, else ImageNet's."""
+    architecture = parse_arch(arch)
+    if architecture.source != "timm":
+        return IMAGENET_MEAN, IMAGENET_STD
+    return timm_normalisation(architecture.build(num_classes, model_kwargs(kwargs))) or (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+    )
 
 
 # --- python: the user's own builder -------------------------------------------------------------

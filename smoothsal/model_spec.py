@@ -24,7 +24,6 @@ from .surrogate import check_surrogate_arch, load_surrogate, read_surrogate
 
 __all__ = [
     "ModelSpec",
-    "architecture_normalisation",
     "canonical_kwargs",
     "load_model",
     "load_with_surrogate",
@@ -159,13 +158,3 @@ def load_with_surrogate(
 def _default_normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """A timm model's pretrained-config mean/std, else ImageNet's."""
     return timm_normalisation(model) or (IMAGENET_MEAN, IMAGENET_STD)
-
-
-def architecture_normalisation(
-    arch: str, num_classes: int, kwargs: str | Mapping[str, Any] | None = None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The default normalisation of ``arch`` without loading weights: a timm model's own, else ImageNet's."""
-    architecture = parse_arch(arch)
-    if architecture.source != "timm":
-        return IMAGENET_MEAN, IMAGENET_STD
-    return _default_normalisation(architecture.build(num_classes, model_kwargs(kwargs)))

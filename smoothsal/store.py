@@ -8,12 +8,9 @@ the store's ``meta``: version, slide_id, slide_path, method, layers (forward ord
 settings (every setting that affects results, one dict), tiles_sha256, n_tiles.
 
 Results table (Parquet, ``{method}.parquet``): one row per tile (`results_columns`), the same
-``meta`` as JSON in the schema metadata under ``smoothsal``. Format 2 added the
-``checkerboard/{attribution}/{layer}`` columns; format 1 tables (without them) are still read and replaced.
-
-Store format 2 and table format 3 record the whole model spec in ``settings``: besides arch, num_classes and the
-weights' sha256, the constructor options (``model_kwargs``) and, for a ``python:`` arch, its file's sha256
-(``model_code_sha256``); earlier formats (without them: a registered arch, no options) are still read and replaced.
+``meta`` as JSON in the schema metadata under ``smoothsal``. Table format 2 added ``checkerboard/…`` columns;
+store format 2 / table format 3 the model spec in ``settings`` (``model_kwargs``, ``model_code_sha256``);
+earlier formats are still read and replaced.
 
 ``StoreWriter`` writes both resumably: work state sits in a hidden sibling ``.{store}.partial/`` (the
 store being written, one row file per batch, a progress file); the store and the table appear under

@@ -28,7 +28,7 @@ from torch import nn
 
 from .checkpoints import file_sha256, weights_sha256
 from .errors import BadCheckpoint, BadInput, BadOption, MissingInput
-from .model_sources import canonical_kwargs
+from .model_sources import architecture_normalisation, canonical_kwargs
 from .models import IMAGENET_MEAN, IMAGENET_STD, Normalize, in_channels
 from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
 from .surrogate_fit import SurrogateFit, validation_size
@@ -252,8 +252,14 @@ class TrainSettings:
         **choices: object,
     ) -> TrainSettings:
         """The settings of training on ``table``'s tiles (hashed with the weights file); ``choices``
-        are the other fields (arch, num_classes, epochs, …); mean/std default to ImageNet's."""
-        norm = Normalize(tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD))
+        are the other fields (arch, num_classes, epochs, …); mean/std default to the model's (a timm
+        model's pretrained config), else ImageNet's."""
+        if mean is None or std is None:
+            default = architecture_normalisation(
+                choices["arch"], choices["num_classes"], choices.get("model_kwargs")
+            )
+            mean, std = mean or default[0], std or default[1]
+        norm = Normalize(tuple(mean), tuple(std))
         return cls(
             model_sha256=weights_sha256(checkpoint), tiles_sha256=tiles_sha256(table), n_tiles=len(table),
             tile_size=int(table["tile_size"].iloc[0]), mean=norm.mean, std=norm.std, **choices,

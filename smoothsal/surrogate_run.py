@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .errors import BadCheckpoint, BadOption
 from .files import atomic_path, check_file_out, partial_paths
 from .killpoints import kill_point
-from .model_spec import architecture_normalisation, load_model
+from .model_spec import ModelSpec
 from .models import check_input_size, in_channels
 from .smoothing import SurrogatePaths, smooth
 from .surrogate import (
@@ -83,7 +83,7 @@ class RunOptions:
     resume: bool = True  # continue from the state file when there is one
     workers: int | None = None  # DataLoader workers per process; None = min(4, cores per process − 1)
     progress: bool = True  # tqdm bar on rank 0
-    allow_pickle: bool = False  # the model checkpoint may be a whole pickled module (loading it runs its code)
+    allow_pickle: bool = False  # the checkpoint may be a whole pickled model (loading it runs its code)
 
     @property
     def state_path(self) -> Path:
@@ -389,10 +389,8 @@ def run_training(
     d = _Dist.start()
     try:
         torch.manual_seed(settings.seed)  # a random-init model (no checkpoint) is the same everywhere
-        model = load_model(
-            settings.arch, num_classes=settings.num_classes, checkpoint=checkpoint, kwargs=settings.model_kwargs,
-            allow_pickle=options.allow_pickle,
-        )  # fmt: skip
+        spec = ModelSpec(settings.arch, settings.num_classes, checkpoint, kwargs=settings.model_kwargs)
+        model = replace(spec, allow_pickle=options.allow_pickle).load()[0]
         model = model.to(d.device).requires_grad_(False).eval()
         check_input_size(model, settings.tile_size, settings.arch)
         torch.manual_seed(settings.seed)
@@ -500,8 +498,5 @@ def train_from_tables(
     other fields of ``TrainSettings``: arch, num_classes, epochs, …), train, write the surrogate."""
     check_file_out(options.out, options.state_path, options.log_path)
     table = read_tile_tables(tables)
-    if mean is None and std is None:  # a timm model's own normalisation, as the stages that use it default to
-        mean, std = architecture_normalisation(str(choices["arch"]), int(choices["num_classes"]),
-                                               str(choices.get("model_kwargs", "")))  # fmt: skip
     settings = TrainSettings.for_tiles(table, checkpoint=checkpoint, mean=mean, std=std, **choices)
     return run_training(settings, table, options, checkpoint=checkpoint)
