@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 import smoothsal as ss
 from smoothsal import grid, saliency, slides, tiling
 from smoothsal.hardware import describe
-from smoothsal.surrogate import load_with_surrogate
+from smoothsal.model_spec import load_with_surrogate
 from smoothsal.tiles import TileDataset, read_tile_table, write_tile_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"

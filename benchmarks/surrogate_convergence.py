@@ -30,7 +30,7 @@ import torch
 
 from smoothsal.evaluation import evaluate
 from smoothsal.hardware import describe
-from smoothsal.models import load_model
+from smoothsal.model_spec import load_model
 from smoothsal.smoothing import smooth
 from smoothsal.surrogate import TrainSettings, read_surrogate
 from smoothsal.surrogate_fit import prediction_sums, summarise_predictions

@@ -45,7 +45,7 @@ def make_inputs(work: Path, tile_size: int, arch: str, num_classes: int) -> tupl
     """Tile tables of the shared slides and a seeded random-weights model checkpoint."""
     import torch
 
-    from smoothsal.models import ARCHITECTURES
+    from smoothsal.architectures import ARCHITECTURES
 
     work.mkdir(parents=True, exist_ok=True)
     tables = []

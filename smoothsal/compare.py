@@ -16,10 +16,10 @@ from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
 from .errors import BadInput, BadOption, one_line
 from .files import atomic_path, check_file_out
 from .metrics import total_variation
+from .model_spec import ModelSpec
 from .models import check_input_size
 from .precision import check_precision, chosen_precision
 from .smoothing import METHODS, SurrogatePaths, method_info, smooth
-from .surrogate import ModelSpec
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -23,15 +23,8 @@ from tqdm import tqdm
 from .annotations import read_annotations, tile_label_mask
 from .errors import BadOption, BadTable
 from .files import check_file_out
-from .models import (
-    ARCHITECTURES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Normalize,
-    check_arch,
-    check_input_size,
-    in_channels,
-)
+from .model_sources import canonical_kwargs, model_kwargs, parse_arch
+from .models import IMAGENET_MEAN, IMAGENET_STD, Normalize, check_input_size, in_channels
 from .tiles import TileDataset, read_tile_table, read_tile_tables
 from .torch_files import save_torch_file
 
@@ -63,8 +56,11 @@ class ModelSettings:
     seed: int = 0
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    model_kwargs: str = ""  # the architecture's constructor options, canonical JSON ("" = none)
 
     def __post_init__(self) -> None:
+        parse_arch(self.arch)
+        object.__setattr__(self, "model_kwargs", canonical_kwargs(self.model_kwargs))
         for name in ("epochs", "batch_size", "num_classes"):
             if getattr(self, name) < 1:
                 raise BadOption(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -74,6 +70,10 @@ class ModelSettings:
             )
         if not self.lr > 0:
             raise BadOption(f"lr must be > 0, got {self.lr}")
+
+    def build(self) -> nn.Module:
+        """A randomly initialised model of this arch (seed it first for a repeatable init)."""
+        return parse_arch(self.arch).build(self.num_classes, model_kwargs(self.model_kwargs))
 
 
 def model_task(model: nn.Module, tile_size: int) -> str:
@@ -182,7 +182,7 @@ def train_model(
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     g = torch.Generator().manual_seed(settings.seed)
-    model = ARCHITECTURES[settings.arch](num_classes=settings.num_classes).train()
+    model = settings.build().train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     counts = torch.bincount(targets.flatten(), minlength=settings.num_classes).double()
     weights = (counts.sum() / (settings.num_classes * counts.clamp(min=1))).float()
@@ -248,14 +248,10 @@ def run_model_training(
 ) -> ModelResult:
     """`smoothsal train-model`: read the tiles (and, for a segmenter, one annotation file per tile
     table, same order), train, write the checkpoint."""
-    check_arch(settings.arch)
     check_file_out(out)
     table = read_tile_tables(tables)
     torch.manual_seed(settings.seed)
-    probe, tile_size = (
-        ARCHITECTURES[settings.arch](num_classes=settings.num_classes),
-        int(table["tile_size"].iloc[0]),
-    )
+    probe, tile_size = settings.build(), int(table["tile_size"].iloc[0])
     check_input_size(probe, tile_size, settings.arch)
     task = model_task(probe, tile_size)
     by_slide = None

@@ -22,11 +22,11 @@ from torch.utils.data import Dataset
 from . import __version__
 from .errors import BadOption
 from .files import atomic_path, check_file_out
+from .model_spec import ModelSpec
 from .models import check_input_size
 from .predictions import TARGETS, check_target, choose_targets, class_logits, prediction_columns
 from .smoothing import SurrogatePaths, check_methods, smooth
 from .store import write_results
-from .surrogate import ModelSpec
 from .tiles import TileDataset, TileLoader, read_tile_tables, tile_labels
 
 __all__ = [

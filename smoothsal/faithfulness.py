@@ -19,7 +19,7 @@ randomisation costs one ``attribute`` pass per cascade step (``by="stage"``: hea
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,25 +31,26 @@ from . import __version__
 from .annotations import parse_class_map, read_annotations
 from .annotations.masks import tile_label_mask
 from .attribution import SmoothGrad
+from .checkpoints import weights_sha256
 from .errors import BadOption, BadStore, BadTable
 from .faithfulness_tables import write_faithfulness
 from .killpoints import kill_point
 from .metrics import region_fraction, relevance_mass
-from .models import Normalize, weights_sha256
+from .model_spec import ModelSpec
+from .models import Normalize
 from .perturbation import BASELINES, PerturbationSettings, deletion_insertion, upsample_maps
 from .predictions import choose_targets, class_logits
 from .randomisation import BATCHNORM, GROUPINGS, RandomisationSettings, attribution_maps, randomisation_curves
 from .saliency import DEVICES, tile_seed
 from .smoothing import smooth
 from .store import SaliencyStore, open_store
-from .surrogate import load_with_surrogate, surrogate_sha256
+from .surrogate import surrogate_sha256
 from .tiles import TileDataset, majority_classes, read_tile_table, tile_labels, tiles_sha256
 
 __all__ = [
     "FaithfulnessOptions",
     "FaithfulnessResult",
     "FaithfulnessSettings",
-    "ModelFiles",
     "check_store",
     "fractions",
     "run_faithfulness",
@@ -115,16 +116,6 @@ class FaithfulnessResult:
     device: str
 
 
-@dataclass(frozen=True)
-class ModelFiles:
-    """The model the stage checks the store against and runs."""
-
-    arch: str
-    num_classes: int
-    checkpoint: Path | None = None
-    surrogate: Path | None = None
-
-
 # --- which tiles ----------------------------------------------------------------------------------
 
 
@@ -160,7 +151,7 @@ def _mismatch(
 
 
 def check_store(
-    store: SaliencyStore, tiles: Path, table: pd.DataFrame, method: str, model: ModelFiles, layers: list[str]
+    store: SaliencyStore, tiles: Path, table: pd.DataFrame, method: str, model: ModelSpec, layers: list[str]
 ) -> None:
     """One line naming the store and the other file unless the store's maps are this slide's tiles
     under this method and model, with every layer of ``layers``."""
@@ -173,9 +164,10 @@ def check_store(
     if store.meta["tiles_sha256"] != tiles_sha256(table) or int(store.meta["n_tiles"]) != len(table):
         raise BadStore(f"{store.path} was computed on other tiles than tile table {tiles} holds; {fix}")
     s = store.settings
-    for key, ours in (("arch", model.arch), ("num_classes", model.num_classes)):
-        if s.get(key) != ours:
-            raise _mismatch(store, key, s.get(key), ours, f"--{key.replace('_', '-')}", fix)
+    ours = {"arch": model.arch, "num_classes": model.num_classes, "model_kwargs": model.kwargs}
+    for key, value in ours.items():
+        if s.get(key, "") != value:
+            raise _mismatch(store, key, s.get(key, ""), value, f"--{key.replace('_', '-')}", fix)
     checkpoint = model.checkpoint or "(none: random init)"
     if s.get("model_sha256") != weights_sha256(model.checkpoint):
         raise BadStore(f"{store.path} holds saliency of another model than checkpoint {checkpoint}; {fix}")
@@ -326,7 +318,7 @@ def _device(name: str) -> torch.device:
 
 
 def _prepare(
-    slide: Path, tiles: Path, store_path: Path, method: str, model: ModelFiles, layers: list[str] | None
+    slide: Path, tiles: Path, store_path: Path, method: str, model: ModelSpec, layers: list[str] | None
 ) -> tuple[pd.DataFrame, SaliencyStore, list[str]]:
     if method == "surrogate" and model.surrogate is None:
         raise BadOption("method 'surrogate' needs its surrogate: pass --surrogate FILE")
@@ -341,11 +333,9 @@ def _prepare(
 
 def _job(store, table, settings, options, model, layers, annotations, class_map, device) -> _Job:
     s = store.settings
-    original, paths, _ = load_with_surrogate(
-        model.arch, num_classes=model.num_classes, checkpoint=model.checkpoint,
-        surrogate=model.surrogate if store.method == "surrogate" else None, mean=s.get("mean"),
-        std=s.get("std"), device=device,
-    )  # fmt: skip
+    surrogate = model.surrogate if store.method == "surrogate" else None
+    spec = replace(model, surrogate=surrogate, mean=tuple(s["mean"]), std=tuple(s["std"]))
+    original, paths, _ = spec.load(device)
     original = original.requires_grad_(False).eval()
     size = int(table["tile_size"].iloc[0])
     example = torch.zeros(1, 3, size, size, device=device)
@@ -368,7 +358,7 @@ def run_faithfulness(
     tiles: Path,
     store: Path,
     method: str,
-    model: ModelFiles,
+    model: ModelSpec,
     settings: FaithfulnessSettings = FaithfulnessSettings(),
     options: FaithfulnessOptions | None = None,
     *,

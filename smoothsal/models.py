@@ -1,6 +1,5 @@
-"""Load the supported models (their registry is ``architectures``); their input normalisation;
-canonicalise ReLUs; read and write torch files. The resolution stages (layer aliases) live in
-``stages`` and are re-exported here.
+"""What smoothsal needs of any CNN: its input normalisation and channel count and canonical ReLUs (loading a
+model is ``model_spec``'s). The resolution stages (layer aliases) live in ``stages`` and are re-exported here.
 
 Canonical form matters for DeepLift: Captum (and our one-pass DeepLift) attach state to each ReLU
 module, so a ReLU module that runs twice, or a functional ``F.relu``, gives wrong attributions.
@@ -9,12 +8,10 @@ module, so a ReLU module that runs twice, or a functional ``F.relu``, gives wron
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.fx
@@ -22,39 +19,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .architectures import ARCHITECTURES, check_arch
-from .errors import BadCheckpoint, BadOption, MissingInput, one_line
+from .errors import BadOption, one_line
 from .hooks import Hooks
 from .stages import BLOCKS_ALIAS, layer_map, resolve_layer, resolve_layers, stage_blocks, stage_modules
-from .torch_files import load_torch_file
 
 __all__ = [
-    "ARCHITECTURES",
     "BLOCKS_ALIAS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Normalize",
     "ReluUses",
     "canonicalise",
-    "check_arch",
     "check_input_size",
-    "file_sha256",
     "in_channels",
     "layer_map",
-    "load_model",
     "module_stack",
     "resolve_layer",
     "resolve_layers",
     "stage_blocks",
     "stage_modules",
-    "weights_sha256",
 ]
-
-# Smallest input each architecture runs on (the bundle's head pools a fixed 7×7 window).
-_EXAMPLE_SIZE = {"monai_fc_resnet18": 224}
-_CHECKPOINT_CONTAINERS = ("state_dict", "model", "model_state_dict", "network", "net")
-_KEY_PREFIXES = ("module.", "model.", "net.", "network.", "_orig_mod.")
-
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,92 +61,6 @@ class Normalize:
         mean = torch.tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
         return (x - mean) / std
-
-
-def load_model(arch: str, *, num_classes: int, checkpoint: str | Path | None = None, **kw) -> nn.Module:
-    """A registered architecture in eval mode and canonical form, optionally with trained weights.
-
-    ``checkpoint`` may be a plain state dict, a MONAI bundle ``model.pt``, or a Lightning/trainer
-    checkpoint holding the state dict under ``state_dict``/``model`` with a ``model.``-style prefix.
-    """
-    check_arch(arch)
-    if num_classes < 1:
-        raise BadOption(f"num_classes must be >= 1, got {num_classes}; fix --num-classes")
-    model = ARCHITECTURES[arch](num_classes=num_classes, **kw)
-    if checkpoint is not None:
-        _load_state(model, Path(checkpoint), arch)
-    model.eval()
-    size = _EXAMPLE_SIZE.get(arch, 64)
-    return canonicalise(model, torch.zeros(1, in_channels(model), size, size))
-
-
-def _load_state(model: nn.Module, path: Path, arch: str) -> None:
-    obj = load_torch_file(path, "checkpoint")
-    state = _unwrap_state(obj)
-    if state is None:
-        keys = list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise BadCheckpoint(
-            f"checkpoint {path} holds no state dict (keys: {keys}); save it with torch.save(model.state_dict())"
-        )
-    state = _strip_prefixes(state, set(model.state_dict()))
-    _check_finite(state, path)
-    expected = model.state_dict()
-    wrong = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if wrong:
-        shapes = ", ".join(
-            f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})" for k in wrong[:3]
-        )
-        raise BadCheckpoint(
-            f"checkpoint {path} does not fit arch {arch!r}: tensors of other shapes: {shapes}; "
-            "check --num-classes (the last layer's outputs) and --arch"
-        )
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise BadCheckpoint(
-            f"checkpoint {path} does not fit arch {arch!r}: "
-            f"missing keys {_preview(result.missing_keys)}, "
-            f"unexpected keys {_preview(result.unexpected_keys)}; "
-            "check --arch / num_classes, or the checkpoint file"
-        )
-
-
-def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse NaN or Inf weights: they give NaN logits, which argmax reads as class 0 and every measure
-    as 0 — results that look valid."""
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            count = int((~torch.isfinite(tensor)).sum())
-            raise BadCheckpoint(
-                f"checkpoint {path} has non-finite weights: {name} holds {count} NaN/Inf value(s) (the first "
-                "such tensor); the training diverged or the file is damaged: give a checkpoint of finite weights"
-            )
-
-
-def _unwrap_state(obj: object) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict):
-        for key in _CHECKPOINT_CONTAINERS:
-            if key in obj:
-                return _unwrap_state(obj[key])
-    return None
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes (DDP ``module.``, Lightning ``model.``) until the keys fit."""
-    while not set(state) & expected:
-        prefix = next((p for p in _KEY_PREFIXES if all(k.startswith(p) for k in state)), None)
-        if prefix is None:
-            break
-        state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _preview(keys: list[str], n: int = 6) -> str:
-    if not keys:
-        return "none"
-    more = f" … ({len(keys)} in all)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
 
 
 def in_channels(model: nn.Module) -> int:
@@ -191,27 +89,6 @@ def check_input_size(model: nn.Module, size: int, arch: str, option: str = "--ti
         ) from None
     finally:
         model.train(was_training)
-
-
-# --- checkpoint files ------------------------------------------------------------------------
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (model checkpoints: a surrogate belongs to one set of weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weights_sha256(checkpoint: str | Path | None) -> str:
-    """``random-init`` without a checkpoint (seeded random weights), else the file's sha256."""
-    if checkpoint is None:
-        return "random-init"
-    if not Path(checkpoint).is_file():
-        raise MissingInput(f"model checkpoint {checkpoint} does not exist; check --checkpoint")
-    return file_sha256(checkpoint)
 
 
 # --- canonical ReLUs --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
+from .checkpoints import weights_sha256
 from .deviation import GATES, deviation
 from .errors import BadInput, BadOption, BadTable
 from .files import output_locks
@@ -32,12 +33,14 @@ from .hardware import hardware
 from .hooks import Hooks
 from .killpoints import kill_point
 from .metrics import checkerboard_share, total_variation
-from .models import check_input_size, layer_map, weights_sha256
+from .model_sources import canonical_kwargs, parse_arch
+from .model_spec import ModelSpec
+from .models import check_input_size, layer_map
 from .precision import arithmetic_of, check_precision, chosen_precision, forward
 from .predictions import TASKS, check_target, check_task, choose_targets, class_logits, prediction_columns
-from .smoothing import check_methods, smooth
+from .smoothing import changes_nothing, check_methods, downsampling_convs, smooth
 from .store import StoreWriter, check_out, results_columns
-from .surrogate import load_with_surrogate, surrogate_sha256
+from .surrogate import surrogate_sha256
 from .tiles import (
     TileDataset,
     TileLoader,
@@ -78,6 +81,8 @@ class SaliencySettings:
     mean: tuple[float, ...] | None = None  # None: the surrogate's or ImageNet's
     std: tuple[float, ...] | None = None
     precision: str = "fp32"  # arithmetic of maps and predictions: fp32 (exact), bf16, tf32 (CUDA), auto
+    model_kwargs: str = ""  # the model constructor's options, canonical JSON ("" = none)
+    model_code_sha256: str | None = None  # of a python: arch's .py file (set by the job)
 
     def __post_init__(self) -> None:
         check_methods(self.method)
@@ -92,6 +97,8 @@ class SaliencySettings:
         if self.smoothgrad_samples < 0 or self.smoothgrad_stdev < 0:
             raise BadOption("SmoothGrad samples and stdev must be >= 0 (samples 0 = SmoothGrad off)")
         check_precision(self.precision)
+        parse_arch(self.arch)
+        object.__setattr__(self, "model_kwargs", canonical_kwargs(self.model_kwargs))
 
     @property
     def smoothgrad(self) -> SmoothGrad | None:
@@ -115,6 +122,7 @@ class RunOptions:
     device: str = "auto"
     progress: bool = True
     max_batch: int | str = "auto"  # inputs per attribution forward/backward (bounds memory; see attribute)
+    allow_pickle: bool = False  # the checkpoint may be a whole pickled module (loading it runs its code)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -150,6 +158,9 @@ class _Models:
     method: nn.Module
     layers: dict[str, str]  # requested name → module, in forward order
     shapes: dict[str, tuple[int, int, int]]  # requested name → (C, h, w) for one tile
+    changed: tuple[
+        str, ...
+    ] = ()  # the downsampling convs the method replaces (none: its maps are the original's)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -211,17 +222,9 @@ def _smallest_tile(model: nn.Module, module: str, size: int, device: torch.devic
 
 
 def _load_models(
-    settings: SaliencySettings,
-    checkpoint: Path | None,
-    surrogate: Path | None,
-    tile_size: int,
-    device: torch.device,
-    tiles: Path,
+    settings: SaliencySettings, spec: ModelSpec, tile_size: int, device: torch.device, tiles: Path
 ) -> tuple[_Models, object]:
-    model, paths, norm = load_with_surrogate(
-        settings.arch, num_classes=settings.num_classes, checkpoint=checkpoint, surrogate=surrogate,
-        mean=settings.mean, std=settings.std, device=device,
-    )  # fmt: skip
+    model, paths, norm = spec.load(device)
     model = model.requires_grad_(False).eval()
     check_input_size(model, tile_size, settings.arch)
     modules = layer_map(model, settings.layers)
@@ -239,7 +242,12 @@ def _load_models(
             f"2×2 (TV, heatmaps); tile the slide with --tile-size {need} or more, or leave {small[0]} out"
         )
     check_task(settings.task, shapes["output"], settings.arch)
-    return _Models(model, method, {k: modules[k] for k in order}, shapes["layers"]), norm
+    changed = (
+        ()
+        if settings.method == "original"
+        else tuple(paths.conv_names if paths else downsampling_convs(model, example))
+    )
+    return _Models(model, method, {k: modules[k] for k in order}, shapes["layers"], changed), norm
 
 
 def _warm_up(settings: SaliencySettings, models: _Models, tile_size: int, device: torch.device) -> None:
@@ -382,8 +390,9 @@ def _prepare(
     if settings.method == "surrogate" and surrogate is None:
         raise BadOption("method 'surrogate' needs a trained surrogate: pass --surrogate FILE")
     settings = replace(
-        settings, model_sha256=weights_sha256(checkpoint), surrogate_sha256=surrogate_sha256(surrogate)
-    )
+        settings, model_sha256=weights_sha256(checkpoint), surrogate_sha256=surrogate_sha256(surrogate),
+        model_code_sha256=parse_arch(settings.arch).code_sha256(),
+    )  # fmt: skip
     table = read_tile_table(tiles, slide)
     if settings.task == "segmentation" and "majority_class" not in table:
         raise BadTable(
@@ -431,15 +440,21 @@ def _run(
     arithmetic_of(settings.precision, device)  # tf32 off CUDA fails here, before any work
     n = len(table)
     tile_size = int(table["tile_size"].iloc[0]) if n else _EMPTY_EXAMPLE
-    models, norm = _load_models(settings, checkpoint, surrogate, tile_size, device, Path(tiles))
+    spec = ModelSpec(
+        settings.arch, settings.num_classes, checkpoint, surrogate, settings.mean, settings.std,
+        settings.model_kwargs, options.allow_pickle,
+    )  # fmt: skip
+    models, norm = _load_models(settings, spec, tile_size, device, Path(tiles))
     layers = list(models.layers)
     slide_id = str(table["slide_id"].iloc[0]) if n else Path(slide).stem
+    unchanged = settings.method != "original" and not models.changed
     meta = {
         "version": __version__, "slide_id": slide_id, "slide_path": str(slide), "method": settings.method,
         "layers": layers, "attributions": list(settings.attributions),
         "settings": settings.as_dict() | {"mean": list(norm.mean), "std": list(norm.std)},
         "tiles_sha256": tiles_sha256(table), "n_tiles": n, "precision_requested": requested,
-        "hardware": hardware(device).as_dict(),
+        "hardware": hardware(device).as_dict(), "changed_ops": list(models.changed),
+        "warnings": [changes_nothing(settings.method, f"arch {settings.arch!r}")] if unchanged else [],
     }  # fmt: skip
     rows = table.assign(tile=np.arange(n, dtype=np.int64))
     check = _check_sample(settings, models, rows, norm, device, options.max_batch)

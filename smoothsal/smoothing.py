@@ -13,7 +13,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -165,18 +165,39 @@ class ConvSpec:
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
+    same: bool = False  # pads itself to TF's "same" (timm's Conv2dSame): output = ceil(input / stride)
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> ConvSpec:
         if isinstance(conv.padding, str):
             raise BadOption(f"string padding {conv.padding!r} on a downsampling conv is not supported")
-        return cls(
+        spec = cls(
             conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
             tuple(conv.padding), tuple(conv.dilation),
         )  # fmt: skip
+        return spec if type(conv).forward is nn.Conv2d.forward else spec._probed(conv)
+
+    def _probed(self, conv: nn.Conv2d) -> ConvSpec:
+        """A conv subclass with its own forward: its output size measured on two input sizes; "same"
+        padding is recognised, any other rule cannot be mirrored by a surrogate path."""
+        param = next(conv.parameters())
+        sizes = [2 * max(self.kernel_size) + k for k in (3, 4)]
+        with torch.no_grad():
+            got = [tuple(conv(param.new_zeros(1, self.in_channels, n, n)).shape[-2:]) for n in sizes]
+        if got == [self.output_size(n, n) for n in sizes]:
+            return self
+        same = replace(self, same=True)
+        if got == [same.output_size(n, n) for n in sizes]:
+            return same
+        raise BadOption(
+            f"{type(conv).__name__} sizes its output unlike nn.Conv2d and unlike 'same' padding ({got} for inputs "
+            f"{sizes}); a surrogate path cannot mirror it: leave the surrogate method out"
+        )
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The original conv's output size for an input of ``height`` × ``width``."""
+        if self.same:
+            return tuple(-(-n // s) for n, s in zip((height, width), self.stride, strict=True))  # type: ignore[return-value]
         return tuple(
             (n + 2 * p - d * (k - 1) - 1) // s + 1
             for n, p, d, k, s in zip(
@@ -207,17 +228,24 @@ class SurrogatePath(nn.Module):
     def start_from(self, conv: nn.Conv2d) -> bool:
         """Start at the conv this path replaces: ``pre`` = its weights (at stride 1), ``post`` =
         identity, so the path begins as the conv's output averaged 2×2 (even sizes; odd ones are
-        resampled bilinearly), about the forward hook, and training improves on that. False, and left
-        as it was, for a conv that ``pre`` cannot hold (kernel other than 1 or 3, off-centre or
-        non-zero padding, dilation, groups)."""
+        resampled bilinearly), about the forward hook, and training improves on that. A grouped or
+        depthwise conv starts as its block-diagonal dense equivalent (the path itself is dense: it can
+        hold the grouped conv exactly, and training may use the cross-group terms). False, and left as it
+        was, for a conv that ``pre`` cannot hold (kernel other than 1 or 3, off-centre or non-zero
+        padding, dilation)."""
         kh, kw = conv.kernel_size
         centred = conv.padding == (kh // 2, kw // 2) and conv.padding_mode == "zeros"
-        if not centred or {kh, kw} - {1, 3} or conv.groups != 1 or conv.dilation != (1, 1):
+        if not centred or {kh, kw} - {1, 3} or conv.dilation != (1, 1):
             return False
         with torch.no_grad():
             self.pre.weight.zero_()
             top, left = (3 - kh) // 2, (3 - kw) // 2
-            self.pre.weight[:, :, top : top + kh, left : left + kw] = conv.weight.to(self.pre.weight)
+            per_in, per_out = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+            for g in range(conv.groups):  # block g: outputs g·per_out… read inputs g·per_in…
+                rows, cols = slice(g * per_out, (g + 1) * per_out), slice(g * per_in, (g + 1) * per_in)
+                self.pre.weight[rows, cols, top : top + kh, left : left + kw] = conv.weight[rows].to(
+                    self.pre.weight
+                )
             if conv.bias is None:
                 self.pre.bias.zero_()
             else:
@@ -325,11 +353,7 @@ class Method:
         else:
             names = downsampling_convs(model, example)
             if not names:
-                log.warning(
-                    "%s changes nothing in %s: it has no stride-2 conv after the stem (it downsamples by "
-                    "pooling or not at all), so its maps equal the original's",
-                    self.name, type(model).__name__,
-                )  # fmt: skip
+                log.warning(changes_nothing(self.name, type(model).__name__))
         smoothed = copy.deepcopy(model)
         for name in names:
             parent, _, attr = name.rpartition(".")
@@ -339,6 +363,14 @@ class Method:
                 self.replace(name, smoothed.get_submodule(name), surrogate),
             )
         return smoothed.eval()
+
+
+def changes_nothing(method: str, model: str) -> str:
+    """The warning for a method that changes nothing in a model (logged, and recorded with its maps)."""
+    return (
+        f"{method} changes nothing in {model}: it has no stride-2 conv after the stem (it downsamples by "
+        "pooling or not at all), so its maps equal the original's"
+    )
 
 
 def _surrogate_path(name: str, _conv: nn.Conv2d, surrogate: SurrogatePaths | None) -> nn.Module:

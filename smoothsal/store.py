@@ -8,8 +8,9 @@ the store's ``meta``: version, slide_id, slide_path, method, layers (forward ord
 settings (every setting that affects results, one dict), tiles_sha256, n_tiles.
 
 Results table (Parquet, ``{method}.parquet``): one row per tile (`results_columns`), the same
-``meta`` as JSON in the schema metadata under ``smoothsal``. Format 2 added the
-``checkerboard/{attribution}/{layer}`` columns; format 1 tables (without them) are still read and replaced.
+``meta`` as JSON in the schema metadata under ``smoothsal``. Table format 2 added ``checkerboard/…`` columns;
+store format 2 / table format 3 the model spec in ``settings`` (``model_kwargs``, ``model_code_sha256``);
+earlier formats are still read and replaced.
 
 ``StoreWriter`` writes both resumably: work state sits in a hidden sibling ``.{store}.partial/`` (the
 store being written, one row file per batch, a progress file); the store and the table appear under
@@ -267,9 +268,9 @@ def read_results(path: str | Path, optional: Sequence[str] = ()) -> Results:
 # --- writing: partial state, resume, the finished outputs -----------------------------------------
 
 
-STORE_KIND = OutputKind("saliency-store", "smoothsal saliency", format=1, zarr=True)
-TABLE_MARKER = {"kind": "saliency-table", "format": 2}  # in the results table's schema metadata
-TABLE_FORMATS = (1, 2)  # formats still read (and replaced by a rerun); 1 lacks the checkerboard columns
+STORE_KIND = OutputKind("saliency-store", "smoothsal saliency", format=2, replaces=(1,), zarr=True)
+TABLE_MARKER = {"kind": "saliency-table", "format": 3}  # in the results table's schema metadata
+TABLE_FORMATS = (1, 2, 3)  # still read (and replaced by a rerun); 1 lacks the checkerboard columns, 1–2 the spec
 
 
 def check_out(out: Path, table: Path | None = None) -> None:

@@ -9,7 +9,7 @@ validation measures and the rule are `surrogate_fit`).
 File format (``SURROGATE_FORMAT``): the paths' weights with the arch, conv names and specs, the
 training settings and their hash, a fingerprint of the model's layers, the per-epoch loss log and
 the fit record (how training ended, validation L1, prediction difference and agreement).
-``load_with_surrogate`` is what stages use: the model, its checked surrogate and the normalisation.
+``model_spec.load_with_surrogate`` is what stages use: the model, its checked surrogate and the normalisation.
 """
 
 from __future__ import annotations
@@ -26,16 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import file_sha256, weights_sha256
 from .errors import BadCheckpoint, BadInput, BadOption, MissingInput
-from .models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Normalize,
-    file_sha256,
-    in_channels,
-    load_model,
-    weights_sha256,
-)
+from .model_sources import architecture_normalisation, canonical_kwargs
+from .models import IMAGENET_MEAN, IMAGENET_STD, Normalize, in_channels
 from .smoothing import ConvSpec, SurrogatePaths, capture_conv_io, downsampling_convs
 from .surrogate_fit import SurrogateFit, validation_size
 from .tiles import tiles_sha256
@@ -46,14 +40,12 @@ __all__ = [
     "SURROGATE_FORMAT",
     "EpochBatches",
     "EpochCallback",
-    "ModelSpec",
     "Resume",
     "StepCallback",
     "SurrogateMeta",
     "TrainSettings",
     "check_surrogate_arch",
     "load_surrogate",
-    "load_with_surrogate",
     "model_fingerprint",
     "read_surrogate",
     "save_surrogate",
@@ -208,6 +200,7 @@ class TrainSettings:
     val_fraction: float = 0.1  # of the tiles held out for validation; 0 = none (needs patience 0)
     val_min_tiles: int = 32  # held out at least (but never more than half the tiles)
     init: str = "conv"  # where the paths start: at the conv they replace, or "random" (the paper's)
+    model_kwargs: str = ""  # the model constructor's options, canonical JSON ("" = none)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "n_tiles", "tile_size", "num_classes"):
@@ -221,6 +214,7 @@ class TrainSettings:
         for name in ("min_delta", "val_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise BadOption(f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        object.__setattr__(self, "model_kwargs", canonical_kwargs(self.model_kwargs))
         if self.init not in INITS:
             raise BadOption(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.patience and not self.n_validation:
@@ -258,8 +252,14 @@ class TrainSettings:
         **choices: object,
     ) -> TrainSettings:
         """The settings of training on ``table``'s tiles (hashed with the weights file); ``choices``
-        are the other fields (arch, num_classes, epochs, …); mean/std default to ImageNet's."""
-        norm = Normalize(tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD))
+        are the other fields (arch, num_classes, epochs, …); mean/std default to the model's (a timm
+        model's pretrained config), else ImageNet's."""
+        if mean is None or std is None:
+            default = architecture_normalisation(
+                choices["arch"], choices["num_classes"], choices.get("model_kwargs")
+            )
+            mean, std = mean or default[0], std or default[1]
+        norm = Normalize(tuple(mean), tuple(std))
         return cls(
             model_sha256=weights_sha256(checkpoint), tiles_sha256=tiles_sha256(table), n_tiles=len(table),
             tile_size=int(table["tile_size"].iloc[0]), mean=norm.mean, std=norm.std, **choices,
@@ -401,64 +401,6 @@ def load_surrogate(
                 f"{checkpoint} is {sha[:12]}; retrain the surrogate for these weights"
             )
     return paths
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model a stage runs: architecture, classes, weights (None: the seeded random init),
-    surrogate, input normalisation (None: the surrogate's, else ImageNet's)."""
-
-    arch: str
-    num_classes: int
-    checkpoint: Path | None = None
-    surrogate: Path | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-    def load(self, device: torch.device | str = "cpu") -> tuple[nn.Module, SurrogatePaths | None, Normalize]:
-        """``load_with_surrogate`` of this model."""
-        return load_with_surrogate(
-            self.arch, num_classes=self.num_classes, checkpoint=self.checkpoint, surrogate=self.surrogate,
-            mean=self.mean, std=self.std, device=device,
-        )  # fmt: skip
-
-
-def load_with_surrogate(
-    arch: str,
-    *,
-    num_classes: int,
-    checkpoint: str | Path | None = None,
-    surrogate: str | Path | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    device: torch.device | str = "cpu",
-) -> tuple[nn.Module, SurrogatePaths | None, Normalize]:
-    """The model, its checked surrogate (if given) and the input normalisation it was trained with.
-
-    Without ``checkpoint`` the model is the seeded random init the surrogate was trained on.
-    """
-    meta = read_surrogate(surrogate)[1] if surrogate is not None else None
-    if meta is not None:
-        check_surrogate_arch(meta, arch, surrogate)
-        if checkpoint is None and meta.settings.model_sha256 != "random-init":
-            raise BadOption(
-                f"surrogate {surrogate} was trained on a model checkpoint; pass it with --checkpoint"
-            )
-    norm = Normalize(
-        tuple(mean or (meta.settings.mean if meta else IMAGENET_MEAN)),
-        tuple(std or (meta.settings.std if meta else IMAGENET_STD)),
-    )
-    if meta is not None and (norm.mean, norm.std) != (meta.settings.mean, meta.settings.std):
-        raise BadOption(
-            f"surrogate {surrogate} was trained on inputs normalised with mean {meta.settings.mean}, "
-            f"std {meta.settings.std}; pass the same --mean/--std or leave them out"
-        )
-    torch.manual_seed(meta.settings.seed if meta else 0)  # a random-init model: the one the surrogate saw
-    model = load_model(arch, num_classes=num_classes, checkpoint=checkpoint).to(device)
-    paths = None
-    if surrogate is not None:
-        paths = load_surrogate(surrogate, arch=arch, model=model, checkpoint=checkpoint).to(device)
-    return model, paths, norm
 
 
 def surrogate_sha256(path: str | Path | None) -> str | None:

@@ -1,13 +1,12 @@
 """The `smoothsal train-surrogate` stage: one process, or N under torchrun.
 
-DistributedDataParallel (nccl on GPU, gloo on CPU), a DistributedSampler over the training tiles (the
-held-out validation tiles never among them), the global batch split evenly over the processes (so
-every step sees the same tiles whatever N is), and a resumable state file written every epoch and
-every K steps: a killed run resumes with the same result as an uninterrupted one, the convergence
-rule's state (best L1, best paths, epochs since improvement) included. After every epoch each
-process measures its share of the validation tiles; the sums are added up and rank 0's copy is
-broadcast, so every process takes the same stop decision. The surrogate itself (loop, file format) is
-`surrogate`; the validation measures and the rule are `surrogate_fit`.
+DistributedDataParallel (nccl on GPU, gloo on CPU), a DistributedSampler over the training tiles (the held-out
+validation tiles never among them), the global batch split evenly over the processes (so every step sees the
+same tiles whatever N is), and a resumable state file written every epoch and every K steps: a killed run
+resumes with the same result as an uninterrupted one, the convergence rule's state (best L1, best paths,
+epochs since improvement) included. After every epoch each process measures its share of the validation
+tiles; the sums are added up and rank 0's copy is broadcast, so every process takes the same stop decision.
+The surrogate itself (loop, file format) is `surrogate`; the validation measures and the rule `surrogate_fit`.
 """
 
 from __future__ import annotations
@@ -32,7 +31,8 @@ from tqdm import tqdm
 from .errors import BadCheckpoint, BadOption
 from .files import atomic_path, check_file_out, partial_paths
 from .killpoints import kill_point
-from .models import check_input_size, in_channels, load_model
+from .model_spec import load_model
+from .models import check_input_size, in_channels
 from .smoothing import SurrogatePaths, smooth
 from .surrogate import (
     EpochBatches,
@@ -82,6 +82,7 @@ class RunOptions:
     resume: bool = True  # continue from the state file when there is one
     workers: int | None = None  # DataLoader workers per process; None = min(4, cores per process − 1)
     progress: bool = True  # tqdm bar on rank 0
+    allow_pickle: bool = False  # the checkpoint may be a whole pickled model (loading it runs its code)
 
     @property
     def state_path(self) -> Path:
@@ -161,10 +162,7 @@ class _ResumableSampler(torch.utils.data.Sampler[int]):
 def per_rank_batch_size(batch_size: int, world: int) -> int:
     """The global batch split evenly: every step sees the same tiles whatever the process count."""
     if batch_size % world:
-        raise BadOption(
-            f"--batch-size {batch_size} cannot be split evenly over {world} processes; "
-            f"use a multiple of {world}"
-        )
+        raise BadOption(f"--batch-size {batch_size} cannot be split evenly over {world} processes; use a multiple of {world}")  # fmt: skip
     return batch_size // world
 
 
@@ -193,9 +191,7 @@ def training_data(
     train = Subset(dataset, split.train.tolist())
     base = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
     sampler = _ResumableSampler(base)
-    loader = TileLoader(
-        train, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=pin_memory
-    )
+    loader = TileLoader(train, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=pin_memory)  # fmt: skip
 
     def batches(epoch: int, skip: int) -> DataLoader:
         sampler.set_epoch(epoch, skip * per_rank)
@@ -204,7 +200,7 @@ def training_data(
     validation = None
     if len(split.validation):
         mine = Subset(dataset, split.validation[rank::world].tolist())  # every process its share
-        validation = TileLoader(mine, batch_size=per_rank, num_workers=workers, pin_memory=pin_memory)
+        validation = TileLoader(mine, batch_size=per_rank, num_workers=workers, pin_memory=pin_memory)  # fmt: skip
     return TrainingData(
         split,
         batches,
@@ -387,7 +383,8 @@ def run_training(
     d = _Dist.start()
     try:
         torch.manual_seed(settings.seed)  # a random-init model (no checkpoint) is the same everywhere
-        model = load_model(settings.arch, num_classes=settings.num_classes, checkpoint=checkpoint)
+        model = load_model(settings.arch, num_classes=settings.num_classes, checkpoint=checkpoint,
+                           kwargs=settings.model_kwargs, allow_pickle=options.allow_pickle)  # fmt: skip
         model = model.to(d.device).requires_grad_(False).eval()
         check_input_size(model, settings.tile_size, settings.arch)
         torch.manual_seed(settings.seed)

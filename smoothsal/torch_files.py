@@ -18,6 +18,7 @@ from .errors import BadCheckpoint, MissingInput, plain
 from .files import atomic_path
 
 _SAVE_WEIGHTS = "torch.save(model.state_dict(), PATH) in the code that builds the model, and pass that file"
+_TRUST = "if you trust the file, pass --allow-pickle (workflow: model.allow_pickle: true); else "
 _PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
@@ -30,11 +31,14 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
-def load_torch_file(path: Path, what: str, fix: str = "save it with torch.save(state_dict)") -> object:
+def load_torch_file(
+    path: Path, what: str, fix: str = "save it with torch.save(state_dict)", *, allow_pickle: bool = False
+) -> object:
     """``torch.load`` (weights only: nothing in the file runs) with one-line errors naming the file.
 
     A TorchScript archive and a whole pickled model get a line of their own: smoothsal hooks and replaces
-    modules of an eager ``nn.Module`` built by code, so both need the weights saved alone.
+    modules of an eager ``nn.Module`` built by code, so TorchScript needs the weights saved alone, and a
+    pickled model (which runs code from the file when loaded) the explicit ``allow_pickle`` opt-in.
     """
     path = Path(path)
     if not path.is_file():
@@ -47,14 +51,15 @@ def load_torch_file(path: Path, what: str, fix: str = "save it with torch.save(s
     try:
         with warnings.catch_warnings():  # torch's own advice (weights_only=False) is not ours to give
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:  # torch.load raises anything from pickle, zipfile and its own checks
         text = plain(str(err)).strip()
         pickled = _PICKLED_GLOBAL.search(text)
         if pickled:
+            trust = _TRUST if what == "checkpoint" else ""
             raise BadCheckpoint(
                 f"{what} {path} holds a pickled {pickled.group(1)} (e.g. a whole model saved with "
-                f"torch.save(model)), and loading it would run code from the file; save the weights alone: "
+                f"torch.save(model)), and loading it runs code from the file: {trust}save the weights alone: "
                 f"{_SAVE_WEIGHTS}"
             ) from err
         first = " ".join(text.splitlines()[0].split()) if text else type(err).__name__

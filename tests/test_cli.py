@@ -86,9 +86,23 @@ def test_a_torchscript_or_pickled_model_is_one_line_saying_why_and_how_to_save_i
         assert "torch.jit.load(PATH).state_dict()" in err
     else:
         assert f"checkpoint {path} holds a pickled torchvision.models.resnet.ResNet" in err
-        assert "would run code from the file" in err
+        assert "runs code from the file: if you trust the file, pass --allow-pickle" in err
     assert "torch.save(model.state_dict(), PATH)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no output written
+
+
+def test_a_pickled_module_loads_with_the_explicit_opt_in(cli, tiles_dir, tmp_path):
+    """--allow-pickle: the whole module's weights go into --arch's model (the same maps as its state dict)."""
+    import torch
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=2)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    args = ("compare", tiles_dir / "no-tissue.png", "--size", "64", "--samples", "0")
+    pickled = cli(*args, "--checkpoint", tmp_path / "model.pt", "--allow-pickle", "--out", tmp_path / "a.png").out
+    plain = cli(*args, "--checkpoint", tmp_path / "weights.pt", "--out", tmp_path / "b.png").out
+    assert "TV" in pickled and pickled.splitlines()[:-1] == plain.splitlines()[:-1]
 
 
 def test_a_tile_too_small_for_the_model_is_one_line_naming_the_option(cli, tiles_dir, tmp_path):

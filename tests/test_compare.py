@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from smoothsal.compare import CompareSettings, compare_methods, comparison_figure, read_tile_image
-from smoothsal.surrogate import ModelSpec
+from smoothsal.model_spec import ModelSpec
 
 TILE = "high-nuclei-score-level2.png"
 

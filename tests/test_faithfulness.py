@@ -18,7 +18,8 @@ from smoothsal.annotations.masks import tile_label_mask
 from smoothsal.faithfulness import FaithfulnessSettings, sample_tiles
 from smoothsal.faithfulness_tables import FAITHFULNESS_COLUMNS, RANDOMISATION_COLUMNS, read_faithfulness
 from smoothsal.metrics import region_fraction
-from smoothsal.models import Normalize, load_model
+from smoothsal.model_spec import load_model
+from smoothsal.models import Normalize
 from smoothsal.perturbation import PerturbationSettings, deletion_insertion
 from smoothsal.saliency import tile_seed
 from smoothsal.store import open_store

@@ -421,7 +421,7 @@ def test_case_1_heatmaps_never_deletes_its_own_saliency_input(cli, made, tmp_pat
     p = {**made, "store": own}
     err = cli(*command("heatmaps", p, own), expect=1).err
     assert (
-        "self.zarr exists and is a saliency-store (format 1); `smoothsal heatmaps` replaces only a heatmap-container"
+        "self.zarr exists and is a saliency-store (format 2); `smoothsal heatmaps` replaces only a heatmap-container"
         in err
     ), err
     assert tree(own) == before and store.open_store(own).meta["n_tiles"] == 6

@@ -9,8 +9,8 @@ from helpers import module_calls, num_classes, with_real_statistics
 from torch import nn
 
 import smoothsal as ss
+from smoothsal.architectures import ARCHITECTURES
 from smoothsal.errors import BadCheckpoint
-from smoothsal.models import ARCHITECTURES
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -95,7 +95,7 @@ def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path):
 
 
 def test_unknown_arch_names_the_allowed_ones():
-    with pytest.raises(ValueError, match="allowed: monai_fc_resnet18, resnet18, resnet34"):
+    with pytest.raises(ValueError, match=r"give a registered name \(monai_fc_resnet18, resnet18, resnet34"):
         ss.load_model("vgg16", num_classes=2)
 
 

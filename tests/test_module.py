@@ -125,7 +125,10 @@ def test_conda_env_installs_the_pinned_release_and_pyprojects_dependencies() -> 
     package = [p for p in pip if p.startswith("smoothsal")]
     assert sorted(p for p in pip if p not in package) == sorted(project["dependencies"])
     assert not any(p.startswith("-e") or "../" in p for p in pip), pip
-    match = re.fullmatch(r"smoothsal @ git\+(https://github\.com/[^/]+/smoothsal)\.git@v([\w.]+)", package[0])
+    extra = r"\[timm\]"  # the optional extra that timm: models need
+    match = re.fullmatch(
+        rf"smoothsal{extra} @ git\+(https://github\.com/[^/]+/smoothsal)\.git@v([\w.]+)", package[0]
+    )
     assert match and match.group(2) == project["version"], package
     readme = (ROOT / "README.md").read_text()
     assert f"snakedeploy deploy-workflow {match.group(1)} . --tag v{project['version']}" in readme

@@ -16,12 +16,12 @@ from reference import assert_fp32_within, captum_pair, fp32_bound
 
 import smoothsal as ss
 from smoothsal import saliency, store
+from smoothsal.checkpoints import weights_sha256
 from smoothsal.metrics import masked_prediction_difference, prediction_difference, probabilities
-from smoothsal.models import weights_sha256
+from smoothsal.model_spec import load_with_surrogate
 from smoothsal.surrogate import (
     SurrogateMeta,
     TrainSettings,
-    load_with_surrogate,
     model_fingerprint,
     save_surrogate,
 )

@@ -260,6 +260,21 @@ def test_a_path_started_at_its_conv_is_that_conv_averaged_2x2():
     assert started == ss.downsampling_convs(wide)[1:]
 
 
+@pytest.mark.parametrize("groups", [4, 16])
+def test_a_grouped_or_depthwise_conv_starts_as_its_block_diagonal_dense_path(groups):
+    """Issue 25: the surrogate path is dense; a grouped conv (and a depthwise one, groups = channels) starts
+    as the same conv at stride 1 averaged 2×2, exactly, with zeros between the groups."""
+    conv = nn.Conv2d(16, 16 if groups == 16 else 32, 3, stride=2, padding=1, groups=groups)
+    path = SurrogatePath(ConvSpec.of(conv))
+    assert path.start_from(conv)
+    x = torch.randn(2, 16, 16, 16)
+    stride1 = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1, groups=groups)
+    with torch.no_grad():
+        torch.testing.assert_close(path(x), nn.functional.avg_pool2d(stride1, 2))
+    per_out, per_in = conv.out_channels // groups, 16 // groups
+    assert not path.pre.weight[:per_out, per_in:].any()  # no cross-group term at the start
+
+
 def test_train_surrogate_refuses_a_one_shot_iterator():
     net = build_model("resnet18")
     with pytest.raises(ValueError, match="one-shot iterator"):
@@ -290,3 +305,17 @@ def test_the_method_registry_is_the_config_schemas_list():
         }[info.name]  # fmt: skip
     with pytest.raises(ValueError, match="unknown methods \\['a', 'b'\\]; allowed: original"):
         ss.smoothing.check_methods(["a", "original", "b"])
+
+
+def test_a_conv_that_pads_itself_to_same_gets_a_path_of_its_output_size():
+    """Issue 25: timm's Conv2dSame (all tf_* models) pads dynamically, so its output is ceil(n / 2) where
+    nn.Conv2d's rule gives less; the spec measures that, and the path's output fits the conv's at every size."""
+    layers = pytest.importorskip("timm.layers")
+    conv = layers.Conv2dSame(8, 16, 3, stride=2)
+    spec = ConvSpec.of(conv)
+    assert spec.same and not ConvSpec.of(nn.Conv2d(8, 16, 3, stride=2)).same
+    path = SurrogatePath(spec)
+    for n in (15, 16, 31, 64):
+        x = torch.randn(1, 8, n, n)
+        with torch.no_grad():
+            assert path(x).shape == conv(x).shape, n

@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Command", "default", "model_args", "rgb", "stitch_inputs", "tuple_or_none"]
+if TYPE_CHECKING:
+    from ..model_spec import ModelSpec
+
+__all__ = ["Command", "arch_args", "default", "model_args", "model_spec", "rgb", "stitch_inputs", "tuple_or_none"]
+
+ARCH_HELP = (
+    "model architecture: a registered name (resnet18, resnet34, resnet50, monai_fc_resnet18, unet_resnet34), "
+    "torchvision:NAME, timm:NAME, or python:MODULE:CALLABLE (a dotted module or a .py file; see `smoothsal inspect`)"
+)
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,7 @@ def model_args(p: argparse.ArgumentParser, *, tiles: str | None = "+") -> None:
 
     ``tiles="+"``: any number of tile tables (training, evaluation); ``None``: one table (one slide).
     """
-    p.add_argument("--arch", required=True, help="model architecture (see smoothsal.ARCHITECTURES)")
-    p.add_argument("--num-classes", type=int, required=True, help="outputs of the model (1 = one logit)")
-    p.add_argument("--checkpoint", type=Path, help="model weights (.pt); without it a seeded random init")
+    arch_args(p)
     p.add_argument(
         "--tiles", type=Path, nargs=tiles, required=True, metavar="TABLE", help="tile tables (.parquet)"
     )
@@ -62,6 +68,37 @@ def model_args(p: argparse.ArgumentParser, *, tiles: str | None = "+") -> None:
         type=int,
         help="DataLoader workers per process (default: 0 on <= 2 cores, else min(4, cores - 1))",
     )
+
+
+def arch_args(p: argparse.ArgumentParser, *, arch: str | None = None, num_classes: int | None = None) -> None:
+    """--arch / --num-classes / --model-kwargs / --checkpoint / --allow-pickle: the model to explain
+    (``arch``/``num_classes``: defaults, else the options are required)."""
+    what = f" (default {arch})" if arch else ""
+    p.add_argument("--arch", required=arch is None, default=arch, help=ARCH_HELP + what)
+    p.add_argument(
+        "--num-classes", type=int, required=num_classes is None, default=num_classes,
+        help="outputs of the model (1 = one logit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--model-kwargs", default="", metavar="JSON",
+        help="the architecture's constructor options as a JSON object, e.g. '{\"drop_rate\": 0.0}'",
+    )  # fmt: skip
+    p.add_argument("--checkpoint", type=Path, help="model weights (.pt); without it a seeded random init")
+    p.add_argument(
+        "--allow-pickle", action="store_true",
+        help="accept a checkpoint that is a whole pickled model (torch.save(model)); loading it runs code from "
+        "the file, so only for files you trust",
+    )  # fmt: skip
+
+
+def model_spec(args: argparse.Namespace, surrogate: Path | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of a command's model options."""
+    from ..model_spec import ModelSpec  # torch: only for the commands that load a model
+
+    return ModelSpec(
+        args.arch, args.num_classes, args.checkpoint, surrogate, tuple_or_none(getattr(args, "mean", None)),
+        tuple_or_none(getattr(args, "std", None)), args.model_kwargs, args.allow_pickle,
+    )  # fmt: skip
 
 
 def stitch_inputs(p: argparse.ArgumentParser, stores: str, tiles: str) -> None:

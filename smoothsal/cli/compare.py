@@ -9,8 +9,7 @@ from pathlib import Path
 
 from ..compare import DEFAULT_MODEL, CompareSettings, run_compare
 from ..precision import CHOICES
-from ..surrogate import ModelSpec
-from .common import Command, default
+from .common import Command, arch_args, default, model_spec
 
 COMMAND = Command("compare", "saliency of every smoothing method on one tile image, side by side (PNG)")
 
@@ -20,9 +19,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     # fmt: off
     p.add_argument("tile", type=Path, help="RGB(A) tile image (PNG/JPEG), any size")
     p.add_argument("--out", type=Path, required=True, help="figure to write (.png)")
-    p.add_argument("--arch", default=m.arch, help=f"model architecture (default {m.arch})")
-    p.add_argument("--num-classes", type=int, default=m.num_classes, help=f"model outputs (default {m.num_classes})")
-    p.add_argument("--checkpoint", type=Path, help="trained weights (default: a seeded random init)")
+    arch_args(p, arch=m.arch, num_classes=m.num_classes)
     p.add_argument("--surrogate", type=Path, help="trained surrogate (adds the surrogate method)")
     p.add_argument("--layer", default=default(c, "layer"), help=f"layer name or alias (default {default(c, 'layer')})")
     p.add_argument("--target", type=int, default=default(c, "target"), help=f"target class (default {default(c, 'target')})")
@@ -34,7 +31,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    model = ModelSpec(args.arch, args.num_classes, args.checkpoint, args.surrogate)
+    model = model_spec(args, args.surrogate)
     settings = CompareSettings(args.layer, args.target, args.size, args.samples, args.stdev, args.precision)
     result = run_compare(args.tile, args.out, model, settings)
     for (method, attribution), (_, tv) in result.maps.items():

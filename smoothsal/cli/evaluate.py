@@ -10,8 +10,7 @@ from pathlib import Path
 
 from ..evaluation import EvalSettings, run_evaluation, to_markdown
 from ..predictions import TARGETS
-from ..surrogate import ModelSpec
-from .common import Command, default, model_args, tuple_or_none
+from .common import Command, default, model_args, model_spec
 
 COMMAND = Command(
     "evaluate", "accuracy and prediction difference of original / surrogate / forward_hook on tiles"
@@ -33,10 +32,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    model = ModelSpec(
-        args.arch, args.num_classes, args.checkpoint, args.surrogate, tuple_or_none(args.mean),
-        tuple_or_none(args.std),
-    )  # fmt: skip
+    model = model_spec(args, args.surrogate)
     settings = EvalSettings(tuple(args.methods), args.target, args.batch_size)
     result = run_evaluation(
         args.tiles, model, args.out, settings, markdown=args.markdown, per_tile=args.per_tile,

@@ -13,14 +13,13 @@ from pathlib import Path
 from ..faithfulness import (
     FaithfulnessOptions,
     FaithfulnessSettings,
-    ModelFiles,
     run_faithfulness,
 )
 from ..perturbation import BASELINES
 from ..randomisation import BATCHNORM, GROUPINGS
 from ..saliency import DEVICES
 from ..smoothing import METHODS
-from .common import Command, default
+from .common import Command, arch_args, default, model_spec
 
 COMMAND = Command(
     "faithfulness", "deletion/insertion, randomisation and relevance mass of one slide × method's stored maps"
@@ -38,9 +37,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiles", type=Path, required=True, help="tile table of SLIDE (from `smoothsal tiles`)")
     p.add_argument("--saliency", type=Path, required=True, help="saliency store of SLIDE under --method (.zarr)")
     p.add_argument("--method", required=True, choices=METHODS, help="smoothing method the store was made with")
-    p.add_argument("--arch", required=True, help="model architecture (see smoothsal.ARCHITECTURES)")
-    p.add_argument("--num-classes", type=int, required=True, help="outputs of the model (1 = one logit)")
-    p.add_argument("--checkpoint", type=Path, help="model weights (.pt); without it the seeded random init")
+    arch_args(p)
     p.add_argument("--surrogate", type=Path, help="trained surrogate (.pt); needed by --method surrogate")
     p.add_argument("--layers", nargs="+", help="layers to evaluate (default: every layer of the store)")
     p.add_argument("--annotations", type=Path, help="annotation file of SLIDE: relevance mass")
@@ -69,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
     options = FaithfulnessOptions(
         args.out, args.randomisation_out, batch_size=args.batch_size, device=args.device, dataset=args.dataset
     )
-    model = ModelFiles(args.arch, args.num_classes, args.checkpoint, args.surrogate)
+    model = model_spec(args, args.surrogate)
     result = run_faithfulness(
         args.slide, args.tiles, args.saliency, args.method, model, settings, options, layers=args.layers,
         annotations=args.annotations, class_map=args.class_map,

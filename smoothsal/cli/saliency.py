@@ -54,10 +54,11 @@ def run(args: argparse.Namespace) -> None:
         attributions=tuple(args.attributions), smoothgrad_samples=args.smoothgrad_samples,
         smoothgrad_stdev=args.smoothgrad_stdev, seed=args.seed, target=args.target, task=args.task,
         dataset=args.dataset, mean=tuple_or_none(args.mean), std=tuple_or_none(args.std), precision=args.precision,
+        model_kwargs=args.model_kwargs,
     )  # fmt: skip
     options = RunOptions(
         out=args.out, table=args.table, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        progress=args.progress,
+        progress=args.progress, allow_pickle=args.allow_pickle,
     )  # fmt: skip
     result = run_saliency(
         args.slide, args.tiles, settings, options, checkpoint=args.checkpoint, surrogate=args.surrogate

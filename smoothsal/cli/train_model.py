@@ -12,7 +12,7 @@ from pathlib import Path
 from ..annotations import parse_class_map
 from ..demo_models import ModelSettings, run_model_training
 from ..models import IMAGENET_MEAN, IMAGENET_STD
-from .common import Command, default, rgb
+from .common import ARCH_HELP, Command, default, rgb
 
 COMMAND = Command("train-model", "train a small tile classifier or segmenter on CPU (the demo models)")
 
@@ -20,7 +20,8 @@ COMMAND = Command("train-model", "train a small tile classifier or segmenter on 
 def arguments(p: argparse.ArgumentParser) -> None:
     m = ModelSettings
     # fmt: off
-    p.add_argument("--arch", required=True, help="model architecture (e.g. resnet18, unet_resnet34)")
+    p.add_argument("--arch", required=True, help=ARCH_HELP)
+    p.add_argument("--model-kwargs", default="", metavar="JSON", help="the architecture's constructor options (JSON object)")
     p.add_argument("--num-classes", type=int, required=True, help="classes ≥ 2 (with background)")
     p.add_argument("--tiles", type=Path, nargs="+", required=True, metavar="TABLE", help="tile tables (.parquet)")
     p.add_argument("--annotations", type=Path, nargs="+", metavar="FILE", help="segmentation: one annotation file per tile table, same order")
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> None:
     settings = ModelSettings(
         arch=args.arch, num_classes=args.num_classes, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, mean=tuple(args.mean or IMAGENET_MEAN), std=tuple(args.std or IMAGENET_STD),
+        model_kwargs=args.model_kwargs,
     )  # fmt: skip
     class_map = parse_class_map(args.class_map) if args.class_map else None
     result = run_model_training(

@@ -49,13 +49,14 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     options = RunOptions(
         out=args.out, state=args.state, log=args.log, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, workers=args.workers, progress=args.progress,
+        resume=args.resume, workers=args.workers, progress=args.progress, allow_pickle=args.allow_pickle,
     )  # fmt: skip
     result = train_from_tables(
         args.tiles, options, checkpoint=args.checkpoint, mean=tuple_or_none(args.mean),
         std=tuple_or_none(args.std), arch=args.arch, num_classes=args.num_classes, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, amp=args.amp, patience=args.patience,
         min_delta=args.min_delta, val_fraction=args.val_fraction, val_min_tiles=args.val_min_tiles, init=args.init,
+        model_kwargs=args.model_kwargs,
     )  # fmt: skip
     if result.rank == 0:
         print(f"{args.out}: {result.tiles} tiles, {result.world} process(es), {fit_line(result.fit)}, "

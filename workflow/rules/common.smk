@@ -239,30 +239,40 @@ def annotation_readers():
     return parse_class_map, read_annotations
 
 
-def build_model(smoothsal, arch, num_classes):
-    """A model of `arch` for its layer names: on the meta device (no weights; fast), else on the CPU."""
+def model_code(arch):
+    """The .py file of a `python:MODULE:CALLABLE` arch whose MODULE is a file, as a list; nothing for other
+    sources (an installed module changes with its package's version)."""
+    module = arch.removeprefix("python:").rpartition(":")[0] if arch.startswith("python:") else ""
+    return [module] if module.endswith(".py") else []
+
+
+def build_model(smoothsal, model):
+    """A dataset's model (random weights) for its layer names: on the meta device (no weights; fast), else on
+    the CPU."""
     import torch
 
+    options = {"num_classes": model["num_classes"], "kwargs": model["kwargs"]}
     try:
         with torch.device("meta"):
-            return smoothsal.load_model(arch, num_classes=num_classes)
+            return smoothsal.load_model(model["arch"], **options)
     except Exception:  # only a shortcut: the CPU build below is what the jobs do, and raises what they would
-        return smoothsal.load_model(arch, num_classes=num_classes)
+        return smoothsal.load_model(model["arch"], **options)
 
 
 def check_dataset(smoothsal, name, ds, slides, models):
-    """One dataset's `arch`, `layers` and `class_map` (with its annotation files) as its jobs read them."""
-    arch = ds["model"]["arch"]
-    if arch not in smoothsal.ARCHITECTURES:
-        raise WorkflowError(
-            f"dataset {name}: model.arch {arch!r} is unknown; use one of {', '.join(smoothsal.ARCHITECTURES)}"
-        )
-    if arch not in models:  # layer names depend on the architecture only: one model per arch
-        models[arch] = build_model(smoothsal, arch, ds["model"]["num_classes"])
+    """One dataset's model (`arch` from any source, its `kwargs`), `layers` and `class_map` (with its
+    annotation files) as its jobs read them."""
+    model = ds["model"]
+    key = json.dumps([model["arch"], model["num_classes"], model["kwargs"]], sort_keys=True)
     try:
-        smoothsal.resolve_layers(models[arch], config["layers"])
+        if key not in models:  # layer names depend on the architecture only: one model per arch
+            models[key] = build_model(smoothsal, model)
+    except ValueError as err:  # smoothsal's one-line BadOption: an unknown arch, a python: file that fails
+        raise WorkflowError(f"dataset {name}: model.arch {model['arch']!r}: {err}") from None
+    try:
+        smoothsal.resolve_layers(models[key], config["layers"])
     except ValueError as err:
-        raise WorkflowError(f"config layers (dataset {name}, arch {arch}): {err}") from None
+        raise WorkflowError(f"config layers (dataset {name}, arch {model['arch']}): {err}") from None
     parse_class_map, read_annotations = annotation_readers()
     try:
         mapping = None if ds["class_map"] is None else parse_class_map(ds["class_map"])
@@ -283,7 +293,9 @@ def check_key(name, ds, slides):
     package = max((p.stat().st_mtime_ns for p in root.rglob("*.py")), default=0) if root else None
     stats = {p: os.stat(p) for p in filter(os.path.isfile, slides["annotation"])}
     files = [(p, st.st_size, st.st_mtime_ns) for p, st in stats.items()]
-    settings = [ds["model"]["arch"], config["layers"], ds["class_map"]]
+    model = ds["model"]
+    code = [(p, os.stat(p).st_mtime_ns) for p in model_code(model["arch"]) if os.path.isfile(p)]
+    settings = [model["arch"], model["num_classes"], model["kwargs"], code, config["layers"], ds["class_map"]]
     key = json.dumps([VERSION, str(root), package, settings, files], default=str)
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -362,11 +374,13 @@ def cli_args(settings):
     return shlex.join(args)
 
 
-def model_args(dataset):
-    """Architecture, classes and normalisation of a dataset's model (the checkpoint is an input)."""
+def model_args(dataset, keys=("arch", "num_classes", "mean", "std"), loads=True):
+    """Architecture, classes, constructor options (JSON) and normalisation of a dataset's model, and where a job
+    loads its checkpoint (``loads``) the pickle opt-in; the checkpoint and a python: model's file are inputs."""
     model = DATASETS[dataset]["model"]
-    keys = ("arch", "num_classes", "mean", "std")
-    return cli_args({k: model[k] for k in keys})
+    kwargs = json.dumps(model["kwargs"], sort_keys=True) if model["kwargs"] else None
+    pickle = model["allow_pickle"] and loads
+    return cli_args({k: model[k] for k in keys} | {"model_kwargs": kwargs, "allow_pickle": pickle})
 
 
 def tiles_settings(wildcards):
@@ -432,7 +446,7 @@ def qupath_settings(wildcards):
 def train_model_settings(wildcards):
     ds = DATASETS[wildcards.dataset]
     train = cli_args({**ds["model"]["train"], "class_map": ds["class_map"]})
-    return f"{model_args(wildcards.dataset)} {train}"
+    return f"{model_args(wildcards.dataset, loads=False)} {train}"
 
 
 def surrogate_settings(wildcards):
@@ -450,7 +464,7 @@ def faithfulness_settings(wildcards):
     settings = {k: v for k, v in config["faithfulness"].items() if k not in FAITHFULNESS_RUN}
     if not settings.pop("randomisation"):
         settings["no_randomisation"] = True
-    model = cli_args({k: ds["model"][k] for k in ("arch", "num_classes")})
+    model = model_args(wildcards.dataset, ("arch", "num_classes"))
     extra = {"layers": config["layers"], "class_map": ds["class_map"]}
     return f"{model} {cli_args(settings | extra)}"
 
@@ -534,6 +548,11 @@ def get_model(wildcards):
     if model["train"]:
         return [f"results/{wildcards.dataset}/model.pt"]
     return [model["checkpoint"]] if model["checkpoint"] else []
+
+
+def get_model_code(wildcards):
+    """A `python:` model's .py file as a list (an input: editing it reruns the jobs that build the model)."""
+    return model_code(DATASETS[wildcards.dataset]["model"]["arch"])
 
 
 def get_train_tiles(wildcards):

@@ -8,6 +8,7 @@ rule faithfulness:
         tiles="results/{dataset}/tiles/{slide}.parquet",
         store="results/{dataset}/saliency/{slide}/{method}.zarr",
         model=get_model,
+        code=get_model_code,
         surrogate=get_surrogate,
         annotation=get_annotation,
     output:

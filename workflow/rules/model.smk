@@ -5,6 +5,7 @@ rule train_model:
     input:
         tiles=get_train_tiles,
         annotations=get_train_annotations,
+        code=get_model_code,
     output:
         "results/{dataset}/model.pt",
     params:

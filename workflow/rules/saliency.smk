@@ -6,6 +6,7 @@ rule saliency:
         slide=get_slide,
         tiles="results/{dataset}/tiles/{slide}.parquet",
         model=get_model,
+        code=get_model_code,
         surrogate=get_surrogate,
     output:
         store=directory("results/{dataset}/saliency/{slide}/{method}.zarr"),

@@ -36,6 +36,7 @@ rule seams_saliency:
         slide=get_slide,
         tiles="results/{dataset}/seams/{slide}/tiles.parquet",
         model=get_model,
+        code=get_model_code,
         surrogate=get_surrogate,
     output:
         store=directory("results/{dataset}/seams/{slide}/saliency/{method}.zarr"),

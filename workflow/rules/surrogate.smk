@@ -5,6 +5,7 @@ rule train_surrogate:
     input:
         tiles=get_train_tiles,
         model=get_model,
+        code=get_model_code,
     output:
         surrogate="results/{dataset}/surrogate.pt",
         losses="results/{dataset}/surrogate.losses.csv",
