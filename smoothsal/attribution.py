@@ -1,11 +1,13 @@
 """Gradient and DeepLift at many hidden layers from one forward and one backward per attribution.
 
-DeepLift (rescale rule, zero baseline) obeys the chain rule for its multipliers, so one backward
-pass in which every ReLU's local derivative is replaced by (relu(z) − relu(z₀)) / (z − z₀) gives the
-multipliers at every layer at once; the gradient comes from a second backward over the same graph.
-The baseline's activations do not depend on the tile: they are computed once per model and input
-size. Results equal Captum's ``LayerDeepLift(multiply_by_inputs=True)`` and
-``LayerGradientXActivation(multiply_by_inputs=False)`` in a ``NoiseTunnel``.
+DeepLift (zero baseline) obeys the chain rule for its multipliers, so one backward pass in which every
+ReLU's local derivative is replaced by (relu(z) − relu(z₀)) / (z − z₀), and every other module with a
+Captum rule gets that rule (smoothsal/deeplift.py), gives the multipliers at every layer at once; the
+gradient comes from a second backward over the same graph. The baseline's activations do not depend
+on the tile: they are computed once per model and input size (a MaxPool after the first layer needs
+the baseline in the batch: see deeplift.py). Results equal Captum's
+``LayerDeepLift(multiply_by_inputs=True)`` and ``LayerGradientXActivation(multiply_by_inputs=False)``
+in a ``NoiseTunnel``.
 
 ``precision`` chooses the arithmetic of the pass: ``fp32`` (exact; TF32 off on CUDA), ``tf32`` (CUDA
 only: fp32 storage, TF32 tensor-core convolutions) or ``bf16`` (AMX on CPU, tensor cores on GPU),
@@ -269,7 +271,8 @@ def attribute(
         baseline = _baseline(net, as_compute_input(x[:1], arithmetic), resolved)
         paired = "deeplift" in attributions and _check_rules(net, baseline, resolved)
         setup = _Pass(net, baseline, resolved, tuple(attributions), arithmetic, paired)
-        chunks = _chunks(x.shape[0], smoothgrad, _max_batch(max_batch, baseline, x.device))
+        per_forward = max(1, _max_batch(max_batch, baseline, x.device) // (2 if paired else 1))
+        chunks = _chunks(x.shape[0], smoothgrad, per_forward)
         totals = _run(setup, x, target, chunks, smoothgrad, noise_seeds)
     count = smoothgrad.samples if smoothgrad else 1
     return {a: {key: totals[a][name] / count for key, name in keys.items()} for a in attributions}

@@ -12,11 +12,15 @@ as timm's own activation classes, get none):
 - ``gradient``: every other nonlinear module (SiLU, GELU, Hardswish, Hardsigmoid, LayerNorm, …) and
   functional calls (F.silu, torch.sigmoid, …) keep their plain derivative.
 
-Captum's MaxPool rule also uses the gradient that reaches the baseline's half of its batch, which
-differs from the input's wherever a later module falls back to its plain derivative (|z − z₀| < eps,
-as at the many zeros ReLU gives both) or has no rule. So where a MaxPool runs after a requested layer,
-the pass runs *paired*, as Captum does: inputs and baselines in one batch, every rule formed from the
-two halves (``paired=True`` below), at twice the cost. Without one, the baseline is run once and cached.
+The rules are applied the way Captum's hooks apply them (see ``_Rule``): on the total gradient of
+the module's input tensor, with the gradient seen at its output before any later rule rewrote it.
+Captum's MaxPool rule also uses the gradient that reaches the baseline's half of its batch (which
+differs from the input's wherever a later module falls back to its plain derivative, as at the many
+zeros ReLU gives both, or has no rule), and where |z − z₀| < eps it takes the plain gradient of the
+batch's first sample. So where a MaxPool runs after a requested layer the pass runs *paired*, as
+Captum does: inputs and zero baselines in one batch, every rule formed from the two halves, at twice
+the cost (and, like Captum's, the MaxPool fallback depends on which tile comes first in a chunk).
+Without one, the baseline runs once per model and input size and is cached.
 """
 
 from __future__ import annotations
