@@ -222,15 +222,16 @@ class _Rule:
         if not z.requires_grad:
             return y
         arriving: dict[str, torch.Tensor] = {}
-        version, kept = z._version, z.detach()
-        y.register_hook(lambda g: arriving.__setitem__("grad", g))
+        kept = z.detach()
+        version = kept._version
+        y.register_hook(lambda g: arriving.__setitem__("grad", g) if self.mode.deeplift else None)
 
         def replace(grad: torch.Tensor) -> torch.Tensor | None:
             if not self.mode.deeplift or "grad" not in arriving:
                 return None
-            if z._version != version:
+            if kept._version != version:  # detach() shares z's version counter; no reference to z
                 raise RuntimeError("an in-place op changed a DeepLift rule module's input after it ran")
-            return self.new_grad(kept, grad, arriving["grad"])
+            return self.new_grad(kept, grad, arriving.pop("grad"))  # not held for the rest of the backward
 
         z.register_hook(replace)
         return y
