@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "attribution": ("ATTRIBUTIONS", "SmoothGrad", "attribute"),
+    "deeplift": ("deeplift_rules",),
     "metrics": (
         "accuracy",
         "checkerboard_share",
@@ -43,6 +44,7 @@ __all__ = [  # loaded on first use by __getattr__
     "attribute",
     "canonicalise",
     "checkerboard_share",
+    "deeplift_rules",
     "dice",
     "downsampling_convs",
     "downsampling_ops",

@@ -1,11 +1,13 @@
 """Gradient and DeepLift at many hidden layers from one forward and one backward per attribution.
 
-DeepLift (rescale rule, zero baseline) obeys the chain rule for its multipliers, so one backward
-pass in which every ReLU's local derivative is replaced by (relu(z) − relu(z₀)) / (z − z₀) gives the
-multipliers at every layer at once; the gradient comes from a second backward over the same graph.
-The baseline's activations do not depend on the tile: they are computed once per model and input
-size. Results equal Captum's ``LayerDeepLift(multiply_by_inputs=True)`` and
-``LayerGradientXActivation(multiply_by_inputs=False)`` in a ``NoiseTunnel``.
+DeepLift (zero baseline) obeys the chain rule for its multipliers, so one backward pass in which every
+ReLU's local derivative is replaced by (relu(z) − relu(z₀)) / (z − z₀), and every other module with a
+Captum rule gets that rule (smoothsal/deeplift.py), gives the multipliers at every layer at once; the
+gradient comes from a second backward over the same graph. The baseline's activations do not depend
+on the tile: they are computed once per model and input size (a MaxPool after the first layer needs
+the baseline in the batch: see deeplift.py). Results equal Captum's
+``LayerDeepLift(multiply_by_inputs=True)`` and ``LayerGradientXActivation(multiply_by_inputs=False)``
+in a ``NoiseTunnel``.
 
 ``precision`` chooses the arithmetic of the pass: ``fp32`` (exact; TF32 off on CUDA), ``tf32`` (CUDA
 only: fp32 storage, TF32 tensor-core convolutions) or ``bf16`` (AMX on CPU, tensor cores on GPU),
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .deeplift import FunctionalCalls, Mode, check_supported, record_rule_io, rule_forward, rules_after
 from .errors import BadOption
 from .hooks import Hooks
 from .models import ReluUses, in_channels, layer_map, module_stack
@@ -47,10 +50,6 @@ _GPU_MEMORY_SHARE = 0.5  # of the free GPU memory that max_batch="auto" plans to
 # Peak memory of the pass per byte of leaf-module outputs of one input: 0.7–0.85 measured on CPU
 # (ResNet18/50, fp32/bf16, RSS growth); twice that for the CUDA allocator's slack and cuDNN workspaces.
 _PEAK_PER_OUTPUT = 1.5
-_EPS = 1e-10  # Captum's DeepLift eps: below it the plain derivative is used
-# Nonlinearities that Captum's DeepLift treats with a rule of their own; one-pass DeepLift here
-# implements the ReLU rule only, so these must not sit between a requested layer and the output.
-_OTHER_NONLINEAR = (nn.ELU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
 @dataclass(frozen=True)
@@ -72,68 +71,13 @@ class SmoothGrad:
             raise BadOption(f"--smoothgrad-stdev must be a finite number >= 0, got {self.stdev}")
 
 
-# --- the ReLUs that know both derivatives -----------------------------------------------------
-
-
-class _Mode:
-    """Which derivatives this pass needs and which one the ReLUs pass back in the current backward."""
-
-    def __init__(self, attributions: Sequence[str]):
-        self.wants_gradient = "gradient" in attributions
-        self.wants_deeplift = "deeplift" in attributions
-        self.deeplift = False
-
-
-class _TwoRuleReLU(torch.autograd.Function):
-    """fp32: Captum's rule exactly (plain derivative where |z − z₀| < eps)."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, z0: torch.Tensor, mode: _Mode) -> torch.Tensor:
-        out = torch.relu(z)
-        ctx.save_for_backward(z, z0)
-        ctx.mode = mode
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        z, z0 = ctx.saved_tensors
-        plain = grad * (z > 0)
-        if not ctx.mode.deeplift:
-            return plain, None, None
-        delta_in = z - z0
-        rescaled = grad * (torch.relu(z) - torch.relu(z0)) / delta_in
-        return torch.where(delta_in.abs() < _EPS, plain, rescaled), None, None
-
-
-class _LowPrecisionReLU(torch.autograd.Function):
-    """bf16: the DeepLift multiplier (relu(z) − relu(z₀)) / (z − z₀) is formed once, in the forward,
-    as (relu(z) + relu(z₀)) / (|z| + |z₀| + tiny). The two are equal in every sign case, and the plain
-    derivative where z = z₀; this one is a ratio of sums of non-negative terms, so low precision
-    never cancels and no threshold is needed, and it is exactly 1 or 0 where z and z₀ share a sign.
-    The backward is then one multiply (or ReLU's own backward for the gradient)."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, pos0: torch.Tensor, abs0: torch.Tensor, mode: _Mode) -> torch.Tensor:
-        out = torch.relu(z)
-        multiplier = (out + pos0).div_(z.abs().add_(abs0)) if mode.wants_deeplift else None
-        ctx.save_for_backward(out if mode.wants_gradient else None, multiplier)
-        ctx.mode = mode
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out, multiplier = ctx.saved_tensors
-        if ctx.mode.deeplift:
-            return grad * multiplier, None, None, None
-        return torch.ops.aten.threshold_backward(grad, out, 0), None, None, None
-
-
 # --- the baseline -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Baseline:
-    relu_inputs: dict[nn.Module, torch.Tensor]
+    rule_io: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]  # rescale/maxpool modules' input, output
+    calls: list[tuple[int, nn.Module, str]]  # functional nonlinearities (see deeplift.FunctionalCalls)
     layer_outputs: dict[str, torch.Tensor]
     order: list[nn.Module]  # modules in call order, to check what runs after the layers
     output_bytes: int  # bytes of all leaf-module outputs for one input (sizes the batch on GPU)
@@ -153,7 +97,6 @@ def _baseline(model: nn.Module, like: torch.Tensor, layers: list[str]) -> _Basel
 
 
 def _run_baseline(model: nn.Module, zero: torch.Tensor, layers: list[str]) -> _Baseline:
-    relu_inputs: dict[nn.Module, torch.Tensor] = {}
     layer_outputs: dict[str, torch.Tensor] = {}
     order: list[nn.Module] = []
     sizes: list[int] = []
@@ -164,17 +107,20 @@ def _run_baseline(model: nn.Module, zero: torch.Tensor, layers: list[str]) -> _B
         if leaf and isinstance(output, torch.Tensor) and not any(output is i for i in inputs):  # not Identity
             sizes.append(output.numel() * output.element_size())
 
-    with Hooks() as hooks, module_stack(model) as modules, ReluUses(modules) as uses, torch.no_grad():
+    with ExitStack() as stack, torch.no_grad():
+        hooks = stack.enter_context(Hooks())
+        modules = stack.enter_context(module_stack(model))
+        uses = stack.enter_context(ReluUses(modules))
+        calls = stack.enter_context(FunctionalCalls(modules, order))
         for module in model.modules():
             hooks.forward(module, record)
-            if isinstance(module, nn.ReLU):
-                hooks.forward(module, lambda m, i, o: relu_inputs.__setitem__(m, i[0].detach()))
+        rule_io = record_rule_io(hooks, model)
         for name in layers:
-            hook = lambda m, i, o, n=name: layer_outputs.__setitem__(n, o.detach())
+            hook = lambda m, i, o, n=name: layer_outputs.__setitem__(n, o.detach().clone())  # in-place after
             hooks.forward(model.get_submodule(name), hook)
         model(zero)
     _check_canonical(model, uses)
-    return _Baseline(relu_inputs, layer_outputs, order, sum(sizes))
+    return _Baseline(rule_io, calls.calls, layer_outputs, order, sum(sizes))
 
 
 def _check_canonical(model: nn.Module, uses: ReluUses) -> None:
@@ -189,17 +135,13 @@ def _check_canonical(model: nn.Module, uses: ReluUses) -> None:
         )
 
 
-def _check_rules(model: nn.Module, baseline: _Baseline, layers: list[str]) -> None:
-    layer_modules = {model.get_submodule(n) for n in layers}
-    first = min(baseline.order.index(m) for m in layer_modules)
-    names = {m: n for n, m in model.named_modules()}
-    # forward hooks fire on exit, so a container's own position is after its children
-    after = [m for m in baseline.order[first + 1 :] if isinstance(m, _OTHER_NONLINEAR)]
-    if after:
-        raise BadOption(
-            f"{type(after[0]).__name__} {names[after[0]]!r} runs after layer {layers[0]!r}; "
-            "one-pass DeepLift supports ReLU only there (use attributions=('gradient',))"
-        )
+def _check_rules(model: nn.Module, baseline: _Baseline, layers: list[str]) -> bool:
+    """One line for what one-pass DeepLift cannot match to Captum after the first layer; True where a
+    MaxPool runs there (the pass then runs inputs and baselines paired, see deeplift.py)."""
+    rules = rules_after(model, baseline.order, baseline.calls, layers)
+    first = min(layers, key=lambda n: baseline.order.index(model.get_submodule(n)))
+    check_supported(model, rules, baseline.order, first)
+    return "maxpool" in rules.values()
 
 
 # --- inputs and targets -----------------------------------------------------------------------
@@ -254,26 +196,10 @@ def _max_batch(max_batch: int | str, baseline: _Baseline | None, device: torch.d
 
 
 @contextmanager
-def _two_rule_forward(relu: nn.ReLU, baseline: _Baseline, mode: _Mode, low: bool) -> Iterator[None]:
-    """Runs ``relu`` with both derivatives while active (instance-level forward, restored after)."""
-    z0 = baseline.relu_inputs[relu]
-    if low:  # outside the graph (before the first layer) a plain ReLU: no multiplier needed
-        pos0, abs0 = torch.relu(z0), z0.abs() + torch.finfo(z0.dtype).tiny
-        rule = lambda z: _LowPrecisionReLU.apply(z, pos0, abs0, mode) if torch.is_grad_enabled() else z.relu()
-    else:
-        rule = lambda z: _TwoRuleReLU.apply(z, z0, mode)
-    relu.forward = rule
-    try:
-        yield
-    finally:
-        del relu.forward
-
-
-@contextmanager
 def _instrumented(
-    model: nn.Module, baseline: _Baseline, layers: list[str], mode: _Mode, low: bool
+    model: nn.Module, baseline: _Baseline, layers: list[str], mode: Mode, low: bool, paired: bool
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, ReLUs carry both derivatives and the layers' outputs are collected.
+    """While active, the rule modules (deeplift.py) carry both derivatives and the layers' outputs are collected.
 
     Autograd records from the first requested layer's output on: nothing before it needs a graph.
     """
@@ -288,8 +214,8 @@ def _instrumented(
 
     with ExitStack() as stack:
         for module in model.modules():
-            if isinstance(module, nn.ReLU):
-                stack.enter_context(_two_rule_forward(module, baseline, mode, low))
+            if module in baseline.rule_io and not getattr(module, "return_indices", False):
+                stack.enter_context(rule_forward(module, baseline.rule_io[module], mode, low, paired))
         hooks = stack.enter_context(Hooks())
         for name in layers:
             hooks.forward(model.get_submodule(name), lambda m, i, o, n=name: collect(m, i, o, n))
@@ -343,10 +269,10 @@ def attribute(
     with cuda_fp32_math(x.device, arithmetic.tf32):
         net = compute_model(model, arithmetic, x[:1], resolved)
         baseline = _baseline(net, as_compute_input(x[:1], arithmetic), resolved)
-        if "deeplift" in attributions:
-            _check_rules(net, baseline, resolved)
-        setup = _Pass(net, baseline, resolved, tuple(attributions), arithmetic)
-        chunks = _chunks(x.shape[0], smoothgrad, _max_batch(max_batch, baseline, x.device))
+        paired = "deeplift" in attributions and _check_rules(net, baseline, resolved)
+        setup = _Pass(net, baseline, resolved, tuple(attributions), arithmetic, paired)
+        per_forward = max(1, _max_batch(max_batch, baseline, x.device) // (2 if paired else 1))
+        chunks = _chunks(x.shape[0], smoothgrad, per_forward)
         totals = _run(setup, x, target, chunks, smoothgrad, noise_seeds)
     count = smoothgrad.samples if smoothgrad else 1
     return {a: {key: totals[a][name] / count for key, name in keys.items()} for a in attributions}
@@ -361,6 +287,7 @@ class _Pass:
     layers: list[str]
     attributions: tuple[str, ...]
     arithmetic: Arithmetic
+    paired: bool  # inputs and zero baselines in one batch (a MaxPool after the first layer)
 
 
 def _run(
@@ -375,22 +302,26 @@ def _run(
     noise = _Noise(smoothgrad, noise_seeds, x)
     layers, baseline = setup.layers, setup.baseline
     totals = {a: {n: None for n in layers} for a in setup.attributions}
-    mode = _Mode(setup.attributions)
+    mode = Mode(setup.attributions)
     acc = setup.arithmetic.accumulate
     for tiles, samples in chunks:
         added = acc if acc == torch.float64 else x.dtype  # fp64 adds the same noise in fp64
         inputs = as_compute_input(noise.add(x, tiles, samples, added), setup.arithmetic)
-        with _instrumented(setup.net, baseline, layers, mode, setup.arithmetic.low) as acts:
+        n = inputs.shape[0]
+        if setup.paired:  # Captum's order: inputs, then as many baselines; the target logit of both
+            inputs = torch.cat([inputs, torch.zeros_like(inputs)])
+        with _instrumented(setup.net, baseline, layers, mode, setup.arithmetic.low, setup.paired) as acts:
             output = setup.net(inputs)
-        scalar = target_scalar(output, target[tiles].repeat_interleave(samples)).sum()
+        scalar = target_scalar(output, target[tiles].repeat_interleave(samples).repeat(inputs.shape[0] // n))
+        scalar = scalar.sum()
         for k, attribution in enumerate(setup.attributions):
             mode.deeplift = attribution == "deeplift"
             retain = k + 1 < len(setup.attributions)
             grads = torch.autograd.grad(scalar, [acts[n] for n in layers], retain_graph=retain)
             for name, grad in zip(layers, grads, strict=True):
-                value = grad
+                value = grad = grad[:n]
                 if mode.deeplift:  # the delta in fp32 (or fp64): activation and baseline are close
-                    delta = acts[name].detach().to(acc) - baseline.layer_outputs[name].to(acc)
+                    delta = acts[name][:n].detach().to(acc) - baseline.layer_outputs[name].to(acc)
                     value = delta * grad
                 _accumulate(totals[attribution], name, tiles, _sample_sum(value, samples, acc), x.shape[0])
     return totals
