@@ -22,6 +22,7 @@ __all__ = ["COMMANDS", "build_parser", "command_module", "main"]
 # imported only when needed, so that a workflow job loads its own stage and not every other one's
 # libraries (`smoothsal tiles` starts in ~2 s instead of ~4.4 s).
 COMMANDS = (
+    "inspect",
     "tiles",
     "train_surrogate",
     "evaluate",
