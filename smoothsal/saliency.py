@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import __version__
 from .attribution import ATTRIBUTIONS, SmoothGrad, attribute
 from .checkpoints import weights_sha256
+from .deeplift import deeplift_rules
 from .deviation import GATES, deviation
 from .errors import BadInput, BadOption, BadTable
 from .files import output_locks
@@ -158,9 +159,8 @@ class _Models:
     method: nn.Module
     layers: dict[str, str]  # requested name → module, in forward order
     shapes: dict[str, tuple[int, int, int]]  # requested name → (C, h, w) for one tile
-    changed: tuple[
-        str, ...
-    ] = ()  # the downsampling convs the method replaces (none: its maps are the original's)
+    changed: tuple[str, ...] = ()  # the downsampling convs the method replaces (none: maps = the original's)
+    rules: dict[str, str] | None = None  # DeepLift: module → Captum's rule it gets (deeplift.deeplift_rules)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -242,12 +242,12 @@ def _load_models(
             f"2×2 (TV, heatmaps); tile the slide with --tile-size {need} or more, or leave {small[0]} out"
         )
     check_task(settings.task, shapes["output"], settings.arch)
-    changed = (
-        ()
-        if settings.method == "original"
-        else tuple(paths.conv_names if paths else downsampling_convs(model, example))
+    replaced = paths.conv_names if paths else downsampling_convs(model, example)
+    changed = () if settings.method == "original" else tuple(replaced)
+    rules = (
+        deeplift_rules(method, [modules[order[0]]], example) if "deeplift" in settings.attributions else None
     )
-    return _Models(model, method, {k: modules[k] for k in order}, shapes["layers"], changed), norm
+    return _Models(model, method, {k: modules[k] for k in order}, shapes["layers"], changed, rules), norm
 
 
 def _warm_up(settings: SaliencySettings, models: _Models, tile_size: int, device: torch.device) -> None:
@@ -453,7 +453,7 @@ def _run(
         "layers": layers, "attributions": list(settings.attributions),
         "settings": settings.as_dict() | {"mean": list(norm.mean), "std": list(norm.std)},
         "tiles_sha256": tiles_sha256(table), "n_tiles": n, "precision_requested": requested,
-        "hardware": hardware(device).as_dict(), "changed_ops": list(models.changed),
+        "hardware": hardware(device).as_dict(), "changed_ops": list(models.changed), "deeplift_rules": models.rules,
         "warnings": [changes_nothing(settings.method, f"arch {settings.arch!r}")] if unchanged else [],
     }  # fmt: skip
     rows = table.assign(tile=np.arange(n, dtype=np.int64))
