@@ -242,8 +242,8 @@ def annotation_readers():
 def model_code(arch):
     """The .py file of a `python:MODULE:CALLABLE` arch whose MODULE is a file, as a list; nothing for other
     sources (an installed module changes with its package's version)."""
-    module = arch.removeprefix("python:").rpartition(":")[0] if arch.startswith("python:") else ""
-    return [module] if module.endswith(".py") else []
+    source = arch.removeprefix("python:").rpartition(":")[0] if arch.startswith("python:") else ""
+    return [source] if source.endswith(".py") else []
 
 
 def build_model(smoothsal, model):
@@ -273,6 +273,15 @@ def check_dataset(smoothsal, name, ds, slides, models):
         smoothsal.resolve_layers(models[key], config["layers"])
     except ValueError as err:
         raise WorkflowError(f"config layers (dataset {name}, arch {model['arch']}): {err}") from None
+    from smoothsal.inspection import check_explainable
+
+    try:  # what `smoothsal inspect` checks: maps under 2×2, a surrogate with nothing to replace, DeepLift rules
+        warnings = check_explainable(models[key], model["arch"], ds["tiles"]["tile_size"], config["layers"],
+                                     METHODS, config["attributions"])  # fmt: skip
+    except ValueError as err:
+        raise WorkflowError(f"dataset {name}: {err}") from None
+    for warning in warnings:
+        logger.warning(f"dataset {name}: {warning}")
     parse_class_map, read_annotations = annotation_readers()
     try:
         mapping = None if ds["class_map"] is None else parse_class_map(ds["class_map"])
@@ -295,7 +304,8 @@ def check_key(name, ds, slides):
     files = [(p, st.st_size, st.st_mtime_ns) for p, st in stats.items()]
     model = ds["model"]
     code = [(p, os.stat(p).st_mtime_ns) for p in model_code(model["arch"]) if os.path.isfile(p)]
-    settings = [model["arch"], model["num_classes"], model["kwargs"], code, config["layers"], ds["class_map"]]
+    settings = [model["arch"], model["num_classes"], model["kwargs"], code, config["layers"], ds["class_map"],
+                METHODS, config["attributions"], ds["tiles"]["tile_size"]]  # fmt: skip
     key = json.dumps([VERSION, str(root), package, settings, files], default=str)
     return hashlib.sha256(key.encode()).hexdigest()
 
