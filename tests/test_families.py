@@ -267,19 +267,20 @@ def op_traffic(
     model: nn.Module, names: list[str], x: torch.Tensor
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per named module: its output, and the gradient of the target logit that reaches its input
-    through this module alone (its input is a fresh leaf, so other consumers of that tensor do not add)."""
+    through this module alone (it gets a copy of its input that nothing else uses)."""
     seen: dict[str, list[torch.Tensor]] = {}
 
-    def as_leaf(_m: nn.Module, inputs: tuple, name: str) -> tuple:
-        leaf = inputs[0].detach().requires_grad_()
-        seen[name] = [leaf]
-        return (leaf, *inputs[1:])
+    def own_copy(_m: nn.Module, inputs: tuple, name: str) -> tuple:
+        copy = inputs[0].clone()
+        copy.retain_grad()
+        seen[name] = [copy]
+        return (copy, *inputs[1:])
 
     with Hooks() as hooks:
         for n in names:
-            hooks.forward_pre(model.get_submodule(n), lambda m, i, n=n: as_leaf(m, i, n))
+            hooks.forward_pre(model.get_submodule(n), lambda m, i, n=n: own_copy(m, i, n))
             hooks.forward(model.get_submodule(n), lambda m, i, o, n=n: seen[n].append(o.detach()))
-        target_scalar(model(x), TARGET).sum().backward()
+        target_scalar(model(x.clone().requires_grad_()), TARGET).sum().backward()
     return {n: (seen[n][1], seen[n][0].grad) for n in names}
 
 
