@@ -352,7 +352,15 @@ def _bf16_cases() -> list:
     measured = "measured: DeepLift relative error median 7-14 %, gradient cosine min 0.75 (gates 3 %, 0.95)"
     return [
         pytest.param("resnet18", ss.ATTRIBUTIONS, id="resnet18"),
-        pytest.param("efficientnet_b0", ("gradient",), id="efficientnet_b0-gradient"),
+        pytest.param(
+            "efficientnet_b0",
+            ("gradient",),
+            id="efficientnet_b0-gradient",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="bf16 misses one gate; measured: backward_hook features.2 cosine min 0.9465",
+            ),
+        ),
         pytest.param(
             "efficientnet_b0",
             ("deeplift",),
