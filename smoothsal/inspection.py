@@ -58,7 +58,7 @@ def _example(model: nn.Module, tile_size: int) -> torch.Tensor:
 
 def _stages(runs: dict[str, ModuleRun]) -> list[Stage]:
     return [
-        Stage(alias, run.name, run.channels or 0, tuple(run.out_shape or ()), 2**run.out_class)
+        Stage(alias, run.name, run.channels or 0, tuple(run.out_shape or ())[1:], 2**run.out_class)
         for alias, run in runs.items()
     ]
 
