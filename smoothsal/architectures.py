@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BadOption
 
-__all__ = ["ARCHITECTURES", "ZeroPadShortcut", "attach_shortcuts", "check_arch"]
+__all__ = ["ARCHITECTURES", "ZeroPadShortcut", "attach_shortcuts"]
 
 
 class ZeroPadShortcut(nn.Module):
@@ -87,9 +87,3 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "monai_fc_resnet18": _monai_fc_resnet18,
     "unet_resnet34": _unet_resnet34,
 }
-
-
-def check_arch(arch: str) -> None:
-    """Raise a one-line error naming the allowed architectures unless ``arch`` is registered."""
-    if arch not in ARCHITECTURES:
-        raise BadOption(f"unknown arch {arch!r}; allowed: {', '.join(sorted(ARCHITECTURES))}")
