@@ -661,3 +661,44 @@ def test_ctrl_c_keeps_the_finished_batches_and_the_rerun_equals_an_uninterrupted
         pd.read_parquet(tmp_path / "b" / "original.parquet"),
     )
     pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+POOLING_NET = """
+from torch import nn
+
+def build(num_classes):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU(),
+        nn.AvgPool2d(2), nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes),
+    )
+"""
+
+
+def test_a_hook_method_that_changes_nothing_warns_and_the_store_says_so(
+    cli, slide, tiles, tmp_path, monkeypatch, caplog
+):
+    """Issue 25: a network that downsamples only by pooling (a python: model) runs under the backward hook with
+    one warning line, and its store records the warning, the ops changed (none) and the DeepLift rules."""
+    (tmp_path / "pool.py").write_text(POOLING_NET)
+    monkeypatch.chdir(tmp_path)
+    args = saliency_args(slide, tiles, tmp_path, "backward_hook")
+    args[args.index("resnet18")] = "python:pool.py:build"
+    at = args.index("--layers") + 1
+    args[at : at + len(LAYERS)] = ["layer1", "layer2"]  # 1/4 and 1/8: the net has no 1/16
+    code, _, err = run(cli, args)
+    assert code == 0, err
+    warned = [
+        line for line in (err + caplog.text).splitlines() if "changes nothing" in line
+    ]  # in-process: logged
+    assert len(warned) == 1 and "backward_hook changes nothing in" in warned[0]
+    meta, _ = read_store(tmp_path / "backward_hook.zarr")
+    assert meta["changed_ops"] == [] and len(meta["warnings"]) == 1
+    assert "backward_hook changes nothing in arch 'python:pool.py:build'" in meta["warnings"][0]
+    assert (
+        meta["settings"]["arch"] == "python:pool.py:build"
+        and len(meta["settings"]["model_code_sha256"]) == 64
+    )
+    assert meta["deeplift_rules"] == {
+        "7": "rescale"
+    }  # after layer1 (the ReLU "4"): the average pool is linear
