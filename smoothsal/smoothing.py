@@ -119,7 +119,9 @@ class _RollMeanGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
+        # not view_as: for a batch of one, view() rewrites the batch stride of a channels_last input
+        # (ConvNeXt's LayerNorm2d gives one), and the conv then takes another kernel: not bit for bit
+        return x.as_strided(x.size(), x.stride(), x.storage_offset())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:

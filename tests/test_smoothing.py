@@ -319,3 +319,13 @@ def test_a_conv_that_pads_itself_to_same_gets_a_path_of_its_output_size():
         x = torch.randn(1, 8, n, n)
         with torch.no_grad():
             assert path(x).shape == conv(x).shape, n
+
+
+def test_backward_hook_keeps_a_channels_last_batch_of_one_bit_for_bit():
+    """A batch of one in channels_last strides (ConvNeXt's LayerNorm2d gives one): the conv sees the same
+    strides, so it takes the same kernel and its output keeps every bit."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(96, 192, 2, 2)
+    x = torch.randn(1, 16, 16, 96).permute(0, 3, 1, 2)  # channels_last, batch stride 24576
+    with torch.no_grad():
+        assert torch.equal(ss.smoothing.BackwardHookConv2d(conv)(x), conv(x))
