@@ -19,7 +19,7 @@ from .downsampling import DownsamplingOp, downsampling_ops
 from .errors import BadOption
 from .models import in_channels
 from .smoothing import METHODS, changes_nothing, check_methods
-from .stages import ModuleRun, _stage_runs, layer_map, trace
+from .stages import ModuleRun, layer_map, stage_runs, trace
 
 __all__ = ["Inspection", "Stage", "check_explainable", "inspect_model", "to_text"]
 
@@ -67,7 +67,7 @@ def inspect_model(model: nn.Module, arch: str, tile_size: int = 224) -> Inspecti
     """Inspect ``model`` (eval mode, canonical form: ``load_model`` gives that) on ``tile_size``-px tiles."""
     example = _example(model, tile_size)
     try:
-        runs = _stage_runs(trace(model, example))
+        runs = stage_runs(trace(model, example))
     except BadOption as err:
         raise BadOption(f"arch {arch!r} on {tile_size}-px tiles: {err}; try another --tile-size") from None
     ops = downsampling_ops(model, example)

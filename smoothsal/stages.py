@@ -56,6 +56,7 @@ __all__ = [
     "resolve_layers",
     "stage_blocks",
     "stage_modules",
+    "stage_runs",
     "trace",
 ]
 
@@ -239,7 +240,7 @@ def _run_trace(model: nn.Module, named: dict[str, nn.Module], example: torch.Ten
 # --- stage aliases ------------------------------------------------------------------------------
 
 
-def _stage_runs(t: Trace) -> dict[str, ModuleRun]:
+def stage_runs(t: Trace) -> dict[str, ModuleRun]:
     """Alias → the run it names, by the rule of the module docstring."""
     spatial = [r for r in t.runs if r.out_class is not None]
     if not spatial:
@@ -267,7 +268,7 @@ def _stage_runs(t: Trace) -> dict[str, ModuleRun]:
 
 def stage_modules(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, str]:
     """Stage alias (``layer1`` …) → the qualified name of the module whose output it is, in order."""
-    return {alias: run.name for alias, run in _stage_runs(trace(model, example)).items()}
+    return {alias: run.name for alias, run in stage_runs(trace(model, example)).items()}
 
 
 def stage_blocks(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, list[str]]:
