@@ -314,10 +314,12 @@ def _run(
             output = setup.net(inputs)
         scalar = target_scalar(output, target[tiles].repeat_interleave(samples).repeat(inputs.shape[0] // n))
         scalar = scalar.sum()
+        final = _final_grads(acts)
         for k, attribution in enumerate(setup.attributions):
             mode.deeplift = attribution == "deeplift"
             retain = k + 1 < len(setup.attributions)
             grads = torch.autograd.grad(scalar, [acts[n] for n in layers], retain_graph=retain)
+            grads = [final.pop(name, grad) for name, grad in zip(layers, grads, strict=True)]
             for name, grad in zip(layers, grads, strict=True):
                 value = grad = grad[:n]
                 if mode.deeplift:  # the delta in fp32 (or fp64): activation and baseline are close
@@ -325,6 +327,20 @@ def _run(
                     value = delta * grad
                 _accumulate(totals[attribution], name, tiles, _sample_sum(value, samples, acc), x.shape[0])
     return totals
+
+
+def _final_grads(acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Layer → its output's gradient after every tensor hook, filled by each backward.
+
+    ``autograd.grad`` returns a non-leaf input's gradient *before* its tensor hooks when its node also
+    runs (a shallower layer is requested too), so a rule's hook on a deeper layer's output (the input
+    of a later ReLU or MaxPool) would be missed there. A hook registered after the forward, after the
+    rules' hooks, sees the gradient they leave."""
+    final: dict[str, torch.Tensor] = {}
+    for name, out in acts.items():
+        if not out.is_leaf:
+            out.register_hook(lambda grad, name=name: final.__setitem__(name, grad))
+    return final
 
 
 class _Noise:

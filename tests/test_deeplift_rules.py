@@ -147,6 +147,33 @@ def test_bf16_maps_after_sigmoid_and_maxpool_are_close_to_fp32(act, x):
         assert float(cosine.min()) >= 0.99, (a, cosine)
 
 
+def assert_layers_equal_captum(model, x, layers, attributions=ss.ATTRIBUTIONS, what="", target=TARGET):
+    """``assert_equals_captum`` at each of ``layers``, all requested in one ``attribute`` call."""
+    kwargs = {"layers": layers, "target": target, "attributions": attributions}
+    ours = {p: ss.attribute(model, x, precision=p, **kwargs) for p in ("fp32", "fp64")}
+    for layer in layers:
+        for a in attributions:
+            c32, c64 = captum_pair(model, x, layer, target, a)
+            o32, o64 = ours["fp32"][a][layer], ours["fp64"][a][layer]
+            assert_fp64_agrees(o64, c64, (what, layer, a))
+            assert_fp32_within(o32, o64, fp32_bound(c32, c64), (what, layer, a))
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2, 2), nn.AvgPool2d(2, 2)], ids=["maxpool", "avgpool"])
+@pytest.mark.parametrize("layers", [["1", "3"], ["0", "2"]], ids=["relus", "convs"])
+def test_a_deeper_layer_requested_with_a_shallower_one_equals_captum(pool, layers):
+    """Regression: a deeper layer whose output feeds a rule module (the MaxPool after ReLU "3", the
+    ReLU after conv "2") got its gradient before that rule's hook when a shallower layer was requested
+    too (autograd.grad returns a non-leaf's gradient before its hooks when its node also runs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        pool, nn.Flatten(), nn.Linear(64, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    assert_layers_equal_captum(model, x, layers, what=pool)
+
+
 # --- real families ----------------------------------------------------------------------------
 
 

@@ -117,12 +117,6 @@ ALIAS_MODULES = {
 POOLING_ONLY = {"densenet121", "googlenet"}  # downsample by pooling after the stem: nothing to smooth
 KNOWN = {
     (
-        "googlenet",
-        "deeplift",
-    ): "smoothsal bug: attribute(layers=[a shallower layer, L]) gives DeepLift at a layer L "
-    "that feeds a MaxPool unlike Captum (and unlike layers=[L] alone, which agrees): inception4e all zeros, "
-    "inception3b off by its own size",
-    (
         "efficientnet_b0",
         "deeplift",
     ): "not a bug: the SE Sigmoids' secant Δσ/Δz after features.2 has Δz down to 1e-10, "
