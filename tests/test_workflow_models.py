@@ -21,7 +21,7 @@ from test_workflow import (
     write_sheet,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("workflow")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("own-models")]  # its own run: on the other worker than the "workflow" group
 
 METHODS = ["original", "backward_hook"]
 LAYERS = ["layer1", "layer2"]
