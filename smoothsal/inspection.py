@@ -21,7 +21,7 @@ from .models import in_channels
 from .smoothing import METHODS, changes_nothing, check_methods
 from .stages import ModuleRun, layer_map, stage_runs, trace
 
-__all__ = ["Inspection", "Stage", "check_explainable", "inspect_model", "to_text"]
+__all__ = ["Inspection", "Stage", "check_explainable", "inspect_model", "to_text", "unchanged_methods"]
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ def inspect_model(model: nn.Module, arch: str, tile_size: int = 224) -> Inspecti
     except BadOption as err:
         raise BadOption(f"arch {arch!r} on {tile_size}-px tiles: {err}; try another --tile-size") from None
     ops = downsampling_ops(model, example)
-    problems = [f"no stage alias: nothing in arch {arch!r} downsamples a {tile_size}-px tile 4× or more"] * (
-        not runs
+    problems = (
+        [] if runs else [f"no stage alias: nothing in arch {arch!r} downsamples a {tile_size}-px tile 4×"]
     )
     rules: list[tuple[str, str, str]] = []
     if runs:
@@ -80,9 +80,14 @@ def inspect_model(model: nn.Module, arch: str, tile_size: int = 224) -> Inspecti
         rules = [(name, type_of(model, name), rule) for name, rule in found.items()]
         problems += [f"deeplift: {kind} {n!r} gets Captum's softmax rule, which one-pass DeepLift cannot match: "
                      "attribute with gradient only there" for n, kind, r in rules if r == "softmax"]  # fmt: skip
-    changed = {m for op in ops for m in op.changed_by}
-    warnings = [changes_nothing(m, f"arch {arch!r}") for m in METHODS if m != "original" and m not in changed]
+    warnings = [changes_nothing(m, f"arch {arch!r}") for m in unchanged_methods(ops)]
     return Inspection(arch, tile_size, ops, _stages(runs), rules, warnings, problems)
+
+
+def unchanged_methods(ops: Sequence[DownsamplingOp]) -> list[str]:
+    """The smoothing methods that change none of ``ops`` (their maps equal the original's)."""
+    changed = {m for op in ops for m in op.changed_by}
+    return [m for m in METHODS if m != "original" and m not in changed]
 
 
 def type_of(model: nn.Module, name: str) -> str:
@@ -117,8 +122,7 @@ def check_explainable(
             f"layer {small[0]!r} of arch {arch!r} gives maps under 2×2 on {tile_size}-px tiles (TV and heatmaps need "
             f"2×2); raise tile_size or leave {small[0]} out"
         )
-    report = inspect_model(model, arch, tile_size)
-    unchanged = {w.split(" ", 1)[0] for w in report.warnings}
+    unchanged = unchanged_methods(downsampling_ops(model, example))
     if "surrogate" in methods and "surrogate" in unchanged:
         raise BadOption(
             f"arch {arch!r} has no stride-2 conv after the stem: no surrogate to train; leave out method surrogate"
@@ -131,7 +135,7 @@ def check_explainable(
                 f"arch {arch!r}: {type_of(model, softmax[0])} {softmax[0]!r} runs after layer {first!r}, and one-pass "
                 "DeepLift cannot match Captum's softmax rule; leave deeplift out of attributions or pick later layers"
             )
-    return [w for w in report.warnings if w.split(" ", 1)[0] in methods]
+    return [changes_nothing(m, f"arch {arch!r}") for m in unchanged if m in methods]
 
 
 def to_text(report: Inspection) -> str:

@@ -51,9 +51,9 @@ def load_model(
     """
     if num_classes < 1:
         raise BadOption(f"num_classes must be >= 1, got {num_classes}; fix --num-classes")
-    model = parse_arch(arch).build(num_classes, model_kwargs(kwargs))
-    if not isinstance(model, nn.Module):  # a registered builder always gives one; others are checked
-        raise BadOption(f"arch {arch!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    model = parse_arch(arch).build(
+        num_classes, model_kwargs(kwargs)
+    )  # an nn.Module (python: builders checked)
     if checkpoint is not None:
         load_weights(model, Path(checkpoint), arch, allow_pickle=allow_pickle)
     return _canonical(model.eval(), arch)
@@ -65,13 +65,12 @@ def _canonical(model: nn.Module, arch: str) -> nn.Module:
     for size in _PROBE_SIZES:
         try:
             return canonicalise(model, torch.zeros(1, channels, size, size))
-        except RuntimeError:  # too small for a pooling window or a fixed-size head
-            if size == _PROBE_SIZES[-1]:
-                raise BadOption(
-                    f"arch {arch!r} runs on none of the input sizes {_PROBE_SIZES} (a {channels}-channel "
-                    "zero tile); smoothsal needs a CNN taking [B, C, H, W] tiles"
-                ) from None
-    raise AssertionError("unreachable")
+        except RuntimeError:  # too small for a pooling window or a fixed-size head: try the next size
+            pass
+    raise BadOption(
+        f"arch {arch!r} runs on none of the input sizes {_PROBE_SIZES} (a {channels}-channel zero tile); "
+        "smoothsal needs a CNN taking [B, C, H, W] tiles"
+    )
 
 
 @dataclass(frozen=True)

@@ -242,8 +242,11 @@ def _load_models(
             f"2×2 (TV, heatmaps); tile the slide with --tile-size {need} or more, or leave {small[0]} out"
         )
     check_task(settings.task, shapes["output"], settings.arch)
-    replaced = paths.conv_names if paths else downsampling_convs(model, example)
-    changed = () if settings.method == "original" else tuple(replaced)
+    changed: tuple[
+        str, ...
+    ] = ()  # the original changes nothing; a method, its surrogate's or the hooks' convs
+    if settings.method != "original":
+        changed = tuple(paths.conv_names if paths else downsampling_convs(model, example))
     rules = (
         deeplift_rules(method, [modules[order[0]]], example) if "deeplift" in settings.attributions else None
     )
