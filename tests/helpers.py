@@ -66,7 +66,6 @@ def with_real_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-
 def with_calibrated_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Every BatchNorm's running statistics recomputed exactly over ``x`` (a cumulative average over one
     batch), the model in eval mode after: each BatchNorm then normalises what really reaches it, as in a
@@ -81,6 +80,7 @@ def with_calibrated_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
     with torch.no_grad():
         model(x)
     return model.eval()
+
 
 def model(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

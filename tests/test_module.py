@@ -81,7 +81,7 @@ def project(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_module_project_lints_clean_with_the_default_config(project: Path) -> None:
     """The deployable config/config.yaml as shipped passes the schema and every check; the rules lint clean
-    from the project (the top-level Snakefile's lint: tests/test_workflow.py::test_lint_is_clean)."""
+    from the project (the top-level Snakefile's lint: tests/test_workflow_config.py::test_lint_is_clean)."""
     result = snakemake(project, "--lint")
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
 

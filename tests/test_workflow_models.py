@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import zarr
-from test_workflow import (
+from workflow_runs import (
     ATTRIBUTIONS,
     edit_config,
     planned_jobs,
@@ -21,7 +21,8 @@ from test_workflow import (
     write_sheet,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("own-models")]  # its own run: on the other worker than the "workflow" group
+# its own run, in its own group: xdist puts it beside the "workflow" group, not after it
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("own-models")]
 
 METHODS = ["original", "backward_hook"]
 LAYERS = ["layer1", "layer2"]
