@@ -10,15 +10,17 @@ from torch import nn
 
 import smoothsal as ss
 
-# (arch, input size, layers to check: the paper's three plus one inner block, SmoothGrad samples).
+# (arch, input size, batch, layers to check: the paper's three plus one inner block, SmoothGrad samples).
 # Each case runs Captum in fp32 and fp64 per method × layer × attribution: SmoothGrad (equal for every
-# architecture by construction: the same noise, then the same per-input pass) in the smallest case only.
+# architecture by construction: the same noise, then the same per-input pass) in the smallest case only;
+# two inputs with their own targets in the two small cases, one input where the net is big (ResNet-34/50)
+# or the input is (MONAI's FC ResNet pools 7 × 7 at the end: 224 px).
 CASES = [
-    ("resnet18", 64, ["layer1", "layer2", "layer3", "layer2.0"], 3),
-    ("resnet34", 64, ["layer1", "layer2", "layer3", "layer3.2"], 0),
-    ("resnet50", 64, ["layer1", "layer2", "layer3", "layer1.0"], 0),
-    ("monai_fc_resnet18", 224, ["layer1", "layer2", "layer3", "features.5.0"], 0),
-    ("unet_resnet34", 64, ["layer1", "layer2", "layer3", "decoder.blocks.1"], 0),
+    ("resnet18", 64, 2, ["layer1", "layer2", "layer3", "layer2.0"], 3),
+    ("resnet34", 64, 1, ["layer1", "layer2", "layer3", "layer3.2"], 0),
+    ("resnet50", 64, 1, ["layer1", "layer2", "layer3", "layer1.0"], 0),
+    ("monai_fc_resnet18", 224, 1, ["layer1", "layer2", "layer3", "features.5.0"], 0),
+    ("unet_resnet34", 64, 2, ["layer1", "layer2", "layer3", "decoder.blocks.1"], 0),
 ]
 STDEV, SEED = 0.2, 7
 
@@ -40,12 +42,12 @@ def assert_rule(
     assert_fp32_within(o32, o64, fp32_bound(c32, c64), what)
 
 
-@pytest.mark.parametrize("arch,size,layers,samples", CASES, ids=[c[0] for c in CASES])
-def test_attribute_equals_captum_for_every_method(arch, size, layers, samples):
+@pytest.mark.parametrize("arch,size,batch,layers,samples", CASES, ids=[c[0] for c in CASES])
+def test_attribute_equals_captum_for_every_method(arch, size, batch, layers, samples):
     net = build_model(arch)
     torch.manual_seed(1)
-    x = torch.randn(2, 3, size, size)
-    target = torch.tensor([0, 0]) if arch == "monai_fc_resnet18" else torch.tensor([2, 1])
+    x = torch.randn(batch, 3, size, size)
+    target = (torch.tensor([0, 0]) if arch == "monai_fc_resnet18" else torch.tensor([2, 1]))[:batch]
     surrogate = ss.SurrogatePaths.for_model(net, x[:1])
     for p in surrogate.parameters():  # untrained paths with non-trivial weights
         nn.init.normal_(p, std=0.05)
