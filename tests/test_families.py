@@ -1,14 +1,15 @@
 """The family matrix: every claim of the method checked on eight CNN families and a small U-Net, with
-random weights (nothing downloads), on one 64-px input.
+random weights (nothing downloads; BatchNorm statistics taken over random inputs), on one 64-px input.
 
 Per family: the stage aliases (``layer1``…``layer3``) name modules whose outputs are at 1/4, 1/8, 1/16
 of the input, and fp32 gradient and DeepLift at each alias (one ``attribute`` call per precision for all
 three aliases and both attributions) equal Captum's at the module the alias names, under the
 fp64-grounded rule (tests/reference.py); the backward hook keeps the logits bit for bit; each
 downsampling op that ``inspect`` says a method changes really changes (its output under the forward hook,
-its input gradient under the backward hook); bf16 stays within the deviation gates on briefly trained
-weights (random weights fail them by design). Which module each alias names is tests/test_stages.py's
-claim; here only the families it does not build.
+its input gradient under the backward hook). bf16: EfficientNet-B0's gradient stays within the
+deviation gates on briefly trained weights (random weights fail them by design; ResNet:
+tests/test_precision.py). Which module each alias names is tests/test_stages.py's claim; here only the
+families it does not build.
 """
 
 from __future__ import annotations
@@ -302,8 +303,8 @@ def test_a_family_that_downsamples_by_pooling_lists_nothing_and_nothing_changes(
 # --- bf16 on briefly trained weights ---------------------------------------------------------------
 
 BF16_SIZE, BF16_PER_TILE = 96, 16  # 64 real 96-px crops of 4 H&E tiles (the classes)
-# Adam steps: efficientnet_b0 after 40 missed one cell (backward_hook layer1 gradient cosine min 0.9465)
-BF16_STEPS = {"resnet18": 40, "efficientnet_b0": 80}
+# Adam steps: after 40, backward_hook layer1 gradient missed one cell (cosine min 0.9465 against 0.95)
+BF16_STEPS = {"efficientnet_b0": 80}
 
 
 def train_briefly(family: str, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
@@ -324,12 +325,11 @@ def train_briefly(family: str, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
 
 
 def _bf16_cases() -> list:
-    # efficientnet_b0's DeepLift is left out: 165 s, and after 80 steps its relative error median is 3.1-5.3 %
-    # at layer1 and layer2 (gate 3 %)
-    return [
-        pytest.param("resnet18", ss.ATTRIBUTIONS, id="resnet18"),
-        pytest.param("efficientnet_b0", ("gradient",), id="efficientnet_b0-gradient"),
-    ]
+    """ResNet is tests/test_precision.py's trained classifier (every method, both attributions). Here the
+    SE/SiLU family; its DeepLift is left out because it misses the relative-error gate at layer1 (median
+    5.3 % against 3 % after 80 steps, 5.2 % after 240) and no arithmetic with bf16 weights can meet it:
+    rounding the weights alone, in fp32 arithmetic, gives 3.0 %."""
+    return [pytest.param("efficientnet_b0", ("gradient",), id="efficientnet_b0-gradient")]
 
 
 @pytest.mark.slow
