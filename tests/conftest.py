@@ -8,9 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+
+# `pytest -n 2` on two cores runs two workers, each with torch's two OpenMP threads, beside the Snakemake runs
+# the tests start. OpenMP threads that spin while they wait then burn the cores the others need: test_attribution
+# plus test_families took 337 s (user 633 s) with spinning threads, 186 s (user 284 s) with sleeping ones (AMD
+# EPYC, 2 cores). Set before torch loads; every subprocess inherits it. (Snakemake jobs get OMP_NUM_THREADS =
+# their threads, so the workflow itself never oversubscribes.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "torch" in sys.modules:  # too late for this process (its subprocesses still get it): say so
+    warnings.warn(
+        "torch was imported before tests/conftest.py set OMP_WAIT_POLICY", RuntimeWarning, stacklevel=1
+    )
 
 import numpy as np
 import pytest
