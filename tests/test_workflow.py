@@ -28,7 +28,6 @@ from workflow_runs import (
     LAYERS,
     MAX_TILES,
     METHODS,
-    ROOT,
     TILES,
     add_rows,
     copy_workdir,
@@ -53,14 +52,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("workflow")]
 
 
 # --- the shared full run -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def slides_dir() -> Path:
-    data = Path(os.environ.get("SMOOTHSAL_DATA", ROOT.parent / "shared" / "data"))
-    if not (data / "slides").is_dir():
-        pytest.fail(f"test data not found at {data}; set SMOOTHSAL_DATA to ../shared/data")
-    return data / "slides"
 
 
 @pytest.fixture(scope="module")

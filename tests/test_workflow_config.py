@@ -1,7 +1,8 @@
 """The workflow's configuration and plumbing on small working directories of their own: config and
 sample-sheet errors stop the dry run with one line, what each setting plans, lint, the shipped config,
 the system setup, a real single-node SLURM cluster and a seam run (the shared full run:
-tests/test_workflow.py). No shared state: xdist spreads these over both workers."""
+tests/test_workflow.py). xdist spreads them over both workers; the two that use the machine's SLURM
+(its setup, a cluster run) share one worker."""
 
 from __future__ import annotations
 
@@ -368,6 +369,7 @@ def slurm_up() -> None:
             pytest.fail(f"SLURM is not up ({' '.join(cmd)}: {result.stderr.strip()}); {fix}")
 
 
+@pytest.mark.xdist_group("system")
 def test_slurm_runs_every_job_through_sbatch(tmp_path: Path, slides_dir: Path) -> None:
     slurm_up()
     repo_profile = yaml.safe_load((PROFILES / "slurm" / "profile.yaml").read_text())
@@ -474,6 +476,7 @@ def run_setup(*user: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.xdist_group("system")
 def test_system_setup_installs_what_the_tests_need_then_only_looks() -> None:
     packages = setup_packages()
     qt_for_napari = ["libgl1", "libegl1", "libxkbcommon-x11-0", "libxcb-cursor0", "libxcb-icccm4", "libxcb-keysyms1",
