@@ -51,9 +51,8 @@ def load_model(
     """
     if num_classes < 1:
         raise BadOption(f"num_classes must be >= 1, got {num_classes}; fix --num-classes")
-    model = parse_arch(arch).build(
-        num_classes, model_kwargs(kwargs)
-    )  # an nn.Module (python: builders checked)
+    # an nn.Module: a registered builder always gives one, and a python: builder's result is checked
+    model = parse_arch(arch).build(num_classes, model_kwargs(kwargs))
     if checkpoint is not None:
         load_weights(model, Path(checkpoint), arch, allow_pickle=allow_pickle)
     return _canonical(model.eval(), arch)

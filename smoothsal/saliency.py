@@ -242,9 +242,8 @@ def _load_models(
             f"2×2 (TV, heatmaps); tile the slide with --tile-size {need} or more, or leave {small[0]} out"
         )
     check_task(settings.task, shapes["output"], settings.arch)
-    changed: tuple[
-        str, ...
-    ] = ()  # the original changes nothing; a method, its surrogate's or the hooks' convs
+    # the original changes nothing; a method, its surrogate's or the hooks' convs
+    changed: tuple[str, ...] = ()
     if settings.method != "original":
         changed = tuple(paths.conv_names if paths else downsampling_convs(model, example))
     rules = (

@@ -70,8 +70,8 @@ def with_calibrated_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Every BatchNorm's running statistics recomputed exactly over ``x`` (a cumulative average over one
     batch), the model in eval mode after: each BatchNorm then normalises what really reaches it, as in a
     trained net. Random statistics can leave a deep net insensitive to its input: torchvision's
-    EfficientNet, whose depthwise convs are initialised for a fan-out C times too large (PyTorch counts C·k²), gives two inputs
-    logits equal to four places and DeepLift maps of 1e-13, all rounding."""
+    EfficientNet, whose depthwise convs are initialised for a fan-out C times too large (PyTorch counts
+    C·k²), gives two inputs logits equal to four places and DeepLift maps of 1e-13, all rounding."""
     model.eval()  # dropout and stochastic depth off while the statistics are taken
     for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
         bn.reset_running_stats()

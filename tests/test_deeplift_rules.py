@@ -53,17 +53,21 @@ class TinyCNN(nn.Module):
 
 
 def assert_equals_captum(
-    model, x, layer, attributions=ss.ATTRIBUTIONS, what="", smoothgrad=None, target=TARGET
+    model, x, layer: str | list[str], attributions=ss.ATTRIBUTIONS, what="", smoothgrad=None, target=TARGET
 ):
+    """smoothsal equals Captum under the fp64-grounded rule at ``layer`` (or at each of several layers, all
+    requested in one ``attribute`` call)."""
+    layers = [layer] if isinstance(layer, str) else layer
     noise = {"samples": smoothgrad.samples, "stdev": smoothgrad.stdev, "seed": 7} if smoothgrad else {}
-    kwargs = {"layers": layer, "target": target, "attributions": attributions, "smoothgrad": smoothgrad}
+    kwargs = {"layers": layers, "target": target, "attributions": attributions, "smoothgrad": smoothgrad}
     ours = {p: ss.attribute(model, x, precision=p, **kwargs) for p in ("fp32", "fp64")}
-    for a in attributions:
-        c32, c64 = captum_pair(model, x, layer, target, a, **noise)
-        o32, o64 = ours["fp32"][a][layer], ours["fp64"][a][layer]
-        assert o32.shape == c32.shape and o32.dtype == torch.float32
-        assert_fp64_agrees(o64, c64, (what, a))
-        assert_fp32_within(o32, o64, fp32_bound(c32, c64), (what, a))
+    for name in layers:
+        for a in attributions:
+            c32, c64 = captum_pair(model, x, name, target, a, **noise)
+            o32, o64 = ours["fp32"][a][name], ours["fp64"][a][name]
+            assert o32.shape == c32.shape and o32.dtype == torch.float32
+            assert_fp64_agrees(o64, c64, (what, name, a))
+            assert_fp32_within(o32, o64, fp32_bound(c32, c64), (what, name, a))
 
 
 @pytest.fixture(scope="module")
@@ -147,18 +151,6 @@ def test_bf16_maps_after_sigmoid_and_maxpool_are_close_to_fp32(act, x):
         assert float(cosine.min()) >= 0.99, (a, cosine)
 
 
-def assert_layers_equal_captum(model, x, layers, attributions=ss.ATTRIBUTIONS, what="", target=TARGET):
-    """``assert_equals_captum`` at each of ``layers``, all requested in one ``attribute`` call."""
-    kwargs = {"layers": layers, "target": target, "attributions": attributions}
-    ours = {p: ss.attribute(model, x, precision=p, **kwargs) for p in ("fp32", "fp64")}
-    for layer in layers:
-        for a in attributions:
-            c32, c64 = captum_pair(model, x, layer, target, a)
-            o32, o64 = ours["fp32"][a][layer], ours["fp64"][a][layer]
-            assert_fp64_agrees(o64, c64, (what, layer, a))
-            assert_fp32_within(o32, o64, fp32_bound(c32, c64), (what, layer, a))
-
-
 @pytest.mark.parametrize("pool", [nn.MaxPool2d(2, 2), nn.AvgPool2d(2, 2)], ids=["maxpool", "avgpool"])
 @pytest.mark.parametrize("layers", [["1", "3"], ["0", "2"]], ids=["relus", "convs"])
 def test_a_deeper_layer_requested_with_a_shallower_one_equals_captum(pool, layers):
@@ -171,7 +163,7 @@ def test_a_deeper_layer_requested_with_a_shallower_one_equals_captum(pool, layer
         pool, nn.Flatten(), nn.Linear(64, 5),
     ).eval()  # fmt: skip
     x = torch.randn(2, 3, 8, 8)
-    assert_layers_equal_captum(model, x, layers, what=pool)
+    assert_equals_captum(model, x, layers, what=pool)
 
 
 # --- real families ----------------------------------------------------------------------------
